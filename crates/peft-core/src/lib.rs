@@ -1,0 +1,62 @@
+//! # peft-core
+//!
+//! Parameter-efficient fine-tuning methods for [Burn](https://burn.dev) models, with the exact
+//! semantics of Hugging Face PEFT, generic over models and backends.
+//!
+//! This crate owns:
+//! - the adapter methods: LoRA ([`lora`]), computed in activation space
+//!   (`y = base(x) + B(A(dropout(x))) * scaling`, the base frozen);
+//! - their configs ([`LoraConfig`], field for field PEFT's `adapter_config.json`);
+//! - target matching ([`targeting`]), exactly as PEFT's `check_target_module_exists`;
+//! - the model-facing contract ([`AdapterHost`]): a model yields its adaptable layers with their
+//!   Hugging Face module paths, and everything else is generic;
+//! - the user-facing operations ([`PeftModel`]): add, activate, disable, delete, merge,
+//!   unmerge, merge-and-unload, and PEFT's parameter counts.
+//!
+//! It knows no model architecture (that is `peft-models`) and reads or writes no file (that is
+//! `peft-io`).
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::Tensor;
+//! use peft_core::{AdaptedLinear, AdapterHost, LoraConfig, PeftModel, TargetModules};
+//!
+//! #[derive(burn::module::Module, Debug)]
+//! struct Tiny<B: burn::tensor::backend::Backend> {
+//!     proj: AdaptedLinear<B>,
+//! }
+//!
+//! impl<B: burn::tensor::backend::Backend> AdapterHost<B> for Tiny<B> {
+//!     fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
+//!         f("proj", &self.proj)
+//!     }
+//!     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
+//!         f("proj", &mut self.proj)
+//!     }
+//! }
+//!
+//! let device = Default::default();
+//! let model = Tiny::<NdArray> { proj: AdaptedLinear::new(16, 16, true, &device) };
+//! let config = LoraConfig::new(4, 8.0, TargetModules::list(["proj"]));
+//! let peft = PeftModel::new(model, config, "default").unwrap();
+//! assert_eq!(
+//!     peft.trainable_parameters_line(),
+//!     "trainable params: 128 || all params: 400 || trainable%: 32.0000"
+//! );
+//! let x = Tensor::<NdArray, 2>::ones([2, 16], &device);
+//! let _y = peft.base_model.proj.forward(x);
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+mod error;
+pub mod lora;
+mod peft_model;
+pub mod site;
+pub mod targeting;
+
+pub use config::{Bias, InitLoraWeights, LoraConfig, TargetModules, TaskType, lora_scaling};
+pub use error::{PeftError, Result};
+pub use lora::{AdaptedLinear, LoraAdapter, LoraSpec};
+pub use peft_model::{ParamCounts, PeftModel, count_params, thousands};
+pub use site::{AdapterHost, join_path};

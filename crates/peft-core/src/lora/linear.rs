@@ -1,0 +1,409 @@
+//! The linear adapter site: a frozen linear layer plus named LoRA adapters and trainable copies.
+
+use burn::module::{Initializer, Module, Param, ParamId};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::linear;
+use burn::tensor::{ElementConversion, Tensor};
+
+use crate::config::{InitLoraWeights, lora_scaling};
+use crate::error::{PeftError, Result};
+
+/// One LoRA adapter on one linear layer: `B(A(dropout(x))) * scaling`.
+///
+/// Weights are stored in burn's `[d_input, d_output]` layout, the transpose of PEFT's:
+/// `lora_a` is `[in, r]` (PEFT `lora_A.weight` is `[r, in]`) and `lora_b` is `[r, out]`
+/// (PEFT `lora_B.weight` is `[out, r]`).
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// The adapter's name (`default` unless named).
+    pub name: String,
+    /// Down projection, `[in, r]`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// Up projection, `[r, out]`.
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// Bias of `lora_B` (`lora_bias = true`), `[out]`.
+    pub lora_bias: Option<Param<Tensor<B, 1>>>,
+    /// Dropout on the adapter's input (identity outside training).
+    pub dropout: Dropout,
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// `alpha / r` or, with rsLoRA, `alpha / sqrt(r)`.
+    pub scaling: f64,
+}
+
+/// Hyper-parameters of one LoRA adapter on one layer, resolved from a [`crate::LoraConfig`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// Dropout probability.
+    pub dropout: f64,
+    /// rsLoRA scaling.
+    pub use_rslora: bool,
+    /// Initialisation.
+    pub init: InitLoraWeights,
+    /// Trainable bias on `lora_B`.
+    pub lora_bias: bool,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// Creates an adapter for a `d_input -> d_output` layer, initialised as PEFT does.
+    /// Parameters are lazy: nothing is allocated until first use.
+    pub fn new(name: &str, d_input: usize, d_output: usize, spec: &LoraSpec, device: &B::Device) -> Self {
+        let r = spec.r;
+        // PyTorch's nn.Linear default (and PEFT's `kaiming_uniform_(a=sqrt(5))`):
+        // U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        let kaiming = Initializer::KaimingUniform {
+            gain: 1.0 / 3.0f64.sqrt(),
+            fan_out_only: false,
+        };
+        let lora_a = match spec.init {
+            InitLoraWeights::Gaussian => Initializer::Normal {
+                mean: 0.0,
+                std: 1.0 / r as f64,
+            }
+            .init_with([d_input, r], Some(d_input), Some(r), device),
+            _ => kaiming.init_with([d_input, r], Some(d_input), Some(r), device),
+        };
+        let random = spec.init == InitLoraWeights::Random;
+        let lora_b = if random {
+            kaiming.init_with([r, d_output], Some(r), Some(d_output), device)
+        } else {
+            Initializer::Zeros.init_with([r, d_output], Some(r), Some(d_output), device)
+        };
+        let lora_bias = spec.lora_bias.then(|| {
+            if random {
+                let bound = 1.0 / (r as f64).sqrt();
+                Initializer::Uniform {
+                    min: -bound,
+                    max: bound,
+                }
+                .init([d_output], device)
+            } else {
+                Initializer::Zeros.init([d_output], device)
+            }
+        });
+        LoraAdapter {
+            name: name.to_string(),
+            lora_a,
+            lora_b,
+            lora_bias,
+            dropout: DropoutConfig::new(spec.dropout).init(),
+            r,
+            alpha: spec.alpha,
+            scaling: lora_scaling(spec.alpha, r, spec.use_rslora),
+        }
+    }
+
+    /// The adapter's contribution `B(A(dropout(x))) * scaling`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let h = linear(self.dropout.forward(x), self.lora_a.val(), None);
+        linear(h, self.lora_b.val(), self.lora_bias.as_ref().map(|b| b.val())).mul_scalar(self.scaling)
+    }
+
+    /// `scaling * A @ B` in `[in, out]` layout: what merging adds to the base weight.
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_a
+            .val()
+            .matmul(self.lora_b.val())
+            .mul_scalar(self.scaling)
+    }
+
+    /// `scaling * lora_bias`: what merging adds to the base bias.
+    pub fn delta_bias(&self) -> Option<Tensor<B, 1>> {
+        self.lora_bias.as_ref().map(|b| b.val().mul_scalar(self.scaling))
+    }
+
+    /// Number of parameters, without materialising lazy ones.
+    pub fn num_params(&self) -> usize {
+        self.lora_a.lazy_shape().num_elements()
+            + self.lora_b.lazy_shape().num_elements()
+            + self.lora_bias.as_ref().map_or(0, |b| b.lazy_shape().num_elements())
+    }
+}
+
+/// A trainable copy of a linear layer for one adapter (PEFT's `modules_to_save`).
+#[derive(Module, Debug)]
+pub struct SavedLinear<B: Backend> {
+    /// The adapter the copy belongs to.
+    pub name: String,
+    /// Weight, `[in, out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// Bias, `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+/// The original weights of a layer while adapters are merged into it, so that unmerging restores
+/// them bit for bit.
+#[derive(Module, Debug)]
+pub struct MergeBackup<B: Backend> {
+    /// The unmerged weight.
+    pub weight: Tensor<B, 2>,
+    /// The unmerged bias.
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+/// A linear layer that can carry adapters: the model-facing type for every adaptable linear.
+///
+/// With no adapters it is exactly a linear layer: `y = x W + b` (`W` is `[in, out]`, burn's
+/// layout). With adapters: `y = base(x) + sum over active adapters of B(A(dropout(x))) * s`.
+/// Disabled adapters give exactly `base(x)`. Merging folds the active adapters into `W`.
+#[derive(Module, Debug)]
+pub struct AdaptedLinear<B: Backend> {
+    /// Base weight, `[d_input, d_output]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// Base bias, `[d_output]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// LoRA adapters, by name.
+    pub lora: Vec<LoraAdapter<B>>,
+    /// Trainable copies (`modules_to_save`), by adapter name.
+    pub saved: Vec<SavedLinear<B>>,
+    /// Original weights while merged.
+    pub backup: Option<MergeBackup<B>>,
+    /// Names of the active adapters (their deltas are summed).
+    pub active: Vec<String>,
+    /// Names of the adapters merged into `weight`, in merge order.
+    pub merged: Vec<String>,
+    /// When true the layer computes `base(x)` alone.
+    pub disabled: bool,
+}
+
+impl<B: Backend> AdaptedLinear<B> {
+    /// A plain linear layer, initialised as PyTorch's `nn.Linear` (lazily).
+    pub fn new(d_input: usize, d_output: usize, bias: bool, device: &B::Device) -> Self {
+        let kaiming = Initializer::KaimingUniform {
+            gain: 1.0 / 3.0f64.sqrt(),
+            fan_out_only: false,
+        };
+        let bound = 1.0 / (d_input as f64).sqrt();
+        Self::from_params(
+            kaiming.init_with([d_input, d_output], Some(d_input), Some(d_output), device),
+            bias.then(|| Initializer::Uniform { min: -bound, max: bound }.init([d_output], device)),
+        )
+    }
+
+    /// A linear layer over existing weights (`weight` is `[in, out]`).
+    pub fn from_params(weight: Param<Tensor<B, 2>>, bias: Option<Param<Tensor<B, 1>>>) -> Self {
+        AdaptedLinear {
+            weight,
+            bias,
+            lora: Vec::new(),
+            saved: Vec::new(),
+            backup: None,
+            active: Vec::new(),
+            merged: Vec::new(),
+            disabled: false,
+        }
+    }
+
+    /// A linear layer from tensors (`weight` is `[in, out]`).
+    pub fn from_tensors(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::from_params(Param::from_tensor(weight), bias.map(Param::from_tensor))
+    }
+
+    /// `d_input`.
+    pub fn d_input(&self) -> usize {
+        self.weight.lazy_shape().dims::<2>()[0]
+    }
+
+    /// `d_output`.
+    pub fn d_output(&self) -> usize {
+        self.weight.lazy_shape().dims::<2>()[1]
+    }
+
+    /// Number of base parameters (weight and bias), without materialising lazy ones.
+    pub fn base_num_params(&self) -> usize {
+        self.weight.lazy_shape().num_elements()
+            + self.bias.as_ref().map_or(0, |b| b.lazy_shape().num_elements())
+    }
+
+    /// The adapter named `name`.
+    pub fn adapter(&self, name: &str) -> Option<&LoraAdapter<B>> {
+        self.lora.iter().find(|a| a.name == name)
+    }
+
+    /// The adapter named `name`, mutably.
+    pub fn adapter_mut(&mut self, name: &str) -> Option<&mut LoraAdapter<B>> {
+        self.lora.iter_mut().find(|a| a.name == name)
+    }
+
+    /// The trainable copy for adapter `name`, if this layer is one of its `modules_to_save`.
+    pub fn saved_copy(&self, name: &str) -> Option<&SavedLinear<B>> {
+        self.saved.iter().find(|s| s.name == name)
+    }
+
+    /// Names of all adapters on this layer (LoRA and saved copies).
+    pub fn adapter_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lora.iter().map(|a| a.name.clone()).collect();
+        for s in &self.saved {
+            if !names.contains(&s.name) {
+                names.push(s.name.clone());
+            }
+        }
+        names
+    }
+
+    /// Adds a LoRA adapter (active only if [`set_active`](Self::set_active) says so).
+    pub fn add_lora(&mut self, adapter: LoraAdapter<B>) -> Result<()> {
+        if self.adapter(&adapter.name).is_some() {
+            return Err(PeftError::AdapterExists(adapter.name));
+        }
+        self.lora.push(adapter);
+        Ok(())
+    }
+
+    /// Adds a trainable copy of this layer's base weights for adapter `name`.
+    pub fn add_saved_copy(&mut self, name: &str) -> Result<()> {
+        if self.saved_copy(name).is_some() {
+            return Err(PeftError::AdapterExists(name.to_string()));
+        }
+        // A detached copy of the current values: fresh parameters, trainable.
+        let weight = Param::initialized(ParamId::new(), self.weight.val().detach().require_grad());
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| Param::initialized(ParamId::new(), b.val().detach().require_grad()));
+        self.saved.push(SavedLinear {
+            name: name.to_string(),
+            weight,
+            bias,
+        });
+        Ok(())
+    }
+
+    /// Removes every trace of adapter `name` from this layer.
+    pub fn delete(&mut self, name: &str) -> Result<()> {
+        if !self.merged.is_empty() {
+            return Err(PeftError::Merged("delete an adapter"));
+        }
+        self.lora.retain(|a| a.name != name);
+        self.saved.retain(|s| s.name != name);
+        self.active.retain(|a| a != name);
+        Ok(())
+    }
+
+    /// Sets the active adapters (names this layer does not carry are ignored, as in PEFT).
+    pub fn set_active(&mut self, names: &[String]) {
+        self.active = names.to_vec();
+    }
+
+    /// Output: the base layer, plus the active adapters unless disabled or merged.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if !self.disabled {
+            // modules_to_save: the first active adapter with a copy replaces the base layer.
+            if let Some(copy) = self
+                .active
+                .iter()
+                .find_map(|n| self.saved_copy(n))
+            {
+                return linear(x, copy.weight.val(), copy.bias.as_ref().map(|b| b.val()));
+            }
+        }
+        let mut y = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        if self.disabled || !self.merged.is_empty() {
+            return y;
+        }
+        for name in &self.active {
+            if let Some(a) = self.adapter(name) {
+                y = y + a.forward(x.clone());
+            }
+        }
+        y
+    }
+
+    /// Folds the given adapters (default: the active ones carried here) into the base weights.
+    ///
+    /// With `safe`, the merged weights are computed aside and checked for NaN/Inf first; on
+    /// failure the layer is left untouched. The original weights are kept, so
+    /// [`unmerge`](Self::unmerge) restores them exactly.
+    pub fn merge(&mut self, path: &str, names: Option<&[String]>, safe: bool) -> Result<()> {
+        let names: Vec<String> = match names {
+            Some(n) => n.to_vec(),
+            None => self.active.clone(),
+        };
+        let names: Vec<String> = names
+            .into_iter()
+            .filter(|n| self.adapter(n).is_some() && !self.merged.contains(n))
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut weight = self.weight.val();
+        let mut bias = self.bias.as_ref().map(|b| b.val());
+        for n in &names {
+            let a = self.adapter(n).expect("filtered above");
+            weight = weight + a.delta_weight();
+            if let Some(db) = a.delta_bias() {
+                bias = Some(match bias {
+                    Some(b) => b + db,
+                    None => {
+                        return Err(PeftError::Unsupported(format!(
+                            "merging `{n}` into `{path}`: lora_bias=True but the base layer has no bias"
+                        )));
+                    }
+                });
+            }
+        }
+        if safe {
+            let finite = weight.clone().is_finite().all().into_scalar().elem::<bool>()
+                && bias
+                    .as_ref()
+                    .is_none_or(|b| b.clone().is_finite().all().into_scalar().elem::<bool>());
+            if !finite {
+                return Err(PeftError::NonFiniteMerge {
+                    site: path.to_string(),
+                    adapter: names.join(", "),
+                });
+            }
+        }
+        if self.backup.is_none() {
+            self.backup = Some(MergeBackup {
+                weight: self.weight.val(),
+                bias: self.bias.as_ref().map(|b| b.val()),
+            });
+        }
+        self.weight = Param::initialized(self.weight.id, weight.detach());
+        if let (Some(old), Some(new)) = (&self.bias, bias) {
+            self.bias = Some(Param::initialized(old.id, new.detach()));
+        }
+        self.merged.extend(names);
+        Ok(())
+    }
+
+    /// Restores the weights from before the first merge, bit for bit.
+    pub fn unmerge(&mut self) {
+        if let Some(b) = self.backup.take() {
+            self.weight = Param::initialized(self.weight.id, b.weight);
+            if let (Some(old), Some(new)) = (&self.bias, b.bias) {
+                self.bias = Some(Param::initialized(old.id, new));
+            }
+        }
+        self.merged.clear();
+    }
+
+    /// Keeps the merged weights as the new base and drops every adapter: a plain linear layer.
+    pub fn unload(&mut self, keep_merged: bool) {
+        if !keep_merged {
+            self.unmerge();
+        }
+        // The active adapter's saved copy becomes the layer itself (PEFT's merge_and_unload).
+        if keep_merged
+            && let Some(copy) = self.active.iter().find_map(|n| self.saved_copy(n))
+        {
+            let (weight, bias) = (copy.weight.clone(), copy.bias.clone());
+            self.weight = weight;
+            self.bias = bias;
+        }
+        self.lora.clear();
+        self.saved.clear();
+        self.backup = None;
+        self.active.clear();
+        self.merged.clear();
+        self.disabled = false;
+    }
+}

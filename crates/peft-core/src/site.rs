@@ -1,0 +1,49 @@
+//! How a model exposes the places adapters can sit.
+//!
+//! A model implements [`AdapterHost`] once: one walk that yields every adapter site with its
+//! Hugging Face module path. Everything else (targeting, attaching, merging, counting, collecting
+//! tensors for checkpoints) is generic code over that walk.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+
+use crate::config::TaskType;
+use crate::lora::AdaptedLinear;
+
+/// A model whose layers can carry adapters.
+pub trait AdapterHost<B: Backend>: Module<B> {
+    /// Calls `f` with the Hugging Face module path and the layer, for every adaptable linear
+    /// layer, in model order.
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>));
+
+    /// Like [`visit_linears`](Self::visit_linears), mutably.
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>));
+
+    /// The Hugging Face `model_type` (`t5`, `mt5`, `bert`): picks PEFT's default targets.
+    fn model_type(&self) -> Option<&str> {
+        None
+    }
+
+    /// Paths that `target_modules = "all-linear"` leaves out: the output embedding (LM head),
+    /// or the classification head for `SEQ_CLS`, as PEFT decides.
+    fn output_heads(&self, task: Option<TaskType>) -> Vec<String> {
+        let _ = task;
+        Vec::new()
+    }
+
+    /// The paths of every adaptable linear layer, in model order.
+    fn linear_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.visit_linears(&mut |p, _| out.push(p.to_string()));
+        out
+    }
+}
+
+/// Joins a module path prefix and a child name with a dot.
+pub fn join_path(prefix: &str, child: &str) -> String {
+    if prefix.is_empty() {
+        child.to_string()
+    } else {
+        format!("{prefix}.{child}")
+    }
+}

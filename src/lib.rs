@@ -1,0 +1,16 @@
+//! # peft
+//!
+//! Parameter-efficient fine-tuning for [Burn](https://burn.dev), file-compatible with Hugging
+//! Face PEFT. This facade re-exports the workspace crates:
+//!
+//! - [`core`] (`peft-core`): adapter methods (LoRA), configs, targeting, `PeftModel`;
+//! - [`models`] (`peft-models`): model architectures with adapter sites;
+//! - [`io`] (`peft-io`): PEFT and Hugging Face file formats.
+//!
+//! The backend is chosen by features: `ndarray` (default, CPU), `wgpu`, `cuda`.
+
+pub use peft_core as core;
+pub use peft_io as io;
+pub use peft_models as models;
+
+pub use peft_core::{AdaptedLinear, AdapterHost, LoraConfig, PeftError, PeftModel, TargetModules, TaskType};
