@@ -33,10 +33,6 @@ pub enum PeftError {
         available: String,
     },
 
-    /// `modules_to_save` names a module that cannot carry a trainable copy.
-    #[error("modules_to_save entry `{0}` matches no linear layer of the model")]
-    ModuleToSaveNotFound(String),
-
     /// An adapter name is already taken.
     #[error("adapter `{0}` already exists")]
     AdapterExists(String),

@@ -7,11 +7,11 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::config::{Bias, LoraConfig};
+use crate::config::{Bias, LoraConfig, TaskType};
 use crate::error::{PeftError, Result};
 use crate::lora::{AdaptedLinear, LoraAdapter, LoraSpec};
 use crate::site::AdapterHost;
-use crate::targeting::{ModelLinears, is_module_to_save, resolve_targets};
+use crate::targeting::{ModelLinears, resolve_targets};
 
 /// Parameter counts as PEFT's `get_nb_trainable_parameters` reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,7 +218,14 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     }
 
     /// Adds adapter `name` (inactive until [`set_adapter`](Self::set_adapter)).
-    pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<()> {
+    ///
+    /// As in PEFT, for `SEQ_CLS` and `TOKEN_CLS` the head names `classifier` and `score` are
+    /// appended to `modules_to_save`, so the head is trained and saved with the adapter.
+    pub fn add_adapter(&mut self, name: &str, mut config: LoraConfig) -> Result<()> {
+        if matches!(config.task_type, Some(TaskType::SeqCls | TaskType::TokenCls)) {
+            let heads = ["classifier", "score"].map(String::from);
+            config.modules_to_save.get_or_insert_with(Vec::new).extend(heads);
+        }
         if self.config(name).is_some() {
             return Err(PeftError::AdapterExists(name.to_string()));
         }
@@ -246,14 +253,10 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         }
         let mut to_save = Vec::new();
         if let Some(mts) = config.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
+            // PEFT's `_set_trainable`: a plain suffix match; names matching nothing are ignored.
             for path in &linears {
-                if is_module_to_save(mts, path)? {
+                if mts.iter().any(|m| path.ends_with(m.as_str())) {
                     to_save.push(path.clone());
-                }
-            }
-            for m in mts {
-                if !to_save.iter().any(|p| p == m || p.ends_with(&format!(".{m}"))) {
-                    return Err(PeftError::ModuleToSaveNotFound(m.clone()));
                 }
             }
         }

@@ -1,0 +1,97 @@
+//! Shared test helpers: golden fixture loading and the toy model mirrored from
+//! `tests/fixtures/lora/make_fixtures.py`.
+#![allow(dead_code)]
+
+pub mod toy;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// The CPU backend every numeric test runs on.
+pub type B = burn::backend::NdArray<f32>;
+/// The same with autodiff, for training steps.
+pub type AB = burn::backend::Autodiff<B>;
+
+pub fn fixture_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// All tensors of a safetensors fixture, as (shape, f32 values).
+pub struct Fixture {
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl Fixture {
+    pub fn load(rel: &str) -> Self {
+        let path = fixture_path(rel);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors fixture");
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            tensors.insert(name.to_string(), (view.shape().to_vec(), values));
+        }
+        Fixture { tensors }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    pub fn get<BK: Backend, const D: usize>(&self, key: &str, device: &BK::Device) -> Tensor<BK, D> {
+        let (shape, values) = self
+            .tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture tensor {key} missing"));
+        Tensor::from_data(TensorData::new(values.clone(), shape.clone()), device)
+    }
+
+    /// Keys starting with `prefix`, with the prefix removed.
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+pub fn to_vec<BK: Backend, const D: usize>(t: Tensor<BK, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// Largest absolute difference; panics with `what` when above `tol` or when shapes differ.
+pub fn assert_close<BK: Backend, const D: usize>(
+    ours: Tensor<BK, D>,
+    theirs: Tensor<BK, D>,
+    tol: f32,
+    what: &str,
+) -> f32 {
+    assert_eq!(ours.dims(), theirs.dims(), "{what}: shapes differ");
+    let a = to_vec(ours);
+    let b = to_vec(theirs);
+    let max = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max <= tol, "{what}: max |ours - PEFT| = {max:e} > {tol:e}");
+    max
+}
+
+pub fn read_json(rel: &str) -> serde_json::Value {
+    let path = fixture_path(rel);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
