@@ -13,4 +13,6 @@ pub use peft_core as core;
 pub use peft_io as io;
 pub use peft_models as models;
 
-pub use peft_core::{AdaptedLinear, AdapterHost, LoraConfig, PeftError, PeftModel, TargetModules, TaskType};
+pub use peft_core::{
+    AdaptedLinear, AdapterHost, LoraConfig, PeftError, PeftModel, TargetModules, TaskType,
+};

@@ -22,17 +22,40 @@ fn lora_on_wgpu_matches_peft() {
             .iter()
             .find(|c| c["name"] == case)
             .unwrap();
-        let config: LoraConfig = serde_json::from_value(c["adapters"][0]["config"].clone()).unwrap();
-        let mut peft = PeftModel::new(Toy::<W>::from_fixture(&fx, &device), config, "default").unwrap();
-        load_peft_tensors(&mut peft, &fx, &format!("{case}.default."), "default", &device);
+        let config: LoraConfig =
+            serde_json::from_value(c["adapters"][0]["config"].clone()).unwrap();
+        let mut peft =
+            PeftModel::new(Toy::<W>::from_fixture(&fx, &device), config, "default").unwrap();
+        load_peft_tensors(
+            &mut peft,
+            &fx,
+            &format!("{case}.default."),
+            "default",
+            &device,
+        );
         let x = fx.get::<W, 2>("input.x", &device);
         let y = peft.base_model.forward(x.clone());
-        assert_close(y, fx.get(&format!("{case}.out.y"), &device), 1e-5, &format!("{case} on wgpu"));
+        assert_close(
+            y,
+            fx.get(&format!("{case}.out.y"), &device),
+            1e-5,
+            &format!("{case} on wgpu"),
+        );
         peft.merge_adapter(None, true).unwrap();
         let y = peft.base_model.forward(x.clone());
-        assert_close(y, fx.get(&format!("{case}.out.y_merged"), &device), 1e-5, &format!("{case} merged on wgpu"));
+        assert_close(
+            y,
+            fx.get(&format!("{case}.out.y_merged"), &device),
+            1e-5,
+            &format!("{case} merged on wgpu"),
+        );
         peft.disable_adapters();
         let y = peft.base_model.forward(x);
-        assert_close(y, fx.get(&format!("{case}.out.y_disabled"), &device), 1e-5, &format!("{case} disabled on wgpu"));
+        assert_close(
+            y,
+            fx.get(&format!("{case}.out.y_disabled"), &device),
+            1e-5,
+            &format!("{case} disabled on wgpu"),
+        );
     }
 }

@@ -40,7 +40,9 @@ fn build(case: &Case, fx: &Fixture) -> PeftModel<B, Toy<B>> {
         let config: LoraConfig = serde_json::from_value(a["config"].clone())
             .unwrap_or_else(|e| panic!("{}: PEFT's config does not parse: {e}", case.name));
         match peft.as_mut() {
-            None => peft = Some(PeftModel::new(Toy::from_fixture(fx, &device), config, name).unwrap()),
+            None => {
+                peft = Some(PeftModel::new(Toy::from_fixture(fx, &device), config, name).unwrap())
+            }
             Some(p) => p.add_adapter(name, config).unwrap(),
         }
         let p = peft.as_mut().unwrap();
@@ -70,24 +72,49 @@ fn outputs_match_peft_for_every_case() {
         let n = &case.name;
         let mut peft = build(case, &fx);
         let y = peft.base_model.forward(x.clone());
-        assert_close(y, fx.get(&format!("{n}.out.y"), &device), TOL, &format!("{n}: adapted output"));
+        assert_close(
+            y,
+            fx.get(&format!("{n}.out.y"), &device),
+            TOL,
+            &format!("{n}: adapted output"),
+        );
 
         peft.disable_adapters();
         let y = peft.base_model.forward(x.clone());
-        assert_close(y, fx.get(&format!("{n}.out.y_disabled"), &device), TOL, &format!("{n}: disabled"));
+        assert_close(
+            y,
+            fx.get(&format!("{n}.out.y_disabled"), &device),
+            TOL,
+            &format!("{n}: disabled"),
+        );
         peft.enable_adapters();
 
         peft.merge_adapter(None, true).unwrap();
         let y = peft.base_model.forward(x.clone());
-        assert_close(y, fx.get(&format!("{n}.out.y_merged"), &device), TOL, &format!("{n}: merged"));
+        assert_close(
+            y,
+            fx.get(&format!("{n}.out.y_merged"), &device),
+            TOL,
+            &format!("{n}: merged"),
+        );
         let w = peft.base_model.layer[0].q.weight.val().transpose();
-        assert_close(w, fx.get(&format!("{n}.out.merged_q0_weight"), &device), TOL, &format!("{n}: merged weight"));
+        assert_close(
+            w,
+            fx.get(&format!("{n}.out.merged_q0_weight"), &device),
+            TOL,
+            &format!("{n}: merged weight"),
+        );
         peft.unmerge_adapter();
 
         if fx.has(&format!("{n}.out.y_other")) {
             peft.set_adapter(&["other"]).unwrap();
             let y = peft.base_model.forward(x.clone());
-            assert_close(y, fx.get(&format!("{n}.out.y_other"), &device), TOL, &format!("{n}: other only"));
+            assert_close(
+                y,
+                fx.get(&format!("{n}.out.y_other"), &device),
+                TOL,
+                &format!("{n}: other only"),
+            );
             let active: Vec<String> = case.json["active"]
                 .as_array()
                 .unwrap()
@@ -100,7 +127,12 @@ fn outputs_match_peft_for_every_case() {
 
         let plain = peft.merge_and_unload(true).unwrap();
         let y = plain.forward(x.clone());
-        assert_close(y, fx.get(&format!("{n}.out.y_merge_and_unload"), &device), TOL, &format!("{n}: merge_and_unload"));
+        assert_close(
+            y,
+            fx.get(&format!("{n}.out.y_merge_and_unload"), &device),
+            TOL,
+            &format!("{n}: merge_and_unload"),
+        );
         plain.visit_linears_probe(n);
     }
 }
@@ -114,7 +146,10 @@ impl Probe for Toy<B> {
     fn visit_linears_probe(&self, case: &str) {
         use peft::core::AdapterHost;
         self.visit_linears(&mut |p, l| {
-            assert!(l.lora.is_empty() && l.saved.is_empty() && l.backup.is_none(), "{case}: {p} still adapted");
+            assert!(
+                l.lora.is_empty() && l.saved.is_empty() && l.backup.is_none(),
+                "{case}: {p} still adapted"
+            );
         });
     }
 }
@@ -139,16 +174,41 @@ fn targets_ranks_scalings_and_counts_match_peft() {
             peft::core::AdapterHost::visit_linears(&peft.base_model, &mut |path, layer| {
                 if let Some(l) = a["layers"].get(path) {
                     let ad = layer.adapter(name).unwrap();
-                    assert_eq!(ad.r as u64, l["r"].as_u64().unwrap(), "{}: r of {path}", case.name);
+                    assert_eq!(
+                        ad.r as u64,
+                        l["r"].as_u64().unwrap(),
+                        "{}: r of {path}",
+                        case.name
+                    );
                     let s = l["scaling"].as_f64().unwrap();
-                    assert!((ad.scaling - s).abs() < 1e-12, "{}: scaling of {path}: {} vs {s}", case.name, ad.scaling);
+                    assert!(
+                        (ad.scaling - s).abs() < 1e-12,
+                        "{}: scaling of {path}: {} vs {s}",
+                        case.name,
+                        ad.scaling
+                    );
                 }
             });
         }
         let counts = peft.parameter_counts();
-        assert_eq!(counts.trainable as u64, case.json["trainable"].as_u64().unwrap(), "{}: trainable", case.name);
-        assert_eq!(counts.all as u64, case.json["all"].as_u64().unwrap(), "{}: all", case.name);
-        assert_eq!(peft.trainable_parameters_line(), case.json["line"].as_str().unwrap(), "{}", case.name);
+        assert_eq!(
+            counts.trainable as u64,
+            case.json["trainable"].as_u64().unwrap(),
+            "{}: trainable",
+            case.name
+        );
+        assert_eq!(
+            counts.all as u64,
+            case.json["all"].as_u64().unwrap(),
+            "{}: all",
+            case.name
+        );
+        assert_eq!(
+            peft.trainable_parameters_line(),
+            case.json["line"].as_str().unwrap(),
+            "{}",
+            case.name
+        );
     }
 }
 

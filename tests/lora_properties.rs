@@ -53,7 +53,10 @@ fn fresh_adapter_is_a_no_op_exactly() {
 fn init_statistics_match_peft() {
     let stats = read_json("lora/cases.json")["init_stats"].clone();
     let device = Default::default();
-    for (key, init) in [("true", InitLoraWeights::Default), ("gaussian", InitLoraWeights::Gaussian)] {
+    for (key, init) in [
+        ("true", InitLoraWeights::Default),
+        ("gaussian", InitLoraWeights::Gaussian),
+    ] {
         let theirs = &stats[key];
         let (fan_in, r) = (
             theirs["in_features"].as_u64().unwrap() as usize,
@@ -74,7 +77,10 @@ fn init_statistics_match_peft() {
         let std = (va.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
         let absmax = va.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
         let their_std = theirs["a_std"].as_f64().unwrap();
-        assert!((std - their_std).abs() / their_std < 0.05, "{key}: std {std} vs PEFT {their_std}");
+        assert!(
+            (std - their_std).abs() / their_std < 0.05,
+            "{key}: std {std} vs PEFT {their_std}"
+        );
         assert!(mean.abs() < 0.005, "{key}: mean {mean}");
         if key == "true" {
             // kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -82,7 +88,10 @@ fn init_statistics_match_peft() {
             assert!(absmax <= bound + 1e-7, "{absmax} > {bound}");
             assert!(absmax > 0.95 * theirs["a_absmax"].as_f64().unwrap());
         }
-        assert!(to_vec(a.lora_b.val()).iter().all(|v| *v == 0.0), "{key}: B starts at zero");
+        assert!(
+            to_vec(a.lora_b.val()).iter().all(|v| *v == 0.0),
+            "{key}: B starts at zero"
+        );
     }
     // init_lora_weights = false: B is random too (PyTorch's nn.Linear init, fan_in = r).
     let spec = LoraSpec {
@@ -108,7 +117,11 @@ fn unmerge_restores_weights_bit_exactly_and_disable_gives_base() {
     let unmerged_y = to_vec(peft.base_model.forward(x.clone()));
 
     peft.merge_adapter(None, false).unwrap();
-    assert_ne!(weights(&peft.base_model), before, "merging changes the weights");
+    assert_ne!(
+        weights(&peft.base_model),
+        before,
+        "merging changes the weights"
+    );
     // merged and unmerged outputs agree (to float rounding)
     let merged_y = to_vec(peft.base_model.forward(x.clone()));
     let diff = merged_y
@@ -117,7 +130,10 @@ fn unmerge_restores_weights_bit_exactly_and_disable_gives_base() {
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(diff < 1e-5, "merged vs unmerged: {diff}");
     // changing the active set or deleting is refused while merged
-    assert!(matches!(peft.delete_adapter("default"), Err(PeftError::Merged(_))));
+    assert!(matches!(
+        peft.delete_adapter("default"),
+        Err(PeftError::Merged(_))
+    ));
     peft.unmerge_adapter();
     assert_eq!(weights(&peft.base_model), before, "unmerge is exact");
 
@@ -132,7 +148,10 @@ fn unmerge_restores_weights_bit_exactly_and_disable_gives_base() {
     peft.merge_adapter(None, false).unwrap();
     peft.disable_adapters();
     assert_eq!(weights(&peft.base_model), before);
-    assert_eq!(to_vec(peft.base_model.forward(x.clone())), to_vec(base_model.forward(x)));
+    assert_eq!(
+        to_vec(peft.base_model.forward(x.clone())),
+        to_vec(base_model.forward(x))
+    );
 
     // unload gives back the original model
     let plain = peft.unload();
@@ -147,7 +166,10 @@ fn safe_merge_refuses_non_finite_and_leaves_the_base_untouched() {
     let nan = a.lora_b.val().mul_scalar(f32::NAN);
     a.lora_b = Param::from_tensor(nan);
     let err = peft.merge_adapter(None, true).unwrap_err();
-    assert!(matches!(&err, PeftError::NonFiniteMerge { site, .. } if site == "encoder.layer.1.v"), "{err}");
+    assert!(
+        matches!(&err, PeftError::NonFiniteMerge { site, .. } if site == "encoder.layer.1.v"),
+        "{err}"
+    );
     assert_eq!(weights(&peft.base_model), before);
     peft.base_model
         .visit_linears(&mut |p, l| assert!(l.merged.is_empty(), "{p} left merged"));
@@ -194,7 +216,10 @@ fn training_step_changes_only_adapter_parameters() {
     peft.base_model = optim.step(1e-2, peft.base_model, grads);
 
     let (base1, lora1) = snapshot(&peft.base_model);
-    assert_eq!(base0, base1, "base parameters are bit-identical after a step");
+    assert_eq!(
+        base0, base1,
+        "base parameters are bit-identical after a step"
+    );
     assert_eq!(lora0.len(), lora1.len());
     for (i, (a, b)) in lora0.iter().zip(&lora1).enumerate() {
         assert_ne!(a, b, "adapter tensor {i} was updated");
@@ -209,7 +234,8 @@ fn dropout_only_in_training() {
         lora_dropout: 0.5,
         ..qv(InitLoraWeights::Random)
     };
-    let mut peft = PeftModel::new(Toy::<AB>::from_fixture(&fx, &device), config, "default").unwrap();
+    let mut peft =
+        PeftModel::new(Toy::<AB>::from_fixture(&fx, &device), config, "default").unwrap();
     load_peft_tensors(&mut peft, &fx, "dropout.default.", "default", &device);
     let x = fx.get::<AB, 2>("input.x", &device);
     // Training (autodiff backend): dropout on the LoRA branch changes the output.
@@ -218,22 +244,37 @@ fn dropout_only_in_training() {
     let eval_model = peft.base_model.valid();
     let eval_y = eval_model.forward(x.inner());
     assert_ne!(train_y, to_vec(eval_y.clone()), "dropout acts in training");
-    common::assert_close(eval_y, fx.get::<B, 2>("dropout.out.y", &device), 1e-5, "eval output");
+    common::assert_close(
+        eval_y,
+        fx.get::<B, 2>("dropout.out.y", &device),
+        1e-5,
+        "eval output",
+    );
 }
 
 #[test]
 fn adapter_management_errors_are_clear() {
     let (mut peft, _) = toy_peft(qv(InitLoraWeights::Default));
     let err = peft.set_adapter(&["nope"]).unwrap_err();
-    assert_eq!(err.to_string(), "adapter `nope` not found; existing adapters: [default]");
+    assert_eq!(
+        err.to_string(),
+        "adapter `nope` not found; existing adapters: [default]"
+    );
     let err = peft
         .add_adapter("default", qv(InitLoraWeights::Default))
         .unwrap_err();
     assert!(matches!(err, PeftError::AdapterExists(_)));
-    peft.add_adapter("second", LoraConfig::new(2, 2.0, TargetModules::list(["ff"])))
-        .unwrap();
+    peft.add_adapter(
+        "second",
+        LoraConfig::new(2, 2.0, TargetModules::list(["ff"])),
+    )
+    .unwrap();
     assert_eq!(peft.active_adapters(), ["default"]);
-    assert_eq!(peft.parameter_counts().trainable, 384, "inactive adapters are frozen");
+    assert_eq!(
+        peft.parameter_counts().trainable,
+        384,
+        "inactive adapters are frozen"
+    );
     peft.set_adapter(&["second"]).unwrap();
     peft.delete_adapter("default").unwrap();
     assert_eq!(peft.adapter_names(), ["second"]);
@@ -244,10 +285,26 @@ fn adapter_management_errors_are_clear() {
 #[test]
 fn invalid_configs_are_refused() {
     let model = || Toy::<B>::new(&Default::default());
-    let bad = |c: LoraConfig| PeftModel::new(model(), c, "default").unwrap_err().to_string();
+    let bad = |c: LoraConfig| {
+        PeftModel::new(model(), c, "default")
+            .unwrap_err()
+            .to_string()
+    };
     let base = LoraConfig::new(4, 8.0, TargetModules::list(["q"]));
-    assert!(bad(LoraConfig { r: 0, ..base.clone() }).contains("`r` should be a positive integer"));
-    assert!(bad(LoraConfig { use_dora: true, ..base.clone() }).contains("DoRA"));
+    assert!(
+        bad(LoraConfig {
+            r: 0,
+            ..base.clone()
+        })
+        .contains("`r` should be a positive integer")
+    );
+    assert!(
+        bad(LoraConfig {
+            use_dora: true,
+            ..base.clone()
+        })
+        .contains("DoRA")
+    );
     let with_pattern = LoraConfig {
         layers_pattern: Some(peft::core::config::StringOrList::One("layer".into())),
         ..base.clone()

@@ -74,7 +74,11 @@ fn targeting_matches_peft() {
         let what = format!("case {i} ({model_key}, {})", case["config"]);
         match PeftModel::new(model, config, "default") {
             Ok(peft) => {
-                assert!(case.get("error").is_none(), "{what}: PEFT refused it: {}", case["error"]);
+                assert!(
+                    case.get("error").is_none(),
+                    "{what}: PEFT refused it: {}",
+                    case["error"]
+                );
                 let mut ours = peft.targeted_modules("default").to_vec();
                 ours.sort();
                 assert_eq!(ours, strings(&case["targeted"]), "{what}: targeted");
@@ -85,19 +89,31 @@ fn targeting_matches_peft() {
                     }
                     if let Some(a) = l.adapter("default") {
                         let theirs = &case["layers"][p];
-                        assert_eq!(a.r as u64, theirs["r"].as_u64().unwrap(), "{what}: r of {p}");
+                        assert_eq!(
+                            a.r as u64,
+                            theirs["r"].as_u64().unwrap(),
+                            "{what}: r of {p}"
+                        );
                         let s = theirs["scaling"].as_f64().unwrap();
                         assert!((a.scaling - s).abs() < 1e-12, "{what}: scaling of {p}");
                     }
                 });
                 saved.sort();
-                assert_eq!(saved, strings(&case["modules_to_save"]), "{what}: modules_to_save");
+                assert_eq!(
+                    saved,
+                    strings(&case["modules_to_save"]),
+                    "{what}: modules_to_save"
+                );
                 let cfg = peft.config("default").unwrap();
                 let theirs = &case["saved_config_modules_to_save"];
                 if theirs.is_null() {
                     assert!(cfg.modules_to_save.is_none(), "{what}");
                 } else {
-                    assert_eq!(cfg.modules_to_save.clone().unwrap(), strings(theirs), "{what}");
+                    assert_eq!(
+                        cfg.modules_to_save.clone().unwrap(),
+                        strings(theirs),
+                        "{what}"
+                    );
                 }
             }
             Err(e) => {
@@ -105,7 +121,10 @@ fn targeting_matches_peft() {
                     .get("error")
                     .unwrap_or_else(|| panic!("{what}: we refused what PEFT accepted: {e}"));
                 errors_seen += 1;
-                assert!(matches!(e, PeftError::NoTargetMatched { .. }), "{what}: {e}");
+                assert!(
+                    matches!(e, PeftError::NoTargetMatched { .. }),
+                    "{what}: {e}"
+                );
                 // Our message names what was asked and what the model has.
                 let msg = e.to_string();
                 assert!(msg.contains("not found in the base model"), "{msg}");
@@ -114,5 +133,8 @@ fn targeting_matches_peft() {
             }
         }
     }
-    assert!(errors_seen >= 4, "the fixture's refusals were all exercised");
+    assert!(
+        errors_seen >= 4,
+        "the fixture's refusals were all exercised"
+    );
 }

@@ -48,7 +48,11 @@ impl Fixture {
         self.tensors.contains_key(key)
     }
 
-    pub fn get<BK: Backend, const D: usize>(&self, key: &str, device: &BK::Device) -> Tensor<BK, D> {
+    pub fn get<BK: Backend, const D: usize>(
+        &self,
+        key: &str,
+        device: &BK::Device,
+    ) -> Tensor<BK, D> {
         let (shape, values) = self
             .tensors
             .get(key)

@@ -33,7 +33,10 @@ fn python_env(root: &Path) -> Result<PathBuf> {
     let venv = root.join(".cache/venv");
     let python = venv.join("bin/python");
     if !python.exists() {
-        eprintln!("creating {} with the pinned reference stack", venv.display());
+        eprintln!(
+            "creating {} with the pinned reference stack",
+            venv.display()
+        );
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
         run(Command::new(&python)
             .args(["-m", "pip", "install", "-q", "-r"])
@@ -50,7 +53,9 @@ fn fixtures() -> Result<()> {
     };
     for script in FIXTURE_SCRIPTS {
         eprintln!("running {script}");
-        run(Command::new(&python).arg(root.join(script)).current_dir(&root))?;
+        run(Command::new(&python)
+            .arg(root.join(script))
+            .current_dir(&root))?;
     }
     Ok(())
 }

@@ -438,7 +438,10 @@ impl LoraConfig {
             return Err(PeftError::Unsupported(format!("init_lora_weights = {o:?}")));
         }
         if self.layers_pattern.is_some()
-            && !self.layers_to_transform.as_ref().is_some_and(|l| l.is_active())
+            && !self
+                .layers_to_transform
+                .as_ref()
+                .is_some_and(|l| l.is_active())
         {
             return Err(PeftError::InvalidConfig(
                 "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
@@ -479,10 +482,12 @@ impl LoraConfig {
 
     /// The rank for the module at `path` (`rank_pattern` first, then `r`).
     pub fn rank_for(&self, path: &str) -> Result<usize> {
-        Ok(match crate::targeting::pattern_key(self.rank_pattern.keys(), path, "rank_pattern")? {
-            Some(k) => *self.rank_pattern.get(k).expect("key from the map"),
-            None => self.r,
-        })
+        Ok(
+            match crate::targeting::pattern_key(self.rank_pattern.keys(), path, "rank_pattern")? {
+                Some(k) => *self.rank_pattern.get(k).expect("key from the map"),
+                None => self.r,
+            },
+        )
     }
 
     /// The alpha for the module at `path` (`alpha_pattern` first, then `lora_alpha`).

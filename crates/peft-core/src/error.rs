@@ -51,7 +51,9 @@ pub enum PeftError {
     Merged(&'static str),
 
     /// A safe merge found NaN or Inf values and left the base untouched.
-    #[error("NaNs detected in the merged weights of `{site}`: adapter `{adapter}` seems to be broken")]
+    #[error(
+        "NaNs detected in the merged weights of `{site}`: adapter `{adapter}` seems to be broken"
+    )]
     NonFiniteMerge {
         /// The module path of the layer.
         site: String,

@@ -110,6 +110,16 @@ impl<B: Backend> ModuleVisitor<B> for BiasVisitor {
     }
 }
 
+/// Turns gradients off for every parameter without materialising lazy ones (burn's
+/// `Module::no_grad` initialises them).
+struct Freeze;
+
+impl<B: Backend> ModuleMapper<B> for Freeze {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(false)
+    }
+}
+
 /// Sets `require_grad` on every base `bias` parameter (PEFT's `bias = "all"`).
 struct BiasTrainable {
     stack: Vec<String>,
@@ -125,7 +135,10 @@ impl<B: Backend> ModuleMapper<B> for BiasTrainable {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let is_bias = self.stack.last().is_some_and(|n| n == "bias")
-            && !self.stack.iter().any(|n| n == "lora" || n == "saved" || n == "backup");
+            && !self
+                .stack
+                .iter()
+                .any(|n| n == "lora" || n == "saved" || n == "backup");
         if is_bias {
             param.set_require_grad(self.trainable)
         } else {
@@ -167,7 +180,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     /// says, and makes it active.
     pub fn new(model: M, config: LoraConfig, adapter_name: &str) -> Result<Self> {
         let mut this = PeftModel {
-            base_model: model.no_grad(),
+            base_model: model.map(&mut Freeze),
             configs: Vec::new(),
             targeted: Vec::new(),
             active: Vec::new(),
@@ -222,9 +235,15 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     /// As in PEFT, for `SEQ_CLS` and `TOKEN_CLS` the head names `classifier` and `score` are
     /// appended to `modules_to_save`, so the head is trained and saved with the adapter.
     pub fn add_adapter(&mut self, name: &str, mut config: LoraConfig) -> Result<()> {
-        if matches!(config.task_type, Some(TaskType::SeqCls | TaskType::TokenCls)) {
+        if matches!(
+            config.task_type,
+            Some(TaskType::SeqCls | TaskType::TokenCls)
+        ) {
             let heads = ["classifier", "score"].map(String::from);
-            config.modules_to_save.get_or_insert_with(Vec::new).extend(heads);
+            config
+                .modules_to_save
+                .get_or_insert_with(Vec::new)
+                .extend(heads);
         }
         if self.config(name).is_some() {
             return Err(PeftError::AdapterExists(name.to_string()));
@@ -425,7 +444,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
 
     /// Restores the unmerged base weights exactly.
     pub fn unmerge_adapter(&mut self) {
-        self.base_model.visit_linears_mut(&mut |_, layer| layer.unmerge());
+        self.base_model
+            .visit_linears_mut(&mut |_, layer| layer.unmerge());
     }
 
     /// PEFT's `merge_and_unload`: merges the active adapters and returns the plain model.
@@ -458,29 +478,32 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             .iter()
             .any(|n| self.config(n).is_some_and(|c| c.bias == Bias::All));
         let mut trainable = 0;
-        self.base_model.visit_linears(&mut |_, layer: &AdaptedLinear<B>| {
-            for a in &layer.lora {
-                if trainable_names.contains(&a.name) {
-                    trainable += a.num_params();
+        self.base_model
+            .visit_linears(&mut |_, layer: &AdaptedLinear<B>| {
+                for a in &layer.lora {
+                    if trainable_names.contains(&a.name) {
+                        trainable += a.num_params();
+                    }
                 }
-            }
-            for s in &layer.saved {
-                if trainable_names.contains(&s.name) {
-                    trainable += s.weight.lazy_shape().num_elements()
-                        + s.bias.as_ref().map_or(0, |b| b.lazy_shape().num_elements());
+                for s in &layer.saved {
+                    if trainable_names.contains(&s.name) {
+                        trainable += s.weight.lazy_shape().num_elements()
+                            + s.bias.as_ref().map_or(0, |b| b.lazy_shape().num_elements());
+                    }
                 }
-            }
-            let lora_only = layer.lora.iter().any(|a| {
-                trainable_names.contains(&a.name)
-                    && self.config(&a.name).is_some_and(|c| c.bias == Bias::LoraOnly)
+                let lora_only = layer.lora.iter().any(|a| {
+                    trainable_names.contains(&a.name)
+                        && self
+                            .config(&a.name)
+                            .is_some_and(|c| c.bias == Bias::LoraOnly)
+                });
+                if lora_only
+                    && !bias_all
+                    && let Some(b) = &layer.bias
+                {
+                    trainable += b.lazy_shape().num_elements();
+                }
             });
-            if lora_only
-                && !bias_all
-                && let Some(b) = &layer.bias
-            {
-                trainable += b.lazy_shape().num_elements();
-            }
-        });
         if bias_all {
             let mut v = BiasVisitor {
                 stack: Vec::new(),

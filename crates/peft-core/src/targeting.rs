@@ -57,9 +57,12 @@ pub fn pattern_key<'a>(
 }
 
 fn list_match(names: &[String], key: &str) -> bool {
-    names
-        .iter()
-        .any(|n| key == n || (key.len() > n.len() && key.ends_with(n.as_str()) && key.as_bytes()[key.len() - n.len() - 1] == b'.'))
+    names.iter().any(|n| {
+        key == n
+            || (key.len() > n.len()
+                && key.ends_with(n.as_str())
+                && key.as_bytes()[key.len() - n.len() - 1] == b'.')
+    })
 }
 
 /// Whether `key` is one of the `modules_to_save` (PEFT: `(^|.*\.){m}($|\..*)`).
@@ -85,7 +88,11 @@ pub enum TargetMatch {
 }
 
 /// PEFT's `check_target_module_exists` for one resolved target list.
-pub fn check_target(config: &LoraConfig, targets: &TargetModules, key: &str) -> Result<TargetMatch> {
+pub fn check_target(
+    config: &LoraConfig,
+    targets: &TargetModules,
+    key: &str,
+) -> Result<TargetMatch> {
     if let Some(ex) = &config.exclude_modules {
         let excluded = match ex {
             TargetModules::Regex(p) => fullmatch("exclude_modules", p, key)?,
@@ -107,7 +114,10 @@ pub fn check_target(config: &LoraConfig, targets: &TargetModules, key: &str) -> 
         TargetModules::List(l) => {
             let mut found = list_match(l, key);
             if found
-                && let Some(layers) = config.layers_to_transform.as_ref().filter(|l| l.is_active())
+                && let Some(layers) = config
+                    .layers_to_transform
+                    .as_ref()
+                    .filter(|l| l.is_active())
             {
                 found = match layer_index(config, key)? {
                     Some(idx) => layers.contains(idx),

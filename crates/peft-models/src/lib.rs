@@ -1,10 +1,18 @@
 //! # peft-models
 //!
-//! Transformer architectures whose linear layers are `peft_core::AdaptedLinear` sites, with
-//! module paths equal to Hugging Face's (`encoder.block.0.layer.0.SelfAttention.q`,
-//! `bert.encoder.layer.0.attention.self.query`), so that PEFT target names and checkpoint keys
-//! line up without per-model glue.
+//! Transformer architectures whose linear layers are [`peft_core::AdaptedLinear`] sites, with
+//! module paths equal to Hugging Face's (`encoder.block.0.layer.0.SelfAttention.q`), so that
+//! PEFT target names and checkpoint keys line up without per-model glue.
 //!
-//! This crate owns the architectures (T5 / mT5 / mt0 and BERT, tracked in the models issue) and
-//! their `peft_core::AdapterHost` walks. It knows no adapter method and reads no file.
+//! This crate owns the architectures (one file each: [`t5`]) and their
+//! [`peft_core::AdapterHost`] walks and [`hf::HfParams`] name tables. It knows no adapter method
+//! and reads no file (peft-io does).
 #![deny(missing_docs)]
+
+mod error;
+pub mod hf;
+pub mod t5;
+
+pub use error::{ModelError, Result};
+pub use hf::{HfParamMut, HfParams};
+pub use t5::{T5Config, T5ForConditionalGeneration};

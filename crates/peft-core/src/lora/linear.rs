@@ -54,7 +54,13 @@ pub struct LoraSpec {
 impl<B: Backend> LoraAdapter<B> {
     /// Creates an adapter for a `d_input -> d_output` layer, initialised as PEFT does.
     /// Parameters are lazy: nothing is allocated until first use.
-    pub fn new(name: &str, d_input: usize, d_output: usize, spec: &LoraSpec, device: &B::Device) -> Self {
+    pub fn new(
+        name: &str,
+        d_input: usize,
+        d_output: usize,
+        spec: &LoraSpec,
+        device: &B::Device,
+    ) -> Self {
         let r = spec.r;
         // PyTorch's nn.Linear default (and PEFT's `kaiming_uniform_(a=sqrt(5))`):
         // U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -103,7 +109,12 @@ impl<B: Backend> LoraAdapter<B> {
     /// The adapter's contribution `B(A(dropout(x))) * scaling`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let h = linear(self.dropout.forward(x), self.lora_a.val(), None);
-        linear(h, self.lora_b.val(), self.lora_bias.as_ref().map(|b| b.val())).mul_scalar(self.scaling)
+        linear(
+            h,
+            self.lora_b.val(),
+            self.lora_bias.as_ref().map(|b| b.val()),
+        )
+        .mul_scalar(self.scaling)
     }
 
     /// `scaling * A @ B` in `[in, out]` layout: what merging adds to the base weight.
@@ -116,14 +127,19 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// `scaling * lora_bias`: what merging adds to the base bias.
     pub fn delta_bias(&self) -> Option<Tensor<B, 1>> {
-        self.lora_bias.as_ref().map(|b| b.val().mul_scalar(self.scaling))
+        self.lora_bias
+            .as_ref()
+            .map(|b| b.val().mul_scalar(self.scaling))
     }
 
     /// Number of parameters, without materialising lazy ones.
     pub fn num_params(&self) -> usize {
         self.lora_a.lazy_shape().num_elements()
             + self.lora_b.lazy_shape().num_elements()
-            + self.lora_bias.as_ref().map_or(0, |b| b.lazy_shape().num_elements())
+            + self
+                .lora_bias
+                .as_ref()
+                .map_or(0, |b| b.lazy_shape().num_elements())
     }
 }
 
@@ -183,7 +199,13 @@ impl<B: Backend> AdaptedLinear<B> {
         let bound = 1.0 / (d_input as f64).sqrt();
         Self::from_params(
             kaiming.init_with([d_input, d_output], Some(d_input), Some(d_output), device),
-            bias.then(|| Initializer::Uniform { min: -bound, max: bound }.init([d_output], device)),
+            bias.then(|| {
+                Initializer::Uniform {
+                    min: -bound,
+                    max: bound,
+                }
+                .init([d_output], device)
+            }),
         )
     }
 
@@ -219,7 +241,10 @@ impl<B: Backend> AdaptedLinear<B> {
     /// Number of base parameters (weight and bias), without materialising lazy ones.
     pub fn base_num_params(&self) -> usize {
         self.weight.lazy_shape().num_elements()
-            + self.bias.as_ref().map_or(0, |b| b.lazy_shape().num_elements())
+            + self
+                .bias
+                .as_ref()
+                .map_or(0, |b| b.lazy_shape().num_elements())
     }
 
     /// The adapter named `name`.
@@ -296,15 +321,15 @@ impl<B: Backend> AdaptedLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         if !self.disabled {
             // modules_to_save: the first active adapter with a copy replaces the base layer.
-            if let Some(copy) = self
-                .active
-                .iter()
-                .find_map(|n| self.saved_copy(n))
-            {
+            if let Some(copy) = self.active.iter().find_map(|n| self.saved_copy(n)) {
                 return linear(x, copy.weight.val(), copy.bias.as_ref().map(|b| b.val()));
             }
         }
-        let mut y = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let mut y = linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
         if self.disabled || !self.merged.is_empty() {
             return y;
         }
@@ -350,7 +375,12 @@ impl<B: Backend> AdaptedLinear<B> {
             }
         }
         if safe {
-            let finite = weight.clone().is_finite().all().into_scalar().elem::<bool>()
+            let finite = weight
+                .clone()
+                .is_finite()
+                .all()
+                .into_scalar()
+                .elem::<bool>()
                 && bias
                     .as_ref()
                     .is_none_or(|b| b.clone().is_finite().all().into_scalar().elem::<bool>());
@@ -392,9 +422,7 @@ impl<B: Backend> AdaptedLinear<B> {
             self.unmerge();
         }
         // The active adapter's saved copy becomes the layer itself (PEFT's merge_and_unload).
-        if keep_merged
-            && let Some(copy) = self.active.iter().find_map(|n| self.saved_copy(n))
-        {
+        if keep_merged && let Some(copy) = self.active.iter().find_map(|n| self.saved_copy(n)) {
             let (weight, bias) = (copy.weight.clone(), copy.bias.clone());
             self.weight = weight;
             self.bias = bias;

@@ -1,0 +1,982 @@
+//! T5, T5 v1.1, mT5, mt0 and T0 (`T5ForConditionalGeneration` / `MT5ForConditionalGeneration`)
+//! in one implementation driven by `config.json`, numerically equal to transformers'.
+//!
+//! - T5 v1.0: ReLU feed-forward, embeddings tied to the LM head with the `d_model**-0.5` rescale
+//!   of the decoder output; T5 v1.1 / mT5 / mt0 / T0: gated-GELU (tanh approximation,
+//!   `gelu_new`), untied `lm_head`.
+//! - RMS layer norm (no mean, no bias), no attention scaling, relative position buckets
+//!   (bidirectional in the encoder, causal in the decoder) computed in block 0 of each stack and
+//!   shared by all blocks.
+//! - Module paths are Hugging Face's: `encoder.block.0.layer.0.SelfAttention.q`,
+//!   `decoder.block.1.layer.1.EncDecAttention.v`, `decoder.block.0.layer.2.DenseReluDense.wo`,
+//!   `lm_head`.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer};
+use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use peft_core::{AdaptedLinear, AdapterHost, TaskType};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::hf::{HfParamMut, HfParams};
+
+fn default_vocab() -> usize {
+    32128
+}
+fn default_d_model() -> usize {
+    512
+}
+fn default_d_kv() -> usize {
+    64
+}
+fn default_d_ff() -> usize {
+    2048
+}
+fn default_layers() -> usize {
+    6
+}
+fn default_heads() -> usize {
+    8
+}
+fn default_buckets() -> usize {
+    32
+}
+fn default_max_distance() -> usize {
+    128
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_ff_proj() -> String {
+    "relu".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_eos() -> Option<usize> {
+    Some(1)
+}
+fn default_pad() -> Option<usize> {
+    Some(0)
+}
+fn default_model_type() -> String {
+    "t5".into()
+}
+
+/// The fields of a T5/mT5 `config.json` this implementation uses (others are ignored), with
+/// transformers' defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct T5Config {
+    /// `t5` or `mt5`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Vocabulary size.
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+    /// Hidden size.
+    #[serde(default = "default_d_model")]
+    pub d_model: usize,
+    /// Size of each attention head.
+    #[serde(default = "default_d_kv")]
+    pub d_kv: usize,
+    /// Feed-forward inner size.
+    #[serde(default = "default_d_ff")]
+    pub d_ff: usize,
+    /// Encoder blocks.
+    #[serde(default = "default_layers")]
+    pub num_layers: usize,
+    /// Decoder blocks (default: `num_layers`).
+    #[serde(default)]
+    pub num_decoder_layers: Option<usize>,
+    /// Attention heads.
+    #[serde(default = "default_heads")]
+    pub num_heads: usize,
+    /// Relative position buckets.
+    #[serde(default = "default_buckets")]
+    pub relative_attention_num_buckets: usize,
+    /// Largest distance told apart by the buckets.
+    #[serde(default = "default_max_distance")]
+    pub relative_attention_max_distance: usize,
+    /// Dropout rate (training only).
+    #[serde(default = "default_dropout")]
+    pub dropout_rate: f64,
+    /// RMS norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    /// `relu`, `gated-gelu`, `gated-silu`, ...
+    #[serde(default = "default_ff_proj")]
+    pub feed_forward_proj: String,
+    /// Whether `lm_head` is the shared embedding (T5 v1.0) with the output rescale.
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Padding token (also the decoder start token by default).
+    #[serde(default = "default_pad")]
+    pub pad_token_id: Option<usize>,
+    /// End-of-sequence token.
+    #[serde(default = "default_eos")]
+    pub eos_token_id: Option<usize>,
+    /// First decoder token.
+    #[serde(default)]
+    pub decoder_start_token_id: Option<usize>,
+}
+
+/// The feed-forward activation, as transformers derives it from `feed_forward_proj`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum T5Act {
+    /// `relu`.
+    Relu,
+    /// `gelu` (exact, erf).
+    Gelu,
+    /// `gelu_new` (tanh approximation; what `gated-gelu` means).
+    GeluNew,
+    /// `silu` / `swish`.
+    Silu,
+}
+
+impl T5Act {
+    fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            T5Act::Relu => relu(x),
+            T5Act::Gelu => gelu(x),
+            T5Act::GeluNew => gelu_approximate(x),
+            T5Act::Silu => silu(x),
+        }
+    }
+}
+
+impl T5Config {
+    /// Parses `config.json`, refusing model types other than `t5` / `mt5`.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let c: T5Config =
+            serde_json::from_str(text).map_err(|e| ModelError::Config(e.to_string()))?;
+        if c.model_type != "t5" && c.model_type != "mt5" {
+            return Err(ModelError::WrongModelType {
+                expected: "t5 or mt5",
+                found: c.model_type,
+            });
+        }
+        c.activation()?;
+        Ok(c)
+    }
+
+    /// Decoder depth.
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// Whether the feed-forward is gated (`wi_0`, `wi_1`).
+    pub fn is_gated(&self) -> bool {
+        self.feed_forward_proj.starts_with("gated-")
+    }
+
+    /// The feed-forward activation.
+    pub fn activation(&self) -> Result<T5Act> {
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        let bad = || {
+            ModelError::Config(format!(
+                "unsupported feed_forward_proj {:?}",
+                self.feed_forward_proj
+            ))
+        };
+        if parts.len() > 2 || (parts.len() == 2 && parts[0] != "gated") {
+            return Err(bad());
+        }
+        if self.feed_forward_proj == "gated-gelu" {
+            return Ok(T5Act::GeluNew);
+        }
+        match *parts.last().unwrap() {
+            "relu" => Ok(T5Act::Relu),
+            "gelu" => Ok(T5Act::Gelu),
+            "gelu_new" => Ok(T5Act::GeluNew),
+            "silu" | "swish" => Ok(T5Act::Silu),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The first decoder token (`decoder_start_token_id`, else `pad_token_id`, else 0).
+    pub fn decoder_start(&self) -> usize {
+        self.decoder_start_token_id
+            .or(self.pad_token_id)
+            .unwrap_or(0)
+    }
+
+    fn preset(
+        model_type: &str,
+        vocab: usize,
+        d_model: usize,
+        d_ff: usize,
+        layers: usize,
+        heads: usize,
+        v11: bool,
+    ) -> Self {
+        T5Config {
+            model_type: model_type.into(),
+            vocab_size: vocab,
+            d_model,
+            d_kv: 64,
+            d_ff,
+            num_layers: layers,
+            num_decoder_layers: None,
+            num_heads: heads,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            dropout_rate: 0.1,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: if v11 { "gated-gelu" } else { "relu" }.into(),
+            tie_word_embeddings: !v11,
+            pad_token_id: Some(0),
+            eos_token_id: Some(1),
+            decoder_start_token_id: Some(0),
+        }
+    }
+
+    /// The configs of well-known checkpoints, so that counts and dry runs need no download:
+    /// `t5-small`, `t5-base`, `t5-large`, `mt0-small`, `mt0-base`, `mt0-large`, `mt0-xl`
+    /// (also as `mt5-*`), `t0-3b`.
+    pub fn preset_by_name(name: &str) -> Option<Self> {
+        let name = name.to_ascii_lowercase();
+        let name = name.rsplit('/').next().unwrap_or(&name).replace('_', "-");
+        let mt = |d, ff, l, h| Self::preset("mt5", 250112, d, ff, l, h, true);
+        Some(match name.as_str() {
+            "t5-small" => Self::preset("t5", 32128, 512, 2048, 6, 8, false),
+            "t5-base" => Self::preset("t5", 32128, 768, 3072, 12, 12, false),
+            "t5-large" => Self::preset("t5", 32128, 1024, 4096, 24, 16, false),
+            "mt0-small" | "mt5-small" => mt(512, 1024, 8, 6),
+            "mt0-base" | "mt5-base" => mt(768, 2048, 12, 12),
+            "mt0-large" | "mt5-large" => mt(1024, 2816, 24, 16),
+            "mt0-xl" | "mt5-xl" => mt(2048, 5120, 24, 32),
+            "t0-3b" => Self::preset("t5", 32128, 2048, 5120, 24, 32, true),
+            _ => return None,
+        })
+    }
+
+    /// Names accepted by [`preset_by_name`](Self::preset_by_name).
+    pub const PRESETS: &'static [&'static str] = &[
+        "t5-small",
+        "t5-base",
+        "t5-large",
+        "mt0-small",
+        "mt0-base",
+        "mt0-large",
+        "mt0-xl",
+        "t0-3b",
+    ];
+}
+
+/// T5's RMS norm: `x / sqrt(mean(x^2) + eps) * weight`, no mean subtraction, no bias.
+#[derive(Module, Debug)]
+pub struct T5LayerNorm<B: Backend> {
+    /// Scale, `[d_model]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> T5LayerNorm<B> {
+    fn new(d: usize, eps: f64, device: &B::Device) -> Self {
+        T5LayerNorm {
+            weight: Initializer::Ones.init([d], device),
+            eps,
+        }
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let var = x.clone().powf_scalar(2.0).mean_dim(D - 1);
+        let x = x * (var + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze()
+    }
+}
+
+/// T5's bucketing of relative positions (`memory - query`), exactly as transformers computes it
+/// (float32 logarithm, truncation toward zero).
+pub fn relative_position_bucket(
+    relative_position: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
+    let mut num_buckets = num_buckets as i64;
+    let mut bucket = 0i64;
+    let mut rp = relative_position;
+    if bidirectional {
+        num_buckets /= 2;
+        if rp > 0 {
+            bucket += num_buckets;
+        }
+        rp = rp.abs();
+    } else {
+        rp = -rp.min(0);
+    }
+    let max_exact = num_buckets / 2;
+    if rp < max_exact {
+        bucket += rp;
+    } else {
+        let ratio = (rp as f32 / max_exact as f32).ln()
+            / (max_distance as f64 / max_exact as f64).ln() as f32;
+        let large = max_exact + (ratio * (num_buckets - max_exact) as f32) as i64;
+        bucket += large.min(num_buckets - 1);
+    }
+    bucket as usize
+}
+
+/// Cached keys and values of one attention layer, `[batch, heads, len, d_kv]`.
+#[derive(Clone, Debug)]
+pub struct KvCache<B: Backend> {
+    /// Keys.
+    pub k: Tensor<B, 4>,
+    /// Values.
+    pub v: Tensor<B, 4>,
+}
+
+/// Multi-head attention without score scaling; `q`, `k`, `v`, `o` are adapter sites.
+#[derive(Module, Debug)]
+pub struct T5Attention<B: Backend> {
+    /// Query projection.
+    pub q: AdaptedLinear<B>,
+    /// Key projection.
+    pub k: AdaptedLinear<B>,
+    /// Value projection.
+    pub v: AdaptedLinear<B>,
+    /// Output projection.
+    pub o: AdaptedLinear<B>,
+    /// Relative position bias (block 0 only), `[buckets, heads]`.
+    pub relative_attention_bias: Option<Embedding<B>>,
+    /// Attention-probability dropout.
+    pub dropout: Dropout,
+    /// Heads.
+    pub n_heads: usize,
+    /// Head size.
+    pub d_kv: usize,
+    /// Buckets.
+    pub num_buckets: usize,
+    /// Max distance.
+    pub max_distance: usize,
+}
+
+impl<B: Backend> T5Attention<B> {
+    fn new(c: &T5Config, has_bias: bool, device: &B::Device) -> Self {
+        let inner = c.num_heads * c.d_kv;
+        T5Attention {
+            q: AdaptedLinear::new(c.d_model, inner, false, device),
+            k: AdaptedLinear::new(c.d_model, inner, false, device),
+            v: AdaptedLinear::new(c.d_model, inner, false, device),
+            o: AdaptedLinear::new(inner, c.d_model, false, device),
+            relative_attention_bias: has_bias.then(|| {
+                EmbeddingConfig::new(c.relative_attention_num_buckets, c.num_heads).init(device)
+            }),
+            dropout: DropoutConfig::new(c.dropout_rate).init(),
+            n_heads: c.num_heads,
+            d_kv: c.d_kv,
+            num_buckets: c.relative_attention_num_buckets,
+            max_distance: c.relative_attention_max_distance,
+        }
+    }
+
+    /// The position bias `[1, heads, q_len, k_len]` for queries at `q_offset..q_offset+q_len`.
+    pub fn compute_bias(
+        &self,
+        q_offset: usize,
+        q_len: usize,
+        k_len: usize,
+        bidirectional: bool,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
+        let emb = self
+            .relative_attention_bias
+            .as_ref()
+            .expect("position bias is computed by the block that has it");
+        let mut buckets = Vec::with_capacity(q_len * k_len);
+        for i in 0..q_len {
+            for j in 0..k_len {
+                let rel = j as i64 - (i + q_offset) as i64;
+                buckets.push(relative_position_bucket(
+                    rel,
+                    bidirectional,
+                    self.num_buckets,
+                    self.max_distance,
+                ) as i64);
+            }
+        }
+        let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(buckets, [q_len, k_len]), device);
+        // [q, k, heads] -> [1, heads, q, k]
+        emb.forward(idx).permute([2, 0, 1]).unsqueeze()
+    }
+
+    fn heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, l, _] = x.dims();
+        x.reshape([b, l, self.n_heads, self.d_kv]).swap_dims(1, 2)
+    }
+
+    /// Attention of `x` over `kv_input` (itself for self-attention), with an additive bias
+    /// (position bias plus mask), reusing or extending `cache`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        kv_input: Option<Tensor<B, 3>>,
+        bias: Tensor<B, 4>,
+        cache: Option<KvCache<B>>,
+        static_kv: bool,
+    ) -> (Tensor<B, 3>, KvCache<B>) {
+        let [b, l, _] = x.dims();
+        let q = self.heads(self.q.forward(x.clone()));
+        let kv = match (cache, static_kv) {
+            (Some(c), true) => c,
+            (cache, _) => {
+                let src = kv_input.unwrap_or(x);
+                let k = self.heads(self.k.forward(src.clone()));
+                let v = self.heads(self.v.forward(src));
+                match cache {
+                    Some(c) => KvCache {
+                        k: Tensor::cat(vec![c.k, k], 2),
+                        v: Tensor::cat(vec![c.v, v], 2),
+                    },
+                    None => KvCache { k, v },
+                }
+            }
+        };
+        let scores = q.matmul(kv.k.clone().swap_dims(2, 3)) + bias;
+        let weights = self.dropout.forward(softmax(scores, 3));
+        let out =
+            weights
+                .matmul(kv.v.clone())
+                .swap_dims(1, 2)
+                .reshape([b, l, self.n_heads * self.d_kv]);
+        (self.o.forward(out), kv)
+    }
+}
+
+/// `layer.N.SelfAttention` / `layer.1.EncDecAttention` with its pre-norm and residual.
+#[derive(Module, Debug)]
+pub struct T5AttentionLayer<B: Backend> {
+    /// The attention.
+    pub attention: T5Attention<B>,
+    /// Pre-norm.
+    pub layer_norm: T5LayerNorm<B>,
+    /// Residual dropout.
+    pub dropout: Dropout,
+}
+
+/// `layer.N.DenseReluDense` with its pre-norm and residual.
+#[derive(Module, Debug)]
+pub struct T5FeedForward<B: Backend> {
+    /// Input projection (non-gated).
+    pub wi: Option<AdaptedLinear<B>>,
+    /// Gate projection (gated).
+    pub wi_0: Option<AdaptedLinear<B>>,
+    /// Linear projection (gated).
+    pub wi_1: Option<AdaptedLinear<B>>,
+    /// Output projection.
+    pub wo: AdaptedLinear<B>,
+    /// Pre-norm.
+    pub layer_norm: T5LayerNorm<B>,
+    /// Inner dropout.
+    pub inner_dropout: Dropout,
+    /// Residual dropout.
+    pub dropout: Dropout,
+    /// Activation.
+    #[module(skip)]
+    pub act: T5Act,
+}
+
+impl<B: Backend> T5FeedForward<B> {
+    fn new(c: &T5Config, device: &B::Device) -> Result<Self> {
+        let gated = c.is_gated();
+        let lin = |i, o| AdaptedLinear::new(i, o, false, device);
+        Ok(T5FeedForward {
+            wi: (!gated).then(|| lin(c.d_model, c.d_ff)),
+            wi_0: gated.then(|| lin(c.d_model, c.d_ff)),
+            wi_1: gated.then(|| lin(c.d_model, c.d_ff)),
+            wo: lin(c.d_ff, c.d_model),
+            layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
+            inner_dropout: DropoutConfig::new(c.dropout_rate).init(),
+            dropout: DropoutConfig::new(c.dropout_rate).init(),
+            act: c.activation()?,
+        })
+    }
+
+    fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.layer_norm.forward(h.clone());
+        let inner = match (&self.wi, &self.wi_0, &self.wi_1) {
+            (Some(wi), _, _) => self.act.apply(wi.forward(x)),
+            (None, Some(w0), Some(w1)) => self.act.apply(w0.forward(x.clone())) * w1.forward(x),
+            _ => unreachable!("constructed with wi or wi_0 and wi_1"),
+        };
+        h + self
+            .dropout
+            .forward(self.wo.forward(self.inner_dropout.forward(inner)))
+    }
+}
+
+impl<B: Backend> T5AttentionLayer<B> {
+    fn new(c: &T5Config, has_bias: bool, device: &B::Device) -> Self {
+        T5AttentionLayer {
+            attention: T5Attention::new(c, has_bias, device),
+            layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
+            dropout: DropoutConfig::new(c.dropout_rate).init(),
+        }
+    }
+
+    fn forward(
+        &self,
+        h: Tensor<B, 3>,
+        kv_input: Option<Tensor<B, 3>>,
+        bias: Tensor<B, 4>,
+        cache: Option<KvCache<B>>,
+        static_kv: bool,
+    ) -> (Tensor<B, 3>, KvCache<B>) {
+        let x = self.layer_norm.forward(h.clone());
+        let (out, kv) = self.attention.forward(x, kv_input, bias, cache, static_kv);
+        (h + self.dropout.forward(out), kv)
+    }
+}
+
+/// One block: self-attention, cross-attention (decoder), feed-forward.
+#[derive(Module, Debug)]
+pub struct T5Block<B: Backend> {
+    /// `layer.0.SelfAttention`.
+    pub self_attention: T5AttentionLayer<B>,
+    /// `layer.1.EncDecAttention` (decoder only).
+    pub cross_attention: Option<T5AttentionLayer<B>>,
+    /// `layer.1` (encoder) or `layer.2` (decoder) `DenseReluDense`.
+    pub ff: T5FeedForward<B>,
+}
+
+/// Per-layer decoder caches for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct DecoderCache<B: Backend> {
+    /// Self-attention keys/values per block.
+    pub self_kv: Vec<KvCache<B>>,
+    /// Cross-attention keys/values per block (computed once from the encoder output).
+    pub cross_kv: Vec<KvCache<B>>,
+    /// Tokens decoded so far.
+    pub len: usize,
+}
+
+/// An encoder or decoder stack.
+#[derive(Module, Debug)]
+pub struct T5Stack<B: Backend> {
+    /// Blocks.
+    pub block: Vec<T5Block<B>>,
+    /// `final_layer_norm`.
+    pub final_layer_norm: T5LayerNorm<B>,
+    /// Embedding dropout.
+    pub dropout: Dropout,
+    /// Decoder (causal, cross-attention) or encoder.
+    pub is_decoder: bool,
+}
+
+fn neg_mask<B: Backend>(allowed: Tensor<B, 4, Bool>, shape: [usize; 4]) -> Tensor<B, 4> {
+    let device = allowed.device();
+    Tensor::<B, 4>::zeros(shape, &device).mask_fill(allowed.bool_not(), f32::MIN)
+}
+
+impl<B: Backend> T5Stack<B> {
+    fn new(c: &T5Config, is_decoder: bool, device: &B::Device) -> Result<Self> {
+        let n = if is_decoder {
+            c.decoder_layers()
+        } else {
+            c.num_layers
+        };
+        let mut block = Vec::with_capacity(n);
+        for i in 0..n {
+            block.push(T5Block {
+                self_attention: T5AttentionLayer::new(c, i == 0, device),
+                cross_attention: is_decoder.then(|| T5AttentionLayer::new(c, false, device)),
+                ff: T5FeedForward::new(c, device)?,
+            });
+        }
+        Ok(T5Stack {
+            block,
+            final_layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
+            dropout: DropoutConfig::new(c.dropout_rate).init(),
+            is_decoder,
+        })
+    }
+
+    /// Runs the stack on embedded inputs. `mask` is `[batch, len]` (1 = attend) for the inputs;
+    /// the decoder also takes the encoder output and its mask, and a cache for incremental
+    /// decoding.
+    pub fn forward(
+        &self,
+        embeds: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2, Int>>,
+        encoder: Option<(Tensor<B, 3>, Option<Tensor<B, 2, Int>>)>,
+        mut cache: Option<&mut DecoderCache<B>>,
+    ) -> Tensor<B, 3> {
+        let device = embeds.device();
+        let [b, l, _] = embeds.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let k_len = past + l;
+        let heads = self.block[0].self_attention.attention.n_heads;
+        let mut bias = self.block[0].self_attention.attention.compute_bias(
+            past,
+            l,
+            k_len,
+            !self.is_decoder,
+            &device,
+        );
+        // Which keys each query may see: padding mask and, in the decoder, causality.
+        let mut allowed: Option<Tensor<B, 4, Bool>> = None;
+        if let Some(m) = &mask {
+            let m = m
+                .clone()
+                .equal_elem(1)
+                .reshape([b, 1, 1, k_len])
+                .expand([b, 1, l, k_len]);
+            allowed = Some(m);
+        }
+        if self.is_decoder {
+            let mut tri = Vec::with_capacity(l * k_len);
+            for i in 0..l {
+                for j in 0..k_len {
+                    tri.push(j <= i + past);
+                }
+            }
+            let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(tri, [l, k_len]), &device)
+                .reshape([1, 1, l, k_len])
+                .expand([b, 1, l, k_len]);
+            allowed = Some(match allowed {
+                Some(a) => a.bool_and(causal),
+                None => causal,
+            });
+        }
+        if let Some(a) = allowed {
+            bias = bias.expand([b, heads, l, k_len]) + neg_mask(a, [b, 1, l, k_len]);
+        }
+        let cross_bias = encoder.as_ref().map(|(enc, enc_mask)| {
+            let e_len = enc.dims()[1];
+            let zero = Tensor::<B, 4>::zeros([b, heads, l, e_len], &device);
+            match enc_mask {
+                Some(m) => {
+                    let allowed = m
+                        .clone()
+                        .equal_elem(1)
+                        .reshape([b, 1, 1, e_len])
+                        .expand([b, 1, l, e_len]);
+                    zero + neg_mask(allowed, [b, 1, l, e_len])
+                }
+                None => zero,
+            }
+        });
+
+        let mut h = self.dropout.forward(embeds);
+        for (i, blk) in self.block.iter().enumerate() {
+            let prev = cache.as_mut().and_then(|c| c.self_kv.get(i).cloned());
+            let (out, kv) = blk
+                .self_attention
+                .forward(h, None, bias.clone(), prev, false);
+            h = out;
+            if let Some(c) = cache.as_mut() {
+                if c.self_kv.len() > i {
+                    c.self_kv[i] = kv;
+                } else {
+                    c.self_kv.push(kv);
+                }
+            }
+            if let (Some(cross), Some((enc, _)), Some(cb)) =
+                (&blk.cross_attention, &encoder, &cross_bias)
+            {
+                let prev = cache.as_mut().and_then(|c| c.cross_kv.get(i).cloned());
+                let have = prev.is_some();
+                let (out, kv) = cross.forward(h, Some(enc.clone()), cb.clone(), prev, have);
+                h = out;
+                if let Some(c) = cache.as_mut()
+                    && !have
+                {
+                    c.cross_kv.push(kv);
+                }
+            }
+            h = blk.ff.forward(h);
+        }
+        if let Some(c) = cache.as_mut() {
+            c.len += l;
+        }
+        self.dropout.forward(self.final_layer_norm.forward(h))
+    }
+}
+
+/// `T5ForConditionalGeneration` / `MT5ForConditionalGeneration`.
+#[derive(Module, Debug)]
+pub struct T5ForConditionalGeneration<B: Backend> {
+    /// `shared`: token embeddings of both stacks (and the LM head when tied).
+    pub shared: Embedding<B>,
+    /// `encoder`.
+    pub encoder: T5Stack<B>,
+    /// `decoder`.
+    pub decoder: T5Stack<B>,
+    /// `lm_head` (untied models).
+    pub lm_head: Option<AdaptedLinear<B>>,
+    /// The config.
+    #[module(skip)]
+    pub config: T5Config,
+}
+
+/// What [`T5ForConditionalGeneration::forward`] returns.
+#[derive(Debug)]
+pub struct Seq2SeqOutput<B: Backend> {
+    /// `[batch, dec_len, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// The encoder's `last_hidden_state`, `[batch, src_len, d_model]`.
+    pub encoder_last_hidden_state: Tensor<B, 3>,
+}
+
+impl<B: Backend> T5ForConditionalGeneration<B> {
+    /// A randomly initialised model (lazily: nothing is allocated until used).
+    pub fn new(config: &T5Config, device: &B::Device) -> Result<Self> {
+        Ok(T5ForConditionalGeneration {
+            shared: EmbeddingConfig::new(config.vocab_size, config.d_model).init(device),
+            encoder: T5Stack::new(config, false, device)?,
+            decoder: T5Stack::new(config, true, device)?,
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| AdaptedLinear::new(config.d_model, config.vocab_size, false, device)),
+            config: config.clone(),
+        })
+    }
+
+    /// Encodes `input_ids` `[batch, src_len]` with an optional attention mask.
+    pub fn encode(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        self.encoder
+            .forward(self.shared.forward(input_ids), mask, None, None)
+    }
+
+    /// Decoder step(s): logits `[batch, len, vocab]` for `decoder_input_ids`.
+    pub fn decode(
+        &self,
+        decoder_input_ids: Tensor<B, 2, Int>,
+        encoder_out: Tensor<B, 3>,
+        encoder_mask: Option<Tensor<B, 2, Int>>,
+        cache: Option<&mut DecoderCache<B>>,
+    ) -> Tensor<B, 3> {
+        let h = self.decoder.forward(
+            self.shared.forward(decoder_input_ids),
+            None,
+            Some((encoder_out, encoder_mask)),
+            cache,
+        );
+        self.lm_logits(h)
+    }
+
+    fn lm_logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => {
+                let h = h.mul_scalar((self.config.d_model as f64).powf(-0.5));
+                let w = self.shared.weight.val().transpose();
+                burn::tensor::module::linear(h, w, None)
+            }
+        }
+    }
+
+    /// Full forward pass (teacher forcing).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        decoder_input_ids: Tensor<B, 2, Int>,
+    ) -> Seq2SeqOutput<B> {
+        let enc = self.encode(input_ids, attention_mask.clone());
+        let logits = self.decode(decoder_input_ids, enc.clone(), attention_mask, None);
+        Seq2SeqOutput {
+            logits,
+            encoder_last_hidden_state: enc,
+        }
+    }
+
+    /// Greedy decoding with a KV cache, as transformers' `generate(do_sample=False,
+    /// num_beams=1, max_new_tokens=n)`: starts from the decoder start token, stops when every
+    /// sequence has produced EOS, pads finished sequences with the pad token. Returns the
+    /// generated ids including the start token, `[batch, <= 1 + max_new_tokens]`.
+    pub fn generate_greedy(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        max_new_tokens: usize,
+    ) -> Vec<Vec<usize>> {
+        let device = input_ids.device();
+        let b = input_ids.dims()[0];
+        let enc = self.encode(input_ids, attention_mask.clone());
+        let start = self.config.decoder_start();
+        let eos = self.config.eos_token_id;
+        let pad = self.config.pad_token_id.unwrap_or(0);
+        let mut out: Vec<Vec<usize>> = vec![vec![start]; b];
+        let mut done = vec![false; b];
+        let mut cache = DecoderCache::default();
+        let mut next: Vec<i64> = vec![start as i64; b];
+        for _ in 0..max_new_tokens {
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [b, 1]), &device);
+            let logits = self.decode(ids, enc.clone(), attention_mask.clone(), Some(&mut cache));
+            let best = logits.argmax(2).reshape([b]).into_data().convert::<i64>();
+            let best: Vec<i64> = best.to_vec().expect("argmax ids");
+            for i in 0..b {
+                let tok = if done[i] { pad } else { best[i] as usize };
+                out[i].push(tok);
+                if Some(tok) == eos {
+                    done[i] = true;
+                }
+                next[i] = tok as i64;
+            }
+            if done.iter().all(|d| *d) {
+                break;
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> AdapterHost<B> for T5ForConditionalGeneration<B> {
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
+        for (stack_name, stack) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
+            for (i, blk) in stack.block.iter().enumerate() {
+                let p = format!("{stack_name}.block.{i}.layer");
+                let a = &blk.self_attention.attention;
+                for (n, l) in [("q", &a.q), ("k", &a.k), ("v", &a.v), ("o", &a.o)] {
+                    f(&format!("{p}.0.SelfAttention.{n}"), l);
+                }
+                let mut ff_idx = 1;
+                if let Some(c) = &blk.cross_attention {
+                    let a = &c.attention;
+                    for (n, l) in [("q", &a.q), ("k", &a.k), ("v", &a.v), ("o", &a.o)] {
+                        f(&format!("{p}.1.EncDecAttention.{n}"), l);
+                    }
+                    ff_idx = 2;
+                }
+                let ff = &blk.ff;
+                for (n, l) in [("wi", &ff.wi), ("wi_0", &ff.wi_0), ("wi_1", &ff.wi_1)] {
+                    if let Some(l) = l {
+                        f(&format!("{p}.{ff_idx}.DenseReluDense.{n}"), l);
+                    }
+                }
+                f(&format!("{p}.{ff_idx}.DenseReluDense.wo"), &ff.wo);
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            f("lm_head", h);
+        }
+    }
+
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
+        for (stack_name, stack) in [
+            ("encoder", &mut self.encoder),
+            ("decoder", &mut self.decoder),
+        ] {
+            for (i, blk) in stack.block.iter_mut().enumerate() {
+                let p = format!("{stack_name}.block.{i}.layer");
+                let a = &mut blk.self_attention.attention;
+                for (n, l) in [
+                    ("q", &mut a.q),
+                    ("k", &mut a.k),
+                    ("v", &mut a.v),
+                    ("o", &mut a.o),
+                ] {
+                    f(&format!("{p}.0.SelfAttention.{n}"), l);
+                }
+                let mut ff_idx = 1;
+                if let Some(c) = &mut blk.cross_attention {
+                    let a = &mut c.attention;
+                    for (n, l) in [
+                        ("q", &mut a.q),
+                        ("k", &mut a.k),
+                        ("v", &mut a.v),
+                        ("o", &mut a.o),
+                    ] {
+                        f(&format!("{p}.1.EncDecAttention.{n}"), l);
+                    }
+                    ff_idx = 2;
+                }
+                let ff = &mut blk.ff;
+                for (n, l) in [
+                    ("wi", &mut ff.wi),
+                    ("wi_0", &mut ff.wi_0),
+                    ("wi_1", &mut ff.wi_1),
+                ] {
+                    if let Some(l) = l {
+                        f(&format!("{p}.{ff_idx}.DenseReluDense.{n}"), l);
+                    }
+                }
+                f(&format!("{p}.{ff_idx}.DenseReluDense.wo"), &mut ff.wo);
+            }
+        }
+        if let Some(h) = &mut self.lm_head {
+            f("lm_head", h);
+        }
+    }
+
+    fn model_type(&self) -> Option<&str> {
+        Some(&self.config.model_type)
+    }
+
+    fn output_heads(&self, _task: Option<TaskType>) -> Vec<String> {
+        vec!["lm_head".to_string()]
+    }
+}
+
+impl<B: Backend> HfParams<B> for T5ForConditionalGeneration<B> {
+    fn visit_hf_params_mut(&mut self, f: &mut dyn FnMut(&str, HfParamMut<'_, B>)) {
+        f("shared.weight", HfParamMut::Matrix(&mut self.shared.weight));
+        self.visit_linears_mut(&mut |p, l| {
+            f(
+                &format!("{p}.weight"),
+                HfParamMut::LinearWeight(&mut l.weight),
+            );
+            if let Some(b) = &mut l.bias {
+                f(&format!("{p}.bias"), HfParamMut::Vector(b));
+            }
+        });
+        for (stack_name, stack) in [
+            ("encoder", &mut self.encoder),
+            ("decoder", &mut self.decoder),
+        ] {
+            for (i, blk) in stack.block.iter_mut().enumerate() {
+                let p = format!("{stack_name}.block.{i}.layer");
+                f(
+                    &format!("{p}.0.layer_norm.weight"),
+                    HfParamMut::Vector(&mut blk.self_attention.layer_norm.weight),
+                );
+                if let Some(e) = &mut blk.self_attention.attention.relative_attention_bias {
+                    f(
+                        &format!("{p}.0.SelfAttention.relative_attention_bias.weight"),
+                        HfParamMut::Matrix(&mut e.weight),
+                    );
+                }
+                let mut ff_idx = 1;
+                if let Some(c) = &mut blk.cross_attention {
+                    f(
+                        &format!("{p}.1.layer_norm.weight"),
+                        HfParamMut::Vector(&mut c.layer_norm.weight),
+                    );
+                    ff_idx = 2;
+                }
+                f(
+                    &format!("{p}.{ff_idx}.layer_norm.weight"),
+                    HfParamMut::Vector(&mut blk.ff.layer_norm.weight),
+                );
+            }
+            f(
+                &format!("{stack_name}.final_layer_norm.weight"),
+                HfParamMut::Vector(&mut stack.final_layer_norm.weight),
+            );
+        }
+    }
+
+    fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
+        let mut v = vec![
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ];
+        if self.lm_head.is_none() {
+            v.push(("lm_head.weight", "shared.weight"));
+        }
+        v
+    }
+}
