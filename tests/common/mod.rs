@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 /// The CPU backend every numeric test runs on.
 pub type B = burn::backend::NdArray<f32>;
@@ -24,6 +24,7 @@ pub fn fixture_path(rel: &str) -> PathBuf {
 /// All tensors of a safetensors fixture, as (shape, f32 values).
 pub struct Fixture {
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub ints: HashMap<String, (Vec<usize>, Vec<i64>)>,
 }
 
 impl Fixture {
@@ -32,7 +33,17 @@ impl Fixture {
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors fixture");
         let mut tensors = HashMap::new();
+        let mut ints = HashMap::new();
         for (name, view) in st.tensors() {
+            if view.dtype() == safetensors::Dtype::I64 {
+                let values = view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                ints.insert(name.to_string(), (view.shape().to_vec(), values));
+                continue;
+            }
             assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
             let values = view
                 .data()
@@ -41,7 +52,28 @@ impl Fixture {
                 .collect();
             tensors.insert(name.to_string(), (view.shape().to_vec(), values));
         }
-        Fixture { tensors }
+        Fixture { tensors, ints }
+    }
+
+    pub fn get_int<BK: Backend, const D: usize>(
+        &self,
+        key: &str,
+        device: &BK::Device,
+    ) -> Tensor<BK, D, Int> {
+        let (shape, values) = self
+            .ints
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture int tensor {key} missing"));
+        Tensor::from_data(TensorData::new(values.clone(), shape.clone()), device)
+    }
+
+    /// An int tensor as rows of ids.
+    pub fn rows(&self, key: &str) -> Vec<Vec<usize>> {
+        let (shape, values) = &self.ints[key];
+        values
+            .chunks(shape[1])
+            .map(|r| r.iter().map(|v| *v as usize).collect())
+            .collect()
     }
 
     pub fn has(&self, key: &str) -> bool {

@@ -1,8 +1,24 @@
 //! # peft-io
 //!
-//! Every file format of peft-rs lives here and only here: PEFT adapter directories
-//! (`adapter_config.json`, `adapter_model.safetensors`, legacy `adapter_model.bin`) and
-//! Hugging Face model directories (`config.json`, `model.safetensors`, `pytorch_model.bin`,
-//! `tokenizer.json`). Tracked in the peft-io issue; `peft-core` and `peft-models` never touch
-//! files.
+//! Every file format of peft-rs lives here and only here:
+//! - PEFT adapter directories ([`adapter`]): `adapter_config.json` with
+//!   `adapter_model.safetensors` (or the legacy `adapter_model.bin`), keys and shapes exactly as
+//!   PEFT writes them, in both directions;
+//! - Hugging Face model directories ([`hf_model`]): `config.json` with `model.safetensors`,
+//!   sharded `model.safetensors.index.json`, or `pytorch_model.bin`;
+//! - the tensor readers under both ([`tensors`]): safetensors memory-mapped with its header
+//!   validated, PyTorch checkpoints parsed without executing pickle code.
+//!
+//! `peft-core` and `peft-models` never touch files. Every error names the file (and the key,
+//! and expected vs found shapes where it applies).
 #![deny(missing_docs)]
+
+pub mod adapter;
+mod error;
+pub mod hf_model;
+pub mod tensors;
+
+pub use adapter::{from_pretrained, load_adapter, read_adapter_config, save_pretrained};
+pub use error::{IoError, Result};
+pub use hf_model::{LoadReport, load_hf_weights, load_t5, open_weights};
+pub use tensors::{SafetensorsFile, TensorSource};

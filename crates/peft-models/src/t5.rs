@@ -558,6 +558,9 @@ pub struct DecoderCache<B: Backend> {
     pub len: usize,
 }
 
+/// The encoder output the decoder attends to, with its attention mask.
+pub type EncoderMemory<B> = (Tensor<B, 3>, Option<Tensor<B, 2, Int>>);
+
 /// An encoder or decoder stack.
 #[derive(Module, Debug)]
 pub struct T5Stack<B: Backend> {
@@ -606,7 +609,7 @@ impl<B: Backend> T5Stack<B> {
         &self,
         embeds: Tensor<B, 3>,
         mask: Option<Tensor<B, 2, Int>>,
-        encoder: Option<(Tensor<B, 3>, Option<Tensor<B, 2, Int>>)>,
+        encoder: Option<EncoderMemory<B>>,
         mut cache: Option<&mut DecoderCache<B>>,
     ) -> Tensor<B, 3> {
         let device = embeds.device();

@@ -1,0 +1,397 @@
+//! PEFT adapter directories: `adapter_config.json` with `adapter_model.safetensors` (or the
+//! legacy `adapter_model.bin`), keys and shapes exactly as PEFT writes them.
+//!
+//! Keys, for adapter `name` on the layer at HF path `<path>` (the adapter name is stripped, as
+//! PEFT does):
+//! - `base_model.model.<path>.lora_A.weight` `[r, in]`, `lora_B.weight` `[out, r]`,
+//!   `lora_B.bias` `[out]` with `lora_bias`;
+//! - `base_model.model.<path>.weight` / `.bias` for a `modules_to_save` copy;
+//! - `base_model.model.<path>.base_layer.bias` (LoRA layers) or `<path>.bias` (others) for the
+//!   biases `bias = "all" | "lora_only"` trains.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use peft_core::targeting::{ModelLinears, effective_targets};
+use peft_core::{AdaptedLinear, AdapterHost, Bias, LoraConfig, PeftModel, TargetModules};
+
+use crate::error::{IoError, Result, io_err};
+use crate::hf_model::LoadReport;
+use crate::tensors::{F32Tensor, TensorSource};
+
+/// `adapter_config.json`.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// `adapter_model.safetensors`.
+pub const ADAPTER_SAFETENSORS: &str = "adapter_model.safetensors";
+/// `adapter_model.bin` (legacy).
+pub const ADAPTER_BIN: &str = "adapter_model.bin";
+
+const PREFIX: &str = "base_model.model.";
+
+/// Reads and validates `dir/adapter_config.json`.
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let config = LoraConfig::from_json(&text).map_err(|source| IoError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    config
+        .validate()
+        .map_err(|source| IoError::Peft { path, source })?;
+    Ok(config)
+}
+
+/// The adapter weights of `dir`: safetensors first, then the legacy `.bin`.
+pub fn open_adapter_weights(dir: &Path) -> Result<TensorSource> {
+    let st = dir.join(ADAPTER_SAFETENSORS);
+    if st.exists() {
+        return TensorSource::safetensors(&st);
+    }
+    let bin = dir.join(ADAPTER_BIN);
+    if bin.exists() {
+        return TensorSource::pytorch(&bin);
+    }
+    Err(IoError::NoWeights {
+        dir: dir.to_path_buf(),
+        looked: format!("{ADAPTER_SAFETENSORS}, {ADAPTER_BIN}"),
+    })
+}
+
+/// Where a tensor of an adapter lives on one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    LoraA,
+    LoraB,
+    LoraBias,
+    SavedWeight,
+    SavedBias,
+    BaseBias,
+}
+
+/// Every tensor adapter `name` owns in `peft`, as (PEFT key, layer path, slot).
+fn adapter_keys<B: Backend, M: AdapterHost<B>>(
+    peft: &PeftModel<B, M>,
+    name: &str,
+) -> Vec<(String, String, Slot)> {
+    let config = peft.config(name);
+    let bias = config.map_or(Bias::None, |c| c.bias);
+    let mut out = Vec::new();
+    peft.base_model
+        .visit_linears(&mut |path, layer: &AdaptedLinear<B>| {
+            let key = |s: &str| format!("{PREFIX}{path}.{s}");
+            let lora = layer.adapter(name);
+            if let Some(a) = lora {
+                out.push((key("lora_A.weight"), path.to_string(), Slot::LoraA));
+                out.push((key("lora_B.weight"), path.to_string(), Slot::LoraB));
+                if a.lora_bias.is_some() {
+                    out.push((key("lora_B.bias"), path.to_string(), Slot::LoraBias));
+                }
+            }
+            if let Some(s) = layer.saved_copy(name) {
+                out.push((key("weight"), path.to_string(), Slot::SavedWeight));
+                if s.bias.is_some() {
+                    out.push((key("bias"), path.to_string(), Slot::SavedBias));
+                }
+            } else if layer.bias.is_some()
+                && (bias == Bias::All || (bias == Bias::LoraOnly && lora.is_some()))
+            {
+                let k = if layer.lora.is_empty() {
+                    key("bias")
+                } else {
+                    key("base_layer.bias")
+                };
+                out.push((k, path.to_string(), Slot::BaseBias));
+            }
+        });
+    out
+}
+
+fn tensor2<B: Backend>(shape: Vec<usize>, values: Vec<f32>, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn tensor1<B: Backend>(shape: Vec<usize>, values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Expected PEFT-layout shape of a slot on a layer.
+fn expected_shape<B: Backend>(layer: &AdaptedLinear<B>, name: &str, slot: Slot) -> Vec<usize> {
+    let (i, o) = (layer.d_input(), layer.d_output());
+    let r = layer.adapter(name).map_or(0, |a| a.r);
+    match slot {
+        Slot::LoraA => vec![r, i],
+        Slot::LoraB => vec![o, r],
+        Slot::LoraBias | Slot::SavedBias | Slot::BaseBias => vec![o],
+        Slot::SavedWeight => vec![o, i],
+    }
+}
+
+/// Loads adapter `name` from `dir` into `peft` (PEFT's `load_adapter`): reads the config,
+/// attaches the adapter, and fills its tensors. Missing tensors and shape mismatches are
+/// errors naming the file and key; tensors the model has no place for are reported.
+pub fn load_adapter<B: Backend, M: AdapterHost<B>>(
+    peft: &mut PeftModel<B, M>,
+    dir: &Path,
+    name: &str,
+) -> Result<LoadReport> {
+    let mut config = read_adapter_config(dir)?;
+    config.inference_mode = true;
+    peft.add_adapter(name, config)
+        .map_err(|source| IoError::Peft {
+            path: dir.join(ADAPTER_CONFIG),
+            source,
+        })?;
+    match fill_adapter(peft, dir, name) {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            // Leave no half-loaded adapter behind.
+            let _ = peft.delete_adapter(name);
+            Err(e)
+        }
+    }
+}
+
+fn fill_adapter<B: Backend, M: AdapterHost<B>>(
+    peft: &mut PeftModel<B, M>,
+    dir: &Path,
+    name: &str,
+) -> Result<LoadReport> {
+    let source = open_adapter_weights(dir)?;
+    let path = source.path();
+    let keys = adapter_keys(peft, name);
+    let mut by_layer: HashMap<String, Vec<(Slot, F32Tensor)>> = HashMap::new();
+    let mut missing = Vec::new();
+    let mut expected: HashMap<String, Vec<usize>> = HashMap::new();
+    peft.base_model.visit_linears(&mut |p, layer| {
+        for (key, lp, slot) in &keys {
+            if lp == p {
+                expected.insert(key.clone(), expected_shape(layer, name, *slot));
+            }
+        }
+    });
+    for (key, layer, slot) in &keys {
+        match source.get_f32(key)? {
+            None => missing.push(key.clone()),
+            Some((shape, values)) => {
+                let want = &expected[key];
+                if &shape != want {
+                    return Err(IoError::ShapeMismatch {
+                        path,
+                        key: key.clone(),
+                        expected: want.clone(),
+                        found: shape,
+                    });
+                }
+                by_layer
+                    .entry(layer.clone())
+                    .or_default()
+                    .push((*slot, (shape, values)));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(IoError::MissingKeys {
+            path,
+            keys: missing,
+        });
+    }
+    peft.base_model.visit_linears_mut(&mut |p, layer| {
+        let Some(items) = by_layer.remove(p) else {
+            return;
+        };
+        let device = layer.weight.lazy_device();
+        for (slot, (shape, values)) in items {
+            match slot {
+                Slot::LoraA | Slot::LoraB => {
+                    let t = tensor2::<B>(shape, values, &device).transpose();
+                    let a = layer.adapter_mut(name).expect("listed above");
+                    let p = if slot == Slot::LoraA {
+                        &mut a.lora_a
+                    } else {
+                        &mut a.lora_b
+                    };
+                    *p = Param::initialized(p.id, t);
+                }
+                Slot::LoraBias => {
+                    let a = layer.adapter_mut(name).expect("listed above");
+                    let t = tensor1::<B>(shape, values, &device);
+                    a.lora_bias = Some(Param::from_tensor(t).set_require_grad(false));
+                }
+                Slot::SavedWeight | Slot::SavedBias => {
+                    let s = layer
+                        .saved
+                        .iter_mut()
+                        .find(|s| s.name == name)
+                        .expect("listed above");
+                    if slot == Slot::SavedWeight {
+                        let t = tensor2::<B>(shape, values, &device).transpose();
+                        s.weight = Param::initialized(s.weight.id, t);
+                    } else {
+                        s.bias = Some(Param::from_tensor(tensor1::<B>(shape, values, &device)));
+                    }
+                }
+                Slot::BaseBias => {
+                    let t = tensor1::<B>(shape, values, &device);
+                    layer.bias = Some(Param::from_tensor(t).set_require_grad(false));
+                }
+            }
+        }
+    });
+    let known: HashSet<String> = keys.into_iter().map(|(k, _, _)| k).collect();
+    let unused = source
+        .names()
+        .into_iter()
+        .filter(|n| !known.contains(n))
+        .collect();
+    Ok(LoadReport { unused })
+}
+
+/// PEFT's `PeftModel.from_pretrained(model, dir)`: the model with the adapter of `dir` attached
+/// under `name`, active and frozen (inference mode).
+pub fn from_pretrained<B: Backend, M: AdapterHost<B>>(
+    model: M,
+    dir: &Path,
+    name: &str,
+) -> Result<(PeftModel<B, M>, LoadReport)> {
+    let mut config = read_adapter_config(dir)?;
+    config.inference_mode = true;
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let mut peft = PeftModel::new(model, config, name).map_err(|source| IoError::Peft {
+        path: cfg_path,
+        source,
+    })?;
+    let report = fill_adapter(&mut peft, dir, name)?;
+    Ok((peft, report))
+}
+
+/// The tensors adapter `name` saves, by PEFT key, in PEFT's layout (`[out, in]`).
+pub fn adapter_state_dict<B: Backend, M: AdapterHost<B>>(
+    peft: &PeftModel<B, M>,
+    name: &str,
+) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let keys = adapter_keys(peft, name);
+    let mut out = BTreeMap::new();
+    peft.base_model.visit_linears(&mut |p, layer| {
+        for (key, lp, slot) in &keys {
+            if lp != p {
+                continue;
+            }
+            let t2 = |t: Tensor<B, 2>| {
+                let t = t.transpose();
+                (
+                    t.dims().to_vec(),
+                    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
+                )
+            };
+            let t1 = |t: Tensor<B, 1>| {
+                (
+                    t.dims().to_vec(),
+                    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
+                )
+            };
+            let a = layer.adapter(name);
+            let s = layer.saved_copy(name);
+            let v = match slot {
+                Slot::LoraA => t2(a.expect("lora").lora_a.val()),
+                Slot::LoraB => t2(a.expect("lora").lora_b.val()),
+                Slot::LoraBias => t1(a.and_then(|a| a.lora_bias.as_ref()).expect("bias").val()),
+                Slot::SavedWeight => t2(s.expect("copy").weight.val()),
+                Slot::SavedBias => t1(s.and_then(|s| s.bias.as_ref()).expect("bias").val()),
+                Slot::BaseBias => t1(layer.bias.as_ref().expect("bias").val()),
+            };
+            out.insert(key.clone(), v);
+        }
+    });
+    out
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        IoError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    })
+}
+
+/// The config PEFT would write for adapter `name`: inference mode on, default targets resolved.
+pub fn saved_config<B: Backend, M: AdapterHost<B>>(
+    peft: &PeftModel<B, M>,
+    name: &str,
+) -> Option<LoraConfig> {
+    let mut config = peft.config(name)?.clone();
+    config.inference_mode = true;
+    if config.target_modules.is_none() {
+        let linears = peft.base_model.linear_paths();
+        let heads = peft.base_model.output_heads(config.task_type);
+        let model = ModelLinears {
+            linears: &linears,
+            model_type: peft.base_model.model_type(),
+            output_heads: &heads,
+        };
+        if let Ok(TargetModules::List(l)) = effective_targets(&config, &model) {
+            config.target_modules = Some(TargetModules::List(l));
+        }
+    }
+    Some(config)
+}
+
+/// PEFT's `save_pretrained`: every adapter, `default` in `dir`, others in `dir/<name>/`, each as
+/// `adapter_config.json` + `adapter_model.safetensors` (metadata `format: pt`). Files are
+/// written to a temporary name and renamed, so a crash never leaves a half-written adapter.
+pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
+    peft: &PeftModel<B, M>,
+    dir: &Path,
+) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for name in peft.adapter_names() {
+        let out = if name == "default" {
+            dir.to_path_buf()
+        } else {
+            dir.join(&name)
+        };
+        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        let tensors = adapter_state_dict(peft, &name);
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .into_iter()
+            .map(|(k, (shape, values))| {
+                let b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (k, shape, b)
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(k, shape, b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                        .expect("shape and byte length agree");
+                (k.clone(), view)
+            })
+            .collect::<Vec<_>>();
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let st_path = out.join(ADAPTER_SAFETENSORS);
+        let data =
+            safetensors::serialize(views, Some(metadata)).map_err(|e| IoError::Safetensors {
+                path: st_path.clone(),
+                reason: e.to_string(),
+            })?;
+        write_atomic(&st_path, &data)?;
+        let config = saved_config(peft, &name).expect("adapter exists");
+        let cfg_path = out.join(ADAPTER_CONFIG);
+        write_atomic(&cfg_path, config.to_json().as_bytes())?;
+        written.push(out);
+    }
+    Ok(written)
+}

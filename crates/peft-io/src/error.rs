@@ -1,0 +1,118 @@
+//! The one error type of this crate. Every variant names the file it concerns.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Errors reading or writing model and adapter files.
+#[derive(Debug, Error)]
+pub enum IoError {
+    /// The file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The JSON file is malformed.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
+    /// A safetensors file is truncated, malformed or hostile.
+    #[error("{}: not a valid safetensors file: {reason}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A PyTorch `.bin` checkpoint could not be read safely.
+    #[error("{}: cannot read PyTorch checkpoint: {reason}", path.display())]
+    Pickle {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor has a dtype that cannot hold weights.
+    #[error("{}: tensor `{key}` has dtype {dtype}, expected F32, F16 or BF16", path.display())]
+    Dtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        key: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// A tensor's shape differs from the model's parameter.
+    #[error("{}: shape mismatch for `{key}`: expected {expected:?}, found {found:?}", path.display())]
+    ShapeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        key: String,
+        /// What the model needs.
+        expected: Vec<usize>,
+        /// What the file has.
+        found: Vec<usize>,
+    },
+    /// Tensors the model needs are absent.
+    #[error("{}: missing {} tensor(s): {}", path.display(), keys.len(), abbreviate(keys))]
+    MissingKeys {
+        /// The file (or directory).
+        path: PathBuf,
+        /// The missing names.
+        keys: Vec<String>,
+    },
+    /// A model directory holds no weights file.
+    #[error("{}: no weights found (looked for {looked})", dir.display())]
+    NoWeights {
+        /// The directory.
+        dir: PathBuf,
+        /// The file names tried.
+        looked: String,
+    },
+    /// The model config is invalid or for another architecture.
+    #[error("{}: {source}", path.display())]
+    Model {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: peft_models::ModelError,
+    },
+    /// The adapter config is invalid or does not fit the model.
+    #[error("{}: {source}", path.display())]
+    Peft {
+        /// The adapter file or directory.
+        path: PathBuf,
+        /// Why.
+        source: peft_core::PeftError,
+    },
+}
+
+fn abbreviate(keys: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = keys
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > SHOWN {
+        s.push_str(&format!(", ... ({} more)", keys.len() - SHOWN));
+    }
+    s
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, IoError>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> IoError {
+    let path = path.into();
+    move |source| IoError::Io { path, source }
+}

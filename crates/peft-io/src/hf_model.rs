@@ -1,0 +1,164 @@
+//! Hugging Face model directories: `config.json` plus `model.safetensors`,
+//! `model.safetensors.index.json` (sharded) or `pytorch_model.bin`.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use peft_models::{HfParams, T5Config, T5ForConditionalGeneration};
+
+use crate::error::{IoError, Result, io_err};
+use crate::tensors::TensorSource;
+
+/// What loading a state dict found besides the tensors it used.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Tensors in the file that the model has no place for (transformers' "unexpected keys").
+    pub unused: Vec<String>,
+}
+
+/// Tensors transformers writes that no model here uses (kept out of the unused list).
+const IGNORED: &[&str] =
+    &["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"];
+
+/// Assigns every parameter of `model` from `source` by its transformers name. Tied names
+/// (`encoder.embed_tokens.weight` for `shared.weight`, ...) are accepted in place of each other.
+/// A missing tensor or a shape mismatch is an error naming the file and the key.
+pub fn load_hf_weights<B: Backend, M: HfParams<B>>(
+    model: &mut M,
+    source: &TensorSource,
+) -> Result<LoadReport> {
+    let path = source.path();
+    let aliases = model.tied_aliases();
+    let mut used: HashSet<String> = HashSet::new();
+    let mut missing = Vec::new();
+    let mut first_err: Option<IoError> = None;
+    model.visit_hf_params_mut(&mut |name, slot| {
+        if first_err.is_some() {
+            return;
+        }
+        let mut candidates = vec![name.to_string()];
+        for (alias, canonical) in &aliases {
+            if *canonical == name {
+                candidates.push(alias.to_string());
+            }
+        }
+        for cand in &candidates {
+            match source.get_f32(cand) {
+                Ok(Some((shape, values))) => {
+                    let expected = slot.hf_shape();
+                    if shape != expected {
+                        first_err = Some(IoError::ShapeMismatch {
+                            path: path.clone(),
+                            key: cand.clone(),
+                            expected,
+                            found: shape,
+                        });
+                        return;
+                    }
+                    let device = slot.device();
+                    slot.set(values, &device);
+                    used.extend(candidates.iter().cloned());
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    first_err = Some(e);
+                    return;
+                }
+            }
+        }
+        missing.push(name.to_string());
+    });
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if !missing.is_empty() {
+        return Err(IoError::MissingKeys {
+            path,
+            keys: missing,
+        });
+    }
+    let unused = source
+        .names()
+        .into_iter()
+        .filter(|n| !used.contains(n) && !IGNORED.contains(&n.as_str()))
+        .collect();
+    Ok(LoadReport { unused })
+}
+
+/// The weights of a model directory: `model.safetensors`, else the sharded index, else
+/// `pytorch_model.bin`.
+pub fn open_weights(dir: &Path) -> Result<TensorSource> {
+    let st = dir.join("model.safetensors");
+    if st.exists() {
+        return TensorSource::safetensors(&st);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        return TensorSource::sharded(&index);
+    }
+    let bin = dir.join("pytorch_model.bin");
+    if bin.exists() {
+        return TensorSource::pytorch(&bin);
+    }
+    Err(IoError::NoWeights {
+        dir: dir.to_path_buf(),
+        looked: "model.safetensors, model.safetensors.index.json, pytorch_model.bin".into(),
+    })
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text).map_err(|source| IoError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The `model_type` of a model directory's `config.json`.
+pub fn model_type(dir: &Path) -> Result<String> {
+    let path = dir.join("config.json");
+    let json = read_json(&path)?;
+    json.get("model_type")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| IoError::Model {
+            path,
+            source: peft_models::ModelError::Config("config.json has no `model_type`".into()),
+        })
+}
+
+/// Reads a T5/mT5 `config.json`.
+pub fn read_t5_config(dir: &Path) -> Result<T5Config> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    T5Config::from_json(&text).map_err(|source| IoError::Model { path, source })
+}
+
+/// Loads a T5/mT5/mt0 directory as transformers would.
+pub fn load_t5<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(T5ForConditionalGeneration<B>, LoadReport)> {
+    let config = read_t5_config(dir)?;
+    let mut model =
+        T5ForConditionalGeneration::new(&config, device).map_err(|source| IoError::Model {
+            path: dir.join("config.json"),
+            source,
+        })?;
+    let source = open_weights(dir)?;
+    let report = load_hf_weights(&mut model, &source)?;
+    Ok((model, report))
+}
+
+/// Files of a model directory that describe its tokenizer, copied along with merged models.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "vocab.txt",
+    "generation_config.json",
+];

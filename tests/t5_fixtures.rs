@@ -1,0 +1,81 @@
+//! T5 (v1.0, tied) and mT5 (gated-gelu, untied, encoder 2 / decoder 3 blocks) loaded from the
+//! model directories transformers 4.57.6 saved (`tests/fixtures/t5/make_fixtures.py`), run on a
+//! padded batch: logits and encoder hidden states equal transformers' to 1e-4, greedy ids equal
+//! `generate(do_sample=False, max_new_tokens=8)`. The same for a PEFT LoRA adapter on the mT5
+//! loaded from PEFT's `save_pretrained` directory.
+
+mod common;
+
+use common::{B, Fixture, assert_close, fixture_path};
+use peft::io::{from_pretrained, load_t5};
+
+const TOL: f32 = 1e-4;
+
+fn check(model_dir: &str, outputs: &str, with_adapter: Option<&str>) {
+    let device = Default::default();
+    let (model, report) = load_t5::<B>(&fixture_path(model_dir), &device).unwrap();
+    assert!(
+        report.unused.is_empty(),
+        "{model_dir}: unused tensors {:?}",
+        report.unused
+    );
+    let fx = Fixture::load(outputs);
+    let ids = fx.get_int::<B, 2>("input_ids", &device);
+    let mask = fx.get_int::<B, 2>("attention_mask", &device);
+    let dec = fx.get_int::<B, 2>("decoder_input_ids", &device);
+    let expected_ids = fx.rows("generated");
+    let max_new = expected_ids[0].len() - 1;
+
+    let (logits, enc, generated) = match with_adapter {
+        None => {
+            let out = model.forward(ids.clone(), Some(mask.clone()), dec);
+            let generated = model.generate_greedy(ids, Some(mask), max_new);
+            (out.logits, out.encoder_last_hidden_state, generated)
+        }
+        Some(adapter) => {
+            let (peft, report) = from_pretrained(model, &fixture_path(adapter), "default").unwrap();
+            assert!(
+                report.unused.is_empty(),
+                "{adapter}: unused {:?}",
+                report.unused
+            );
+            let m = &peft.base_model;
+            let out = m.forward(ids.clone(), Some(mask.clone()), dec);
+            let generated = m.generate_greedy(ids, Some(mask), max_new);
+            (out.logits, out.encoder_last_hidden_state, generated)
+        }
+    };
+    let what = format!("{model_dir} (adapter {with_adapter:?})");
+    assert_close(
+        logits,
+        fx.get("logits", &device),
+        TOL,
+        &format!("{what}: logits"),
+    );
+    assert_close(
+        enc,
+        fx.get("encoder_last_hidden_state", &device),
+        TOL,
+        &format!("{what}: encoder states"),
+    );
+    assert_eq!(generated, expected_ids, "{what}: greedy ids");
+}
+
+#[test]
+fn t5_v1_0_tied_matches_transformers() {
+    check("t5/t5_tied", "t5/t5_tied/outputs.safetensors", None);
+}
+
+#[test]
+fn mt5_untied_uneven_depth_matches_transformers() {
+    check("t5/mt5", "t5/mt5/outputs.safetensors", None);
+}
+
+#[test]
+fn mt5_with_peft_lora_adapter_matches_peft() {
+    check(
+        "t5/mt5",
+        "t5/mt5_lora_outputs.safetensors",
+        Some("t5/mt5_lora"),
+    );
+}
