@@ -1,1 +1,433 @@
-fn main() {}
+//! `peft`: parameter counts, adapter files, forward passes and generation from the command line.
+//!
+//! Flags follow Hugging Face names (`--lora-r`, `--lora-alpha`, `--target-modules`,
+//! `--max-new-tokens`). `--device cpu|wgpu|cuda` picks the backend among those compiled in
+//! (features `ndarray`, `wgpu`, `cuda`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use peft_core::config::{LayersToTransform, TargetModules};
+use peft_core::{Bias, InitLoraWeights, LoraConfig, PeftModel, TaskType};
+use peft_io::adapter::{ADAPTER_CONFIG, open_adapter_weights, read_adapter_config};
+use peft_io::{TextTokenizer, from_pretrained, load_t5, save_hf_model};
+use peft_models::{T5Config, T5ForConditionalGeneration};
+
+#[derive(Parser)]
+#[command(
+    name = "peft",
+    version,
+    about = "Parameter-efficient fine-tuning on Burn, file-compatible with Hugging Face PEFT"
+)]
+struct Cli {
+    /// Backend to run on (among those compiled in).
+    #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    /// CPU (burn-ndarray).
+    Cpu,
+    /// GPU through wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+    /// NVIDIA GPU through CUDA.
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print PEFT's trainable-parameter line for a model (preset name or HF dir) with LoRA.
+    Params {
+        /// A preset (`mt0-large`, `t5-small`, `t0-3b`, ...) or a model directory with config.json.
+        #[arg(long)]
+        model: String,
+        #[command(flatten)]
+        lora: LoraArgs,
+    },
+    /// Run a forward pass and write the outputs with transformers' names to a safetensors file.
+    Forward {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Input text (repeat for a batch).
+        #[arg(long, required = true)]
+        text: Vec<String>,
+        /// Decoder input ids, comma separated (default: the decoder start token).
+        #[arg(long, value_delimiter = ',')]
+        decoder_input_ids: Option<Vec<u32>>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate text, one decoded line per input (special tokens skipped).
+    Generate {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Maximum number of new tokens.
+        #[arg(long, default_value_t = 20)]
+        max_new_tokens: usize,
+        /// Beam width (1 = greedy).
+        #[arg(long, default_value_t = 1)]
+        num_beams: usize,
+        /// Input texts.
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
+    /// Describe an adapter directory.
+    Inspect {
+        /// Adapter directory.
+        dir: PathBuf,
+    },
+    /// Merge an adapter into its base and write a plain HF model directory.
+    Merge {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct LoraArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 8.0)]
+    lora_alpha: f64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Target modules, comma separated (default: PEFT's for the model type); `all-linear`.
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Option<Vec<String>>,
+    /// Target modules as one regular expression (full match), instead of a list.
+    #[arg(long, conflicts_with = "target_modules")]
+    target_regex: Option<String>,
+    /// Modules never adapted, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_modules: Option<Vec<String>>,
+    /// Only these layer indices, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    layers_to_transform: Option<Vec<usize>>,
+    /// Extra modules trained and saved in full, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    modules_to_save: Option<Vec<String>>,
+    /// rsLoRA scaling alpha / sqrt(r).
+    #[arg(long)]
+    use_rslora: bool,
+    /// Which biases train: none, all, lora_only.
+    #[arg(long, default_value = "none")]
+    bias: String,
+    /// Task type: SEQ_2_SEQ_LM, SEQ_CLS, ...
+    #[arg(long, default_value = "SEQ_2_SEQ_LM")]
+    task_type: String,
+}
+
+impl LoraArgs {
+    fn config(&self) -> Result<LoraConfig> {
+        let task_type: TaskType =
+            serde_json::from_value(serde_json::Value::String(self.task_type.clone()))
+                .with_context(|| format!("unknown task type {:?}", self.task_type))?;
+        let bias: Bias = serde_json::from_value(serde_json::Value::String(self.bias.clone()))
+            .with_context(|| format!("unknown bias {:?} (none, all, lora_only)", self.bias))?;
+        let target_modules = match (&self.target_modules, &self.target_regex) {
+            (_, Some(re)) => Some(TargetModules::Regex(re.clone())),
+            (Some(l), None) if l.len() == 1 && l[0].eq_ignore_ascii_case("all-linear") => {
+                Some(TargetModules::Regex(l[0].clone()))
+            }
+            (Some(l), None) => Some(TargetModules::List(l.clone())),
+            (None, None) => None,
+        };
+        Ok(LoraConfig {
+            task_type: Some(task_type),
+            r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules,
+            exclude_modules: self.exclude_modules.clone().map(TargetModules::List),
+            layers_to_transform: self
+                .layers_to_transform
+                .clone()
+                .map(LayersToTransform::Many),
+            modules_to_save: self.modules_to_save.clone(),
+            use_rslora: self.use_rslora,
+            bias,
+            init_lora_weights: InitLoraWeights::Default,
+            ..Default::default()
+        })
+    }
+}
+
+fn t5_config(model: &str) -> Result<T5Config> {
+    if let Some(c) = T5Config::preset_by_name(model) {
+        return Ok(c);
+    }
+    let dir = Path::new(model);
+    if dir.join("config.json").exists() {
+        return Ok(peft_io::hf_model::read_t5_config(dir)?);
+    }
+    bail!(
+        "`{model}` is neither a preset ({}) nor a directory with config.json",
+        T5Config::PRESETS.join(", ")
+    )
+}
+
+fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let b = rows.len();
+    let l = rows.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = rows.iter().flatten().map(|v| *v as i64).collect();
+    Tensor::from_data(TensorData::new(flat, [b, l]), device)
+}
+
+/// The T5 model of `dir`, with the adapter of `adapter` merged in place as an active LoRA.
+fn load_model<B: Backend>(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &B::Device,
+) -> Result<T5ForConditionalGeneration<B>> {
+    let kind = peft_io::hf_model::model_type(dir)?;
+    if kind != "t5" && kind != "mt5" {
+        bail!(
+            "{}: model type {kind:?} is not supported yet (t5, mt5)",
+            dir.display()
+        );
+    }
+    let (model, report) = load_t5::<B>(dir, device)?;
+    if !report.unused.is_empty() {
+        eprintln!(
+            "warning: {} unused tensors in {}: {:?}",
+            report.unused.len(),
+            dir.display(),
+            report.unused
+        );
+    }
+    match adapter {
+        None => Ok(model),
+        Some(a) => {
+            let (peft, report) = from_pretrained(model, a, "default")?;
+            if !report.unused.is_empty() {
+                eprintln!(
+                    "warning: unexpected adapter tensors in {}: {:?}",
+                    a.display(),
+                    report.unused
+                );
+            }
+            Ok(peft.base_model)
+        }
+    }
+}
+
+fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
+    match cmd {
+        Cmd::Params { model, lora } => {
+            let config = t5_config(&model)?;
+            // Lazy parameters: counting allocates no weights, even for billions of parameters.
+            let m = T5ForConditionalGeneration::<B>::new(&config, device)?;
+            let peft = PeftModel::new(m, lora.config()?, "default")?;
+            println!("{}", peft.trainable_parameters_line());
+        }
+        Cmd::Forward {
+            model,
+            adapter,
+            text,
+            decoder_input_ids,
+            out,
+        } => {
+            let m = load_model::<B>(&model, adapter.as_deref(), device)?;
+            let tok = TextTokenizer::from_path(&model)?;
+            let texts: Vec<&str> = text.iter().map(String::as_str).collect();
+            let pad = m.config.pad_token_id.unwrap_or(0) as u32;
+            let batch = tok.encode_batch(&texts, None, pad)?;
+            let dec = decoder_input_ids.unwrap_or_else(|| vec![m.config.decoder_start() as u32]);
+            let dec_rows = vec![dec; texts.len()];
+            let o = m.forward(
+                ids_tensor::<B>(&batch.ids, device),
+                Some(ids_tensor::<B>(&batch.mask, device)),
+                ids_tensor::<B>(&dec_rows, device),
+            );
+            let mut tensors = BTreeMap::new();
+            let mut put = |name: &str, t: Tensor<B, 3>| {
+                let shape = t.dims().to_vec();
+                let v = t
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .expect("f32 output");
+                tensors.insert(name.to_string(), (shape, v));
+            };
+            put("logits", o.logits);
+            put("encoder_last_hidden_state", o.encoder_last_hidden_state);
+            peft_io::tensors::write_safetensors(
+                &out,
+                &tensors,
+                HashMap::from([("format".into(), "pt".into())]),
+            )?;
+            eprintln!("wrote {}", out.display());
+        }
+        Cmd::Generate {
+            model,
+            adapter,
+            max_new_tokens,
+            num_beams,
+            text,
+        } => {
+            if num_beams != 1 {
+                bail!(
+                    "--num-beams {num_beams}: beam search is not implemented yet; use greedy (1)"
+                );
+            }
+            let m = load_model::<B>(&model, adapter.as_deref(), device)?;
+            let tok = TextTokenizer::from_path(&model)?;
+            let texts: Vec<&str> = text.iter().map(String::as_str).collect();
+            let pad = m.config.pad_token_id.unwrap_or(0) as u32;
+            let batch = tok.encode_batch(&texts, None, pad)?;
+            let out = m.generate_greedy(
+                ids_tensor::<B>(&batch.ids, device),
+                Some(ids_tensor::<B>(&batch.mask, device)),
+                max_new_tokens,
+            );
+            for ids in out {
+                let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
+                println!("{}", tok.decode(&ids)?);
+            }
+        }
+        Cmd::Inspect { dir } => inspect(&dir)?,
+        Cmd::Merge {
+            model,
+            adapter,
+            out,
+        } => {
+            let base = load_model::<B>(&model, None, device)?;
+            let (peft, _) = from_pretrained(base, &adapter, "default")?;
+            let mut merged = peft.merge_and_unload(true)?;
+            let config = peft_io::hf_model::read_json(&model.join("config.json"))?;
+            save_hf_model(&mut merged, &config, &out, Some(&model))?;
+            println!(
+                "merged {} into {} -> {}",
+                adapter.display(),
+                model.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn inspect(dir: &Path) -> Result<()> {
+    let config = read_adapter_config(dir)?;
+    let raw = peft_io::hf_model::read_json(&dir.join(ADAPTER_CONFIG))?;
+    let weights = open_adapter_weights(dir)?;
+    let names = weights.names();
+    let mut params = 0usize;
+    let mut bytes = 0u64;
+    let mut ranks = BTreeMap::new();
+    for n in &names {
+        if let Some((shape, _)) = weights.get_f32(n)? {
+            params += shape.iter().product::<usize>();
+            if n.ends_with("lora_A.weight") {
+                *ranks.entry(shape[0]).or_insert(0usize) += 1;
+            }
+        }
+    }
+    let path = weights.path();
+    if let Ok(meta) = std::fs::metadata(&path) {
+        bytes = meta.len();
+    }
+    let targets = config
+        .target_modules
+        .as_ref()
+        .map_or("(model default)".to_string(), |t| t.to_string());
+    println!("adapter:        {}", dir.display());
+    println!(
+        "peft_type:      {}",
+        config.peft_type.as_deref().unwrap_or("LORA")
+    );
+    println!(
+        "task_type:      {}",
+        config
+            .task_type
+            .map_or("-".to_string(), |t| format!("{t:?}"))
+    );
+    println!(
+        "base model:     {}",
+        config.base_model_name_or_path.as_deref().unwrap_or("-")
+    );
+    println!("r:              {}  (layers by rank: {ranks:?})", config.r);
+    println!("lora_alpha:     {}", config.lora_alpha);
+    println!("lora_dropout:   {}", config.lora_dropout);
+    println!("target_modules: {targets}");
+    if let Some(m) = &config.modules_to_save {
+        println!("modules_to_save: {m:?}");
+    }
+    println!("tensors:        {} in {}", names.len(), path.display());
+    println!("parameters:     {}", peft_core::thousands(params));
+    println!(
+        "file size:      {} bytes",
+        peft_core::thousands(bytes as usize)
+    );
+    println!(
+        "peft_version:   {}",
+        raw.get("peft_version")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown")
+    );
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.device {
+        DeviceArg::Cpu => run::<burn::backend::NdArray>(cli.cmd, &Default::default()),
+        DeviceArg::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            {
+                run::<burn::backend::Wgpu>(cli.cmd, &burn::backend::wgpu::WgpuDevice::default())
+            }
+            #[cfg(not(feature = "wgpu"))]
+            {
+                bail!(
+                    "this `peft` was built without the `wgpu` feature (cargo build --features wgpu)"
+                )
+            }
+        }
+        DeviceArg::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                run::<burn::backend::Cuda>(cli.cmd, &burn::backend::cuda::CudaDevice::default())
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                bail!(
+                    "this `peft` was built without the `cuda` feature (cargo build --features cuda)"
+                )
+            }
+        }
+    }
+}

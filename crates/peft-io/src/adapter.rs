@@ -20,7 +20,7 @@ use peft_core::{AdaptedLinear, AdapterHost, Bias, LoraConfig, PeftModel, TargetM
 
 use crate::error::{IoError, Result, io_err};
 use crate::hf_model::LoadReport;
-use crate::tensors::{F32Tensor, TensorSource};
+use crate::tensors::{F32Tensor, TensorSource, write_atomic, write_safetensors};
 
 /// `adapter_config.json`.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -309,23 +309,6 @@ pub fn adapter_state_dict<B: Backend, M: AdapterHost<B>>(
     out
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        IoError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-    })
-}
-
 /// The config PEFT would write for adapter `name`: inference mode on, default targets resolved.
 pub fn saved_config<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
@@ -364,30 +347,8 @@ pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
         };
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let tensors = adapter_state_dict(peft, &name);
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .into_iter()
-            .map(|(k, (shape, values))| {
-                let b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (k, shape, b)
-            })
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(k, shape, b)| {
-                let view =
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                        .expect("shape and byte length agree");
-                (k.clone(), view)
-            })
-            .collect::<Vec<_>>();
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let st_path = out.join(ADAPTER_SAFETENSORS);
-        let data =
-            safetensors::serialize(views, Some(metadata)).map_err(|e| IoError::Safetensors {
-                path: st_path.clone(),
-                reason: e.to_string(),
-            })?;
-        write_atomic(&st_path, &data)?;
+        write_safetensors(&out.join(ADAPTER_SAFETENSORS), &tensors, metadata)?;
         let config = saved_config(peft, &name).expect("adapter exists");
         let cfg_path = out.join(ADAPTER_CONFIG);
         write_atomic(&cfg_path, config.to_json().as_bytes())?;

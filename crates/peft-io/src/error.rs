@@ -39,6 +39,14 @@ pub enum IoError {
         /// What is wrong.
         reason: String,
     },
+    /// `tokenizer.json` is malformed, or encoding failed.
+    #[error("{}: tokenizer error: {reason}", path.display())]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// A tensor has a dtype that cannot hold weights.
     #[error("{}: tensor `{key}` has dtype {dtype}, expected F32, F16 or BF16", path.display())]
     Dtype {

@@ -162,3 +162,41 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "vocab.txt",
     "generation_config.json",
 ];
+
+/// The state dict of `model` under transformers' names and layouts.
+pub fn hf_state_dict<B: Backend, M: HfParams<B>>(
+    model: &mut M,
+) -> std::collections::BTreeMap<String, crate::tensors::F32Tensor> {
+    let mut out = std::collections::BTreeMap::new();
+    model.visit_hf_params_mut(&mut |name, slot| {
+        out.insert(name.to_string(), slot.values());
+    });
+    out
+}
+
+/// Writes `model` as a Hugging Face model directory that transformers loads as it is:
+/// `config.json` (the given JSON), `model.safetensors` (metadata `format: pt`), and the tokenizer
+/// files found in `copy_from`.
+pub fn save_hf_model<B: Backend, M: HfParams<B>>(
+    model: &mut M,
+    config_json: &serde_json::Value,
+    dir: &Path,
+    copy_from: Option<&Path>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tensors = hf_state_dict(model);
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    crate::tensors::write_safetensors(&dir.join("model.safetensors"), &tensors, metadata)?;
+    let config = serde_json::to_string_pretty(config_json).expect("JSON value serialises");
+    crate::tensors::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+    if let Some(src) = copy_from {
+        for f in TOKENIZER_FILES {
+            let from = src.join(f);
+            if from.exists() {
+                let bytes = std::fs::read(&from).map_err(io_err(&from))?;
+                crate::tensors::write_atomic(&dir.join(f), &bytes)?;
+            }
+        }
+    }
+    Ok(())
+}

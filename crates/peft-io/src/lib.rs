@@ -6,6 +6,7 @@
 //!   PEFT writes them, in both directions;
 //! - Hugging Face model directories ([`hf_model`]): `config.json` with `model.safetensors`,
 //!   sharded `model.safetensors.index.json`, or `pytorch_model.bin`;
+//! - `tokenizer.json` ([`tokenizer`]) through the `tokenizers` crate;
 //! - the tensor readers under both ([`tensors`]): safetensors memory-mapped with its header
 //!   validated, PyTorch checkpoints parsed without executing pickle code.
 //!
@@ -17,8 +18,10 @@ pub mod adapter;
 mod error;
 pub mod hf_model;
 pub mod tensors;
+pub mod tokenizer;
 
 pub use adapter::{from_pretrained, load_adapter, read_adapter_config, save_pretrained};
 pub use error::{IoError, Result};
-pub use hf_model::{LoadReport, load_hf_weights, load_t5, open_weights};
+pub use hf_model::{LoadReport, load_hf_weights, load_t5, open_weights, save_hf_model};
 pub use tensors::{SafetensorsFile, TensorSource};
+pub use tokenizer::{Batch, TextTokenizer};

@@ -236,3 +236,56 @@ impl TensorSource {
         }
     }
 }
+
+/// Writes f32 tensors as a safetensors file, atomically (temporary file, then rename): a crash
+/// never leaves a half-written file under `path`.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &std::collections::BTreeMap<String, F32Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, (shape, values))| {
+            (
+                k,
+                shape,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let mut views = Vec::with_capacity(bytes.len());
+    for (k, shape, b) in &bytes {
+        let view =
+            safetensors::tensor::TensorView::new(Dtype::F32, (*shape).clone(), b).map_err(|e| {
+                IoError::Safetensors {
+                    path: path.to_path_buf(),
+                    reason: format!("tensor `{k}`: {e}"),
+                }
+            })?;
+        views.push(((*k).clone(), view));
+    }
+    let data = safetensors::serialize(views, Some(metadata)).map_err(|e| IoError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(path, &data)
+}
+
+/// Writes `bytes` to a temporary file next to `path`, then renames it into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        IoError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    })
+}

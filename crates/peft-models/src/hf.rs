@@ -52,6 +52,21 @@ impl<B: Backend> HfParamMut<'_, B> {
         }
     }
 
+    /// The current value in transformers' layout: shape and row-major values.
+    pub fn values(&self) -> (Vec<usize>, Vec<f32>) {
+        let shape = self.hf_shape();
+        let data = match self {
+            HfParamMut::LinearWeight(p) => p.val().transpose().into_data(),
+            HfParamMut::Matrix(p) => p.val().into_data(),
+            HfParamMut::Vector(p) => p.val().into_data(),
+        };
+        let values = data
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("float parameter");
+        (shape, values)
+    }
+
     /// The device the parameter lives on.
     pub fn device(&self) -> B::Device {
         match self {

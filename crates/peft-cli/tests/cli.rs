@@ -1,0 +1,201 @@
+//! The `peft` binary as a user runs it, checked against transformers/PEFT outputs
+//! (`tests/fixtures/t5/cli.json`, made by `tests/fixtures/t5/make_fixtures.py`) and the seed's
+//! numbers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixtures() -> PathBuf {
+    root().join("tests/fixtures/t5")
+}
+
+fn peft(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn cli_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("cli.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn params_prints_the_seed_line_for_mt0_large() {
+    let (ok, out, err) = peft(&[
+        "params",
+        "--model",
+        "mt0-large",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0.1",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915"
+    );
+    let (ok, out, _) = peft(&[
+        "params",
+        "--model",
+        "bigscience/T0_3B",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "32",
+    ]);
+    assert!(ok);
+    assert!(out.starts_with("trainable params: 4,718,592 ||"), "{out}");
+}
+
+#[test]
+fn generate_prints_what_transformers_decodes() {
+    let fx = cli_json();
+    for (case, adapter) in [("mt5", None), ("mt5_lora", Some("mt5_lora"))] {
+        let texts: Vec<String> = serde_json::from_value(fx[case]["texts"].clone()).unwrap();
+        let expected: Vec<String> = serde_json::from_value(fx[case]["decoded"].clone()).unwrap();
+        let model = fixtures().join("mt5");
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--max-new-tokens".into(),
+            "6".into(),
+        ];
+        if let Some(a) = adapter {
+            args.push("--adapter".into());
+            args.push(fixtures().join(a).display().to_string());
+        }
+        args.extend(texts.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out, err) = peft(&args);
+        assert!(ok, "{case}: {err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines, expected, "{case}");
+    }
+}
+
+fn logits_from(file: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+fn flatten(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().flat_map(flatten).collect(),
+        n => vec![n.as_f64().unwrap() as f32],
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn forward_and_merge_match_peft() {
+    let fx = cli_json();
+    let tmp = std::env::temp_dir().join(format!("peft-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let texts: Vec<String> = serde_json::from_value(fx["mt5_lora"]["texts"].clone()).unwrap();
+    let expected = flatten(&fx["mt5_lora"]["logits"]);
+    let model = fixtures().join("mt5").display().to_string();
+    let adapter = fixtures().join("mt5_lora").display().to_string();
+    let out = tmp.join("out.safetensors").display().to_string();
+    let mut args = vec![
+        "forward",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--decoder-input-ids",
+        "0,5,17",
+        "--out",
+        &out,
+    ];
+    for t in &texts {
+        args.push("--text");
+        args.push(t);
+    }
+    let (ok, _, err) = peft(&args);
+    assert!(ok, "{err}");
+    let (shape, ours) = logits_from(Path::new(&out));
+    assert_eq!(shape, vec![3, 3, 96]);
+    let d = max_diff(&ours, &expected);
+    assert!(d < 1e-4, "forward with adapter vs PEFT: {d}");
+
+    // merge writes a plain HF model dir whose outputs equal PEFT's adapted model.
+    let merged = tmp.join("merged").display().to_string();
+    let (ok, _, err) = peft(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--out",
+        &merged,
+    ]);
+    assert!(ok, "{err}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(Path::new(&merged).join(f).exists(), "{f} written");
+    }
+    let mut args = vec![
+        "forward",
+        "--model",
+        &merged,
+        "--decoder-input-ids",
+        "0,5,17",
+        "--out",
+        &out,
+    ];
+    for t in &texts {
+        args.push("--text");
+        args.push(t);
+    }
+    let (ok, _, err) = peft(&args);
+    assert!(ok, "{err}");
+    let (_, merged_logits) = logits_from(Path::new(&out));
+    let d = max_diff(&merged_logits, &expected);
+    assert!(d < 1e-4, "merged model vs PEFT adapted: {d}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn errors_are_clear_and_not_panics() {
+    let (ok, _, err) = peft(&["params", "--model", "nope"]);
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: `nope` is neither a preset"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    let (ok, _, err) = peft(&["inspect", "/nonexistent"]);
+    assert!(
+        !ok && err.contains("/nonexistent/adapter_config.json"),
+        "{err}"
+    );
+    let (ok, _, err) = peft(&["generate", "--model", "/nonexistent", "hi"]);
+    assert!(!ok && err.contains("/nonexistent/config.json"), "{err}");
+}
