@@ -7,12 +7,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use peft_core::config::{LayersToTransform, TargetModules};
-use peft_core::{Bias, InitLoraWeights, LoraConfig, PeftModel, TaskType};
+use clap::{Parser, Subcommand, ValueEnum};
+use peft_cli::LoraArgs;
+use peft_cli::train::TrainArgs;
+use peft_core::PeftModel;
 use peft_io::adapter::{ADAPTER_CONFIG, open_adapter_weights, read_adapter_config};
 use peft_io::{TextTokenizer, from_pretrained, load_t5, save_hf_model};
 use peft_models::{T5Config, T5ForConditionalGeneration};
@@ -87,6 +88,8 @@ enum Cmd {
         #[arg(required = true)]
         text: Vec<String>,
     },
+    /// Fine-tune LoRA adapters on a seq2seq model (the seed's workflow).
+    Train(Box<TrainArgs>),
     /// Describe an adapter directory.
     Inspect {
         /// Adapter directory.
@@ -104,78 +107,6 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-#[derive(Args, Debug)]
-struct LoraArgs {
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    lora_r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 8.0)]
-    lora_alpha: f64,
-    /// LoRA dropout.
-    #[arg(long, default_value_t = 0.0)]
-    lora_dropout: f64,
-    /// Target modules, comma separated (default: PEFT's for the model type); `all-linear`.
-    #[arg(long, value_delimiter = ',')]
-    target_modules: Option<Vec<String>>,
-    /// Target modules as one regular expression (full match), instead of a list.
-    #[arg(long, conflicts_with = "target_modules")]
-    target_regex: Option<String>,
-    /// Modules never adapted, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    exclude_modules: Option<Vec<String>>,
-    /// Only these layer indices, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    layers_to_transform: Option<Vec<usize>>,
-    /// Extra modules trained and saved in full, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    modules_to_save: Option<Vec<String>>,
-    /// rsLoRA scaling alpha / sqrt(r).
-    #[arg(long)]
-    use_rslora: bool,
-    /// Which biases train: none, all, lora_only.
-    #[arg(long, default_value = "none")]
-    bias: String,
-    /// Task type: SEQ_2_SEQ_LM, SEQ_CLS, ...
-    #[arg(long, default_value = "SEQ_2_SEQ_LM")]
-    task_type: String,
-}
-
-impl LoraArgs {
-    fn config(&self) -> Result<LoraConfig> {
-        let task_type: TaskType =
-            serde_json::from_value(serde_json::Value::String(self.task_type.clone()))
-                .with_context(|| format!("unknown task type {:?}", self.task_type))?;
-        let bias: Bias = serde_json::from_value(serde_json::Value::String(self.bias.clone()))
-            .with_context(|| format!("unknown bias {:?} (none, all, lora_only)", self.bias))?;
-        let target_modules = match (&self.target_modules, &self.target_regex) {
-            (_, Some(re)) => Some(TargetModules::Regex(re.clone())),
-            (Some(l), None) if l.len() == 1 && l[0].eq_ignore_ascii_case("all-linear") => {
-                Some(TargetModules::Regex(l[0].clone()))
-            }
-            (Some(l), None) => Some(TargetModules::List(l.clone())),
-            (None, None) => None,
-        };
-        Ok(LoraConfig {
-            task_type: Some(task_type),
-            r: self.lora_r,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            target_modules,
-            exclude_modules: self.exclude_modules.clone().map(TargetModules::List),
-            layers_to_transform: self
-                .layers_to_transform
-                .clone()
-                .map(LayersToTransform::Many),
-            modules_to_save: self.modules_to_save.clone(),
-            use_rslora: self.use_rslora,
-            bias,
-            init_lora_weights: InitLoraWeights::Default,
-            ..Default::default()
-        })
-    }
 }
 
 fn t5_config(model: &str) -> Result<T5Config> {
@@ -312,6 +243,7 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             }
         }
         Cmd::Inspect { dir } => inspect(&dir)?,
+        Cmd::Train(_) => unreachable!("dispatched with an autodiff backend"),
         Cmd::Merge {
             model,
             adapter,
@@ -403,6 +335,46 @@ fn main() {
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
+    if let Cmd::Train(args) = &cli.cmd {
+        return match cli.device {
+            DeviceArg::Cpu => peft_cli::train::train::<
+                burn::backend::Autodiff<burn::backend::NdArray>,
+            >(args, &Default::default())
+            .map(|_| ()),
+            DeviceArg::Wgpu => {
+                #[cfg(feature = "wgpu")]
+                {
+                    peft_cli::train::train::<burn::backend::Autodiff<burn::backend::Wgpu>>(
+                        args,
+                        &Default::default(),
+                    )
+                    .map(|_| ())
+                }
+                #[cfg(not(feature = "wgpu"))]
+                {
+                    bail!(
+                        "this `peft` was built without the `wgpu` feature (cargo build --features wgpu)"
+                    )
+                }
+            }
+            DeviceArg::Cuda => {
+                #[cfg(feature = "cuda")]
+                {
+                    peft_cli::train::train::<burn::backend::Autodiff<burn::backend::Cuda>>(
+                        args,
+                        &Default::default(),
+                    )
+                    .map(|_| ())
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    bail!(
+                        "this `peft` was built without the `cuda` feature (cargo build --features cuda)"
+                    )
+                }
+            }
+        };
+    }
     match cli.device {
         DeviceArg::Cpu => run::<burn::backend::NdArray>(cli.cmd, &Default::default()),
         DeviceArg::Wgpu => {

@@ -10,6 +10,7 @@
 //! - target matching ([`targeting`]), exactly as PEFT's `check_target_module_exists`;
 //! - the model-facing contract ([`AdapterHost`]): a model yields its adaptable layers with their
 //!   Hugging Face module paths, and everything else is generic;
+//! - training helpers with HF `Trainer` semantics ([`train`]): schedule, clipping, loss;
 //! - the user-facing operations ([`PeftModel`]): add, activate, disable, delete, merge,
 //!   unmerge, merge-and-unload, and PEFT's parameter counts.
 //!
@@ -54,6 +55,7 @@ pub mod lora;
 mod peft_model;
 pub mod site;
 pub mod targeting;
+pub mod train;
 
 pub use config::{Bias, InitLoraWeights, LoraConfig, TargetModules, TaskType, lora_scaling};
 pub use error::{PeftError, Result};

@@ -155,6 +155,16 @@ pub fn load_adapter<B: Backend, M: AdapterHost<B>>(
     }
 }
 
+/// Replaces the tensors of the existing adapter `name` with those in `dir` (keeping parameter
+/// identities, e.g. to resume training); the config in `dir` is not read.
+pub fn load_adapter_weights<B: Backend, M: AdapterHost<B>>(
+    peft: &mut PeftModel<B, M>,
+    dir: &Path,
+    name: &str,
+) -> Result<LoadReport> {
+    fill_adapter(peft, dir, name)
+}
+
 fn fill_adapter<B: Backend, M: AdapterHost<B>>(
     peft: &mut PeftModel<B, M>,
     dir: &Path,

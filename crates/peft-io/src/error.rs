@@ -47,6 +47,14 @@ pub enum IoError {
         /// What went wrong.
         reason: String,
     },
+    /// A training checkpoint could not be written or read.
+    #[error("{}: checkpoint error: {reason}", path.display())]
+    Checkpoint {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// A tensor has a dtype that cannot hold weights.
     #[error("{}: tensor `{key}` has dtype {dtype}, expected F32, F16 or BF16", path.display())]
     Dtype {

@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod adapter;
+pub mod checkpoint;
 mod error;
 pub mod hf_model;
 pub mod tensors;

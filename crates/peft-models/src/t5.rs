@@ -237,7 +237,7 @@ impl T5Config {
 
     /// The configs of well-known checkpoints, so that counts and dry runs need no download:
     /// `t5-small`, `t5-base`, `t5-large`, `mt0-small`, `mt0-base`, `mt0-large`, `mt0-xl`
-    /// (also as `mt5-*`), `t0-3b`.
+    /// (also as `mt5-*`), `t0-3b`, and `mt0-tiny` (a small mT5-architecture model for CPU demos).
     pub fn preset_by_name(name: &str) -> Option<Self> {
         let name = name.to_ascii_lowercase();
         let name = name.rsplit('/').next().unwrap_or(&name).replace('_', "-");
@@ -251,6 +251,12 @@ impl T5Config {
             "mt0-large" | "mt5-large" => mt(1024, 2816, 24, 16),
             "mt0-xl" | "mt5-xl" => mt(2048, 5120, 24, 32),
             "t0-3b" => Self::preset("t5", 32128, 2048, 5120, 24, 32, true),
+            // A small mT5-architecture model for CPU demos and tests (set `vocab_size` to the
+            // tokenizer's).
+            "mt0-tiny" => T5Config {
+                d_kv: 32,
+                ..Self::preset("mt5", 512, 128, 256, 2, 4, true)
+            },
             _ => return None,
         })
     }
@@ -260,12 +266,29 @@ impl T5Config {
         "t5-small",
         "t5-base",
         "t5-large",
+        "mt0-tiny",
         "mt0-small",
         "mt0-base",
         "mt0-large",
         "mt0-xl",
         "t0-3b",
     ];
+
+    /// The config as transformers writes `config.json` (with `architectures`), so that a model
+    /// saved from a preset loads in transformers.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        let arch = if self.model_type == "mt5" {
+            "MT5ForConditionalGeneration"
+        } else {
+            "T5ForConditionalGeneration"
+        };
+        v["architectures"] = serde_json::json!([arch]);
+        v["is_encoder_decoder"] = serde_json::json!(true);
+        v["num_decoder_layers"] = serde_json::json!(self.decoder_layers());
+        v["decoder_start_token_id"] = serde_json::json!(self.decoder_start());
+        v
+    }
 }
 
 /// T5's RMS norm: `x / sqrt(mean(x^2) + eps) * weight`, no mean subtraction, no bias.

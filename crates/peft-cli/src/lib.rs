@@ -1,0 +1,85 @@
+//! The `peft` command-line tool's library: argument types, the trainer and its data pipeline,
+//! usable from tests and other binaries (xtask runs the `peft` binary).
+
+pub mod data;
+pub mod plot;
+pub mod train;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use peft_core::config::{LayersToTransform, TargetModules};
+use peft_core::{Bias, InitLoraWeights, LoraConfig, TaskType};
+
+/// LoRA options, named as PEFT's `LoraConfig` fields.
+#[derive(Args, Debug, Clone)]
+pub struct LoraArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 8.0)]
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Target modules, comma separated (default: PEFT's for the model type); `all-linear`.
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    /// Target modules as one regular expression (full match), instead of a list.
+    #[arg(long, conflicts_with = "target_modules")]
+    pub target_regex: Option<String>,
+    /// Modules never adapted, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_modules: Option<Vec<String>>,
+    /// Only these layer indices, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// Extra modules trained and saved in full, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub modules_to_save: Option<Vec<String>>,
+    /// rsLoRA scaling alpha / sqrt(r).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Which biases train: none, all, lora_only.
+    #[arg(long, default_value = "none")]
+    pub bias: String,
+    /// Task type: SEQ_2_SEQ_LM, SEQ_CLS, ...
+    #[arg(long, default_value = "SEQ_2_SEQ_LM")]
+    pub task_type: String,
+}
+
+impl LoraArgs {
+    /// The `LoraConfig` these options describe.
+    pub fn config(&self) -> Result<LoraConfig> {
+        let task_type: TaskType =
+            serde_json::from_value(serde_json::Value::String(self.task_type.clone()))
+                .with_context(|| format!("unknown task type {:?}", self.task_type))?;
+        let bias: Bias = serde_json::from_value(serde_json::Value::String(self.bias.clone()))
+            .with_context(|| format!("unknown bias {:?} (none, all, lora_only)", self.bias))?;
+        let target_modules = match (&self.target_modules, &self.target_regex) {
+            (_, Some(re)) => Some(TargetModules::Regex(re.clone())),
+            (Some(l), None) if l.len() == 1 && l[0].eq_ignore_ascii_case("all-linear") => {
+                Some(TargetModules::Regex(l[0].clone()))
+            }
+            (Some(l), None) => Some(TargetModules::List(l.clone())),
+            (None, None) => None,
+        };
+        Ok(LoraConfig {
+            task_type: Some(task_type),
+            r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules,
+            exclude_modules: self.exclude_modules.clone().map(TargetModules::List),
+            layers_to_transform: self
+                .layers_to_transform
+                .clone()
+                .map(LayersToTransform::Many),
+            modules_to_save: self.modules_to_save.clone(),
+            use_rslora: self.use_rslora,
+            bias,
+            init_lora_weights: InitLoraWeights::Default,
+            ..Default::default()
+        })
+    }
+}

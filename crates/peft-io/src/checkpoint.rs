@@ -1,0 +1,35 @@
+//! Training checkpoints besides the adapter itself: optimizer state (burn records, MessagePack)
+//! and the trainer's JSON state, written atomically.
+
+use std::path::Path;
+
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Record, Recorder};
+use burn::tensor::backend::Backend;
+
+use crate::error::{IoError, Result, io_err};
+
+/// Saves a burn record (e.g. an optimizer's state) to `path` (`.mpk`), atomically.
+pub fn save_record<B: Backend, R: Record<B>>(record: R, path: &Path) -> Result<()> {
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // The recorder replaces the extension with `.mpk`; a dot-file name has none to replace.
+    let tmp = dir.join(format!(".record-{}", std::process::id()));
+    recorder
+        .record(record, tmp.clone())
+        .map_err(|e| IoError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    std::fs::rename(tmp.with_extension("mpk"), path).map_err(io_err(path))
+}
+
+/// Loads a burn record saved by [`save_record`] (`path` ends in `.mpk`).
+pub fn load_record<B: Backend, R: Record<B>>(path: &Path, device: &B::Device) -> Result<R> {
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    recorder
+        .load(path.to_path_buf(), device)
+        .map_err(|e| IoError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
