@@ -79,3 +79,36 @@ fn mt5_with_peft_lora_adapter_matches_peft() {
         Some("t5/mt5_lora"),
     );
 }
+
+/// The training loss: our masked cross-entropy on decoder inputs built HF's way (labels shifted
+/// right behind the start token, -100 replaced by pad) equals transformers' `labels=` loss.
+#[test]
+fn training_loss_matches_transformers() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use peft::core::train::masked_cross_entropy;
+    let device = Default::default();
+    for (dir, outputs) in [
+        ("t5/t5_tied", "t5/t5_tied/outputs.safetensors"),
+        ("t5/mt5", "t5/mt5/outputs.safetensors"),
+    ] {
+        let (model, _) = load_t5::<B>(&fixture_path(dir), &device).unwrap();
+        let fx = Fixture::load(outputs);
+        let labels = fx.rows_i64("labels");
+        let dec: Vec<i64> = labels
+            .iter()
+            .flat_map(|r| std::iter::once(0).chain(r[..r.len() - 1].iter().map(|v| (*v).max(0))))
+            .collect();
+        let (b, l) = (labels.len(), labels[0].len());
+        let dec = Tensor::<B, 2, Int>::from_data(TensorData::new(dec, [b, l]), &device);
+        let labels =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(labels.concat(), [b, l]), &device);
+        let out = model.forward(
+            fx.get_int("input_ids", &device),
+            Some(fx.get_int("attention_mask", &device)),
+            dec,
+        );
+        let (loss, n) = masked_cross_entropy(out.logits, labels);
+        assert_eq!(n, 4 + 2 + 3);
+        assert_close(loss, fx.get("loss", &device), 1e-5, &format!("{dir}: loss"));
+    }
+}

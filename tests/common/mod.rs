@@ -67,6 +67,12 @@ impl Fixture {
         Tensor::from_data(TensorData::new(values.clone(), shape.clone()), device)
     }
 
+    /// An int tensor as rows of signed values.
+    pub fn rows_i64(&self, key: &str) -> Vec<Vec<i64>> {
+        let (shape, values) = &self.ints[key];
+        values.chunks(shape[1]).map(|r| r.to_vec()).collect()
+    }
+
     /// An int tensor as rows of ids.
     pub fn rows(&self, key: &str) -> Vec<Vec<usize>> {
         let (shape, values) = &self.ints[key];

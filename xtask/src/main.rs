@@ -3,6 +3,12 @@
 //! - `fixtures`: regenerate the golden fixtures with the pinned Python reference stack
 //!   (transformers + peft from PyPI, installed into `.cache/venv`). CI never runs this: the
 //!   outputs are committed.
+//! - `train`: the main job. Fine-tunes LoRA (r=8, alpha=32, dropout 0.1, targets q,v) on a
+//!   small mt0-style model initialised from a fixed seed, on the bundled complaint dataset
+//!   (`examples/data/complaints`), with the seed's prompt; evaluates, saves the adapter, reloads
+//!   it and generates. No network. Extra arguments after `--` go to `peft train`.
+//! - `interop`: checks with Python PEFT that the adapter `train` wrote loads there with equal
+//!   outputs (needs the pinned Python stack; created in `.cache/venv` on first use).
 //! - `ci`: run `.ci/run`, the same steps as CI.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +16,16 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const FIXTURE_SCRIPTS: &[&str] = &["tests/fixtures/lora/make_fixtures.py"];
+const FIXTURE_SCRIPTS: &[&str] = &[
+    "tests/fixtures/lora/make_fixtures.py",
+    "tests/fixtures/t5/make_fixtures.py",
+];
+const DATA: &str = "examples/data/complaints";
+const TRAIN_OUT: &str = "target/peft-train/complaints";
+const PROMPTS: &[&str] = &[
+    "Tweet text: @HondaCustSvc Your customer service has been horrible during the recall process. I will never purchase a Honda again. Label:",
+    "Tweet text: @AppleSupport thanks for the quick help today :) Label:",
+];
 const REQUIREMENTS: &str = "tests/fixtures/requirements.txt";
 
 fn root() -> PathBuf {
@@ -60,15 +75,129 @@ fn fixtures() -> Result<()> {
     Ok(())
 }
 
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// `cargo xtask train [-- <peft train args>]`.
+fn train(extra: &[String]) -> Result<()> {
+    let root = root();
+    let mut cmd = cargo();
+    cmd.current_dir(&root)
+        .args([
+            "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "train",
+        ])
+        .args(["--model", "mt0-tiny"])
+        .arg("--tokenizer")
+        .arg(format!("{DATA}/tokenizer.json"))
+        .arg("--data")
+        .arg(format!("{DATA}/train.jsonl"))
+        .arg("--eval-data")
+        .arg(format!("{DATA}/test.jsonl"))
+        .args(["--output-dir", TRAIN_OUT])
+        .args([
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "32",
+            "--lora-dropout",
+            "0.1",
+        ])
+        .args(["--task-type", "SEQ_2_SEQ_LM", "--target-modules", "q,v"])
+        .args([
+            "--epochs",
+            "15",
+            "--batch-size",
+            "16",
+            "--learning-rate",
+            "5e-3",
+            "--warmup-steps",
+            "20",
+        ])
+        .args(["--save-steps", "100", "--seed", "42"])
+        .args(extra);
+    run(&mut cmd)?;
+    // As in the seed: load base + adapter from disk and generate with max_new_tokens.
+    eprintln!(
+        "\n$ peft generate --model {TRAIN_OUT}/base_model --adapter {TRAIN_OUT} --max-new-tokens 10 ..."
+    );
+    run(cargo()
+        .current_dir(&root)
+        .args([
+            "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "generate",
+        ])
+        .args([
+            "--model",
+            &format!("{TRAIN_OUT}/base_model"),
+            "--adapter",
+            TRAIN_OUT,
+        ])
+        .args(["--max-new-tokens", "10"])
+        .args(PROMPTS))
+}
+
+/// `cargo xtask interop`: Python PEFT loads the adapter `train` wrote, outputs compared.
+fn interop() -> Result<()> {
+    let root = root();
+    let out = root.join(TRAIN_OUT);
+    if !out.join("adapter_model.safetensors").exists() {
+        bail!(
+            "{} has no adapter yet: run `cargo xtask train` first",
+            out.display()
+        );
+    }
+    let ours = out.join("interop_logits.safetensors");
+    let mut cmd = cargo();
+    cmd.current_dir(&root)
+        .args([
+            "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "forward",
+        ])
+        .args([
+            "--model",
+            &format!("{TRAIN_OUT}/base_model"),
+            "--adapter",
+            TRAIN_OUT,
+        ])
+        .args(["--decoder-input-ids", "0", "--out"])
+        .arg(&ours);
+    for p in PROMPTS {
+        cmd.args(["--text", p]);
+    }
+    run(&mut cmd)?;
+    let python = match std::env::var_os("PEFT_RS_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => python_env(&root)?,
+    };
+    run(Command::new(python)
+        .arg(root.join("xtask/interop/check_peft_load.py"))
+        .arg(&out)
+        .arg(&ours)
+        .args(PROMPTS))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(),
+        Some("train") => train(
+            args.get(1..)
+                .map(|a| {
+                    if a.first().is_some_and(|x| x == "--") {
+                        &a[1..]
+                    } else {
+                        a
+                    }
+                })
+                .unwrap_or(&[]),
+        ),
+        Some("interop") => interop(),
         Some("ci") => run(Command::new("bash").arg(root().join(".ci/run"))),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
+                 train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
+                 interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
                  ci         run the CI steps (.ci/run)"
             );

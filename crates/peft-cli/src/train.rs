@@ -110,7 +110,7 @@ pub struct TrainArgs {
 pub struct TrainSummary {
     /// Optimizer steps taken.
     pub steps: usize,
-    /// First and last logged training loss.
+    /// First logged training loss.
     pub first_loss: f64,
     /// Last training loss.
     pub last_loss: f64,
@@ -122,7 +122,8 @@ pub struct TrainSummary {
     pub adapter_dir: PathBuf,
 }
 
-type Model<B> = T5ForConditionalGeneration<B>;
+/// The model `peft train` fine-tunes.
+pub type Model<B> = T5ForConditionalGeneration<B>;
 
 /// Forces every lazy parameter to initialise now, in a fixed order, so a seed fixes the weights.
 struct Materialize;
@@ -311,8 +312,16 @@ fn human(secs: f64) -> String {
     format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
+/// A finished run: its summary and the trained model (base frozen, adapter attached).
+pub struct TrainOutcome<B: AutodiffBackend> {
+    /// Numbers.
+    pub summary: TrainSummary,
+    /// The model as trained.
+    pub model: PeftModel<B, Model<B>>,
+}
+
 /// Runs the training described by `args` on backend `B` (autodiff) at `device`.
-pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainSummary> {
+pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainOutcome<B>> {
     let out = &args.output_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let tok_path = match (&args.tokenizer, T5Config::preset_by_name(&args.model)) {
@@ -580,12 +589,16 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
             majority(e)
         );
     }
-    Ok(TrainSummary {
+    let summary = TrainSummary {
         steps: step,
         first_loss: first_loss.unwrap_or(f64::NAN),
         last_loss,
         train_accuracy: train_acc,
         eval_accuracy: eval_acc,
         adapter_dir: out.clone(),
+    };
+    Ok(TrainOutcome {
+        summary,
+        model: peft,
     })
 }
