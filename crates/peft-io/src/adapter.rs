@@ -257,7 +257,10 @@ fn fill_adapter<B: Backend, M: AdapterHost<B>>(
         .into_iter()
         .filter(|n| !known.contains(n))
         .collect();
-    Ok(LoadReport { unused })
+    Ok(LoadReport {
+        unused,
+        newly_initialized: Vec::new(),
+    })
 }
 
 /// PEFT's `PeftModel.from_pretrained(model, dir)`: the model with the adapter of `dir` attached

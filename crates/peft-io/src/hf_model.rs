@@ -15,21 +15,33 @@ use crate::tensors::TensorSource;
 pub struct LoadReport {
     /// Tensors in the file that the model has no place for (transformers' "unexpected keys").
     pub unused: Vec<String>,
+    /// Parameters absent from the file that keep their fresh initialisation (a new task head).
+    pub newly_initialized: Vec<String>,
 }
 
 /// Tensors transformers writes that no model here uses (kept out of the unused list).
 const IGNORED: &[&str] =
     &["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"];
 
+/// Buffers transformers saves that are not parameters (`embeddings.position_ids`).
+fn is_buffer(name: &str) -> bool {
+    IGNORED.contains(&name) || name.ends_with("position_ids")
+}
+
 /// Assigns every parameter of `model` from `source` by its transformers name. Tied names
 /// (`encoder.embed_tokens.weight` for `shared.weight`, ...) are accepted in place of each other.
-/// A missing tensor or a shape mismatch is an error naming the file and the key.
+/// Checkpoints with or without the model's `base_model_prefix` (`bert.`) both load. A missing
+/// tensor or a shape mismatch is an error naming the file and the key, except for task heads the
+/// model allows to start fresh (listed in the report).
 pub fn load_hf_weights<B: Backend, M: HfParams<B>>(
     model: &mut M,
     source: &TensorSource,
 ) -> Result<LoadReport> {
     let path = source.path();
     let aliases = model.tied_aliases();
+    let prefix = model.base_model_prefix();
+    let names: HashSet<String> = source.names().into_iter().collect();
+    let mut newly_initialized = Vec::new();
     let mut used: HashSet<String> = HashSet::new();
     let mut missing = Vec::new();
     let mut first_err: Option<IoError> = None;
@@ -43,6 +55,13 @@ pub fn load_hf_weights<B: Backend, M: HfParams<B>>(
                 candidates.push(alias.to_string());
             }
         }
+        if let Some(p) = prefix {
+            match name.strip_prefix(&format!("{p}.")) {
+                Some(bare) => candidates.push(bare.to_string()),
+                None => candidates.push(format!("{p}.{name}")),
+            }
+        }
+        candidates.retain(|c| names.contains(c));
         for cand in &candidates {
             match source.get_f32(cand) {
                 Ok(Some((shape, values))) => {
@@ -70,6 +89,13 @@ pub fn load_hf_weights<B: Backend, M: HfParams<B>>(
         }
         missing.push(name.to_string());
     });
+    for name in std::mem::take(&mut missing) {
+        if model.may_be_newly_initialized(&name) {
+            newly_initialized.push(name);
+        } else {
+            missing.push(name);
+        }
+    }
     if let Some(e) = first_err {
         return Err(e);
     }
@@ -82,9 +108,12 @@ pub fn load_hf_weights<B: Backend, M: HfParams<B>>(
     let unused = source
         .names()
         .into_iter()
-        .filter(|n| !used.contains(n) && !IGNORED.contains(&n.as_str()))
+        .filter(|n| !used.contains(n) && !is_buffer(n))
         .collect();
-    Ok(LoadReport { unused })
+    Ok(LoadReport {
+        unused,
+        newly_initialized,
+    })
 }
 
 /// The weights of a model directory: `model.safetensors`, else the sharded index, else
@@ -135,6 +164,51 @@ pub fn read_t5_config(dir: &Path) -> Result<T5Config> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
     T5Config::from_json(&text).map_err(|source| IoError::Model { path, source })
+}
+
+/// Reads a BERT `config.json`.
+pub fn read_bert_config(dir: &Path) -> Result<peft_models::BertConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    peft_models::BertConfig::from_json(&text).map_err(|source| IoError::Model { path, source })
+}
+
+/// Loads a BERT directory as `BertModel` (with its pooler when the checkpoint has one).
+pub fn load_bert<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(peft_models::BertModel<B>, LoadReport)> {
+    let config = read_bert_config(dir)?;
+    let source = open_weights(dir)?;
+    let names = source.names();
+    let has_pooler = names.iter().any(|n| n.ends_with("pooler.dense.weight"));
+    let mut model = peft_models::BertModel::new(&config, has_pooler, device).map_err(|source| {
+        IoError::Model {
+            path: dir.join("config.json"),
+            source,
+        }
+    })?;
+    let report = load_hf_weights(&mut model, &source)?;
+    Ok((model, report))
+}
+
+/// Loads a BERT directory as `BertForSequenceClassification`; a checkpoint without a classifier
+/// (a bare encoder) gets a fresh one, reported in `newly_initialized`.
+pub fn load_bert_classifier<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(peft_models::BertForSequenceClassification<B>, LoadReport)> {
+    let config = read_bert_config(dir)?;
+    let mut model =
+        peft_models::BertForSequenceClassification::new(&config, device).map_err(|source| {
+            IoError::Model {
+                path: dir.join("config.json"),
+                source,
+            }
+        })?;
+    let source = open_weights(dir)?;
+    let report = load_hf_weights(&mut model, &source)?;
+    Ok((model, report))
 }
 
 /// Loads a T5/mT5/mt0 directory as transformers would.

@@ -23,6 +23,9 @@ pub mod tokenizer;
 
 pub use adapter::{from_pretrained, load_adapter, read_adapter_config, save_pretrained};
 pub use error::{IoError, Result};
-pub use hf_model::{LoadReport, load_hf_weights, load_t5, open_weights, save_hf_model};
+pub use hf_model::{
+    LoadReport, load_bert, load_bert_classifier, load_hf_weights, load_t5, open_weights,
+    save_hf_model,
+};
 pub use tensors::{SafetensorsFile, TensorSource};
 pub use tokenizer::{Batch, TextTokenizer};

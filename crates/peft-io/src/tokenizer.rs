@@ -41,15 +41,20 @@ impl TextTokenizer {
                 }
             }
         })?;
-        Ok(TextTokenizer { inner, path: file })
+        Ok(Self::configure(inner, file))
+    }
+
+    /// Padding and truncation stored in `tokenizer.json` (MiniLM pads to 128) are dropped: like
+    /// transformers' fast tokenizers, each call decides them.
+    fn configure(mut inner: tokenizers::Tokenizer, path: PathBuf) -> Self {
+        inner.with_padding(None);
+        let _ = inner.with_truncation(None);
+        TextTokenizer { inner, path }
     }
 
     /// Wraps an in-memory tokenizer.
     pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> Self {
-        TextTokenizer {
-            inner,
-            path: PathBuf::from("<memory>"),
-        }
+        Self::configure(inner, PathBuf::from("<memory>"))
     }
 
     /// The wrapped tokenizer.

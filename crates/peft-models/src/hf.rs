@@ -87,4 +87,17 @@ pub trait HfParams<B: Backend> {
     fn tied_aliases(&self) -> Vec<(&'static str, &'static str)> {
         Vec::new()
     }
+
+    /// transformers' `base_model_prefix` (`bert`): checkpoints of the bare model omit it, those
+    /// of models with heads include it; loading accepts either.
+    fn base_model_prefix(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Parameters that may be absent from a checkpoint and keep their fresh initialisation
+    /// (task heads on top of a pretrained base, as transformers does with a warning).
+    fn may_be_newly_initialized(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
 }

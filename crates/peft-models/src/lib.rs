@@ -4,15 +4,17 @@
 //! module paths equal to Hugging Face's (`encoder.block.0.layer.0.SelfAttention.q`), so that
 //! PEFT target names and checkpoint keys line up without per-model glue.
 //!
-//! This crate owns the architectures (one file each: [`t5`]) and their
+//! This crate owns the architectures (one file each: [`t5`], [`bert`]) and their
 //! [`peft_core::AdapterHost`] walks and [`hf::HfParams`] name tables. It knows no adapter method
 //! and reads no file (peft-io does).
 #![deny(missing_docs)]
 
+pub mod bert;
 mod error;
 pub mod hf;
 pub mod t5;
 
+pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
 pub use error::{ModelError, Result};
 pub use hf::{HfParamMut, HfParams};
 pub use t5::{T5Config, T5ForConditionalGeneration};

@@ -1,0 +1,606 @@
+//! BERT (`BertModel`, `BertForSequenceClassification`), numerically equal to transformers'.
+//!
+//! Post-norm encoder with absolute position and token-type embeddings, LayerNorm (eps from the
+//! config, 1e-12 by default), exact-erf GELU (`hidden_act: gelu`), scaled dot-product attention
+//! with padding masks, a tanh pooler over `[CLS]`, and a linear classifier head. Module paths
+//! are Hugging Face's: `bert.encoder.layer.0.attention.self.query`, `classifier`; a bare
+//! `BertModel` (e.g. all-MiniLM-L6-v2) has no `bert.` prefix, as in transformers.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer};
+use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use peft_core::{AdaptedLinear, AdapterHost, TaskType};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::hf::{HfParamMut, HfParams};
+
+fn d_vocab() -> usize {
+    30522
+}
+fn d_hidden() -> usize {
+    768
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_heads() -> usize {
+    12
+}
+fn d_inter() -> usize {
+    3072
+}
+fn d_act() -> String {
+    "gelu".into()
+}
+fn d_drop() -> f64 {
+    0.1
+}
+fn d_pos() -> usize {
+    512
+}
+fn d_types() -> usize {
+    2
+}
+fn d_eps() -> f64 {
+    1e-12
+}
+fn d_type() -> String {
+    "bert".into()
+}
+fn d_pet() -> String {
+    "absolute".into()
+}
+
+/// The fields of a BERT `config.json` this implementation uses, with transformers' defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// `bert`.
+    #[serde(default = "d_type")]
+    pub model_type: String,
+    /// Vocabulary size.
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    /// Hidden size.
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    /// Encoder layers.
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    /// Feed-forward inner size.
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    /// `gelu` (exact), `gelu_new`, `relu`, `silu`.
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    /// Residual and embedding dropout.
+    #[serde(default = "d_drop")]
+    pub hidden_dropout_prob: f64,
+    /// Attention-probability dropout.
+    #[serde(default = "d_drop")]
+    pub attention_probs_dropout_prob: f64,
+    /// Positions.
+    #[serde(default = "d_pos")]
+    pub max_position_embeddings: usize,
+    /// Token types.
+    #[serde(default = "d_types")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    /// Only `absolute` is implemented.
+    #[serde(default = "d_pet")]
+    pub position_embedding_type: String,
+    /// Classifier dropout (default: `hidden_dropout_prob`).
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+    /// Labels of the classification head.
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+    /// Label names (their count gives `num_labels` when that is absent).
+    #[serde(default)]
+    pub id2label: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Padding token.
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
+}
+
+impl BertConfig {
+    /// Parses `config.json`, refusing other model types and unsupported options.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let c: BertConfig =
+            serde_json::from_str(text).map_err(|e| ModelError::Config(e.to_string()))?;
+        if c.model_type != "bert" {
+            return Err(ModelError::WrongModelType {
+                expected: "bert",
+                found: c.model_type,
+            });
+        }
+        if c.position_embedding_type != "absolute" {
+            return Err(ModelError::Config(format!(
+                "position_embedding_type {:?} is not supported (absolute)",
+                c.position_embedding_type
+            )));
+        }
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return Err(ModelError::Config(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            )));
+        }
+        c.act()?;
+        Ok(c)
+    }
+
+    /// Labels of the classification head (`num_labels`, else the size of `id2label`, else 2).
+    pub fn labels(&self) -> usize {
+        self.num_labels
+            .or_else(|| self.id2label.as_ref().map(|m| m.len()))
+            .unwrap_or(2)
+    }
+
+    fn act(&self) -> Result<BertAct> {
+        Ok(match self.hidden_act.as_str() {
+            "gelu" => BertAct::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => BertAct::GeluTanh,
+            "relu" => BertAct::Relu,
+            "silu" | "swish" => BertAct::Silu,
+            other => {
+                return Err(ModelError::Config(format!(
+                    "unsupported hidden_act {other:?}"
+                )));
+            }
+        })
+    }
+
+    fn preset(hidden: usize, layers: usize, heads: usize) -> Self {
+        BertConfig {
+            model_type: "bert".into(),
+            vocab_size: 30522,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            intermediate_size: 4 * hidden,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            position_embedding_type: "absolute".into(),
+            classifier_dropout: None,
+            num_labels: Some(2),
+            id2label: None,
+            pad_token_id: Some(0),
+        }
+    }
+
+    /// `bert-base-uncased`, `bert-large-uncased` (and `-cased`), `minilm` (all-MiniLM-L6-v2).
+    pub fn preset_by_name(name: &str) -> Option<Self> {
+        let name = name.to_ascii_lowercase();
+        let name = name.rsplit('/').next().unwrap_or(&name).to_string();
+        Some(match name.as_str() {
+            "bert-base-uncased" | "bert-base-cased" => Self::preset(768, 12, 12),
+            "bert-large-uncased" | "bert-large-cased" => Self::preset(1024, 24, 16),
+            "minilm" | "all-minilm-l6-v2" => Self {
+                intermediate_size: 1536,
+                ..Self::preset(384, 6, 12)
+            },
+            _ => return None,
+        })
+    }
+
+    /// Names accepted by [`preset_by_name`](Self::preset_by_name).
+    pub const PRESETS: &'static [&'static str] =
+        &["bert-base-uncased", "bert-large-uncased", "minilm"];
+}
+
+/// The feed-forward activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BertAct {
+    /// Exact GELU (erf).
+    Gelu,
+    /// Tanh-approximated GELU.
+    GeluTanh,
+    /// ReLU.
+    Relu,
+    /// SiLU.
+    Silu,
+}
+
+impl BertAct {
+    fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            BertAct::Gelu => gelu(x),
+            BertAct::GeluTanh => gelu_approximate(x),
+            BertAct::Relu => relu(x),
+            BertAct::Silu => silu(x),
+        }
+    }
+}
+
+/// LayerNorm with transformers' parameter names (`weight`, `bias`).
+#[derive(Module, Debug)]
+pub struct BertLayerNorm<B: Backend> {
+    /// Scale.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Shift.
+    pub bias: Param<Tensor<B, 1>>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> BertLayerNorm<B> {
+    fn new(d: usize, eps: f64, device: &B::Device) -> Self {
+        BertLayerNorm {
+            weight: Initializer::Ones.init([d], device),
+            bias: Initializer::Zeros.init([d], device),
+            eps,
+        }
+    }
+
+    /// Normalises the last dimension (biased variance, as PyTorch).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mean = x.clone().mean_dim(D - 1);
+        let centered = x - mean;
+        let var = centered.clone().powf_scalar(2.0).mean_dim(D - 1);
+        let normed = centered / (var + self.eps).sqrt();
+        normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
+    }
+}
+
+/// `embeddings`.
+#[derive(Module, Debug)]
+pub struct BertEmbeddings<B: Backend> {
+    /// `word_embeddings`.
+    pub word_embeddings: Embedding<B>,
+    /// `position_embeddings`.
+    pub position_embeddings: Embedding<B>,
+    /// `token_type_embeddings`.
+    pub token_type_embeddings: Embedding<B>,
+    /// `LayerNorm`.
+    pub layer_norm: BertLayerNorm<B>,
+    /// Dropout.
+    pub dropout: Dropout,
+}
+
+/// One encoder layer (`encoder.layer.N`).
+#[derive(Module, Debug)]
+pub struct BertLayer<B: Backend> {
+    /// `attention.self.query`.
+    pub query: AdaptedLinear<B>,
+    /// `attention.self.key`.
+    pub key: AdaptedLinear<B>,
+    /// `attention.self.value`.
+    pub value: AdaptedLinear<B>,
+    /// `attention.output.dense`.
+    pub attention_output: AdaptedLinear<B>,
+    /// `attention.output.LayerNorm`.
+    pub attention_norm: BertLayerNorm<B>,
+    /// `intermediate.dense`.
+    pub intermediate: AdaptedLinear<B>,
+    /// `output.dense`.
+    pub output: AdaptedLinear<B>,
+    /// `output.LayerNorm`.
+    pub output_norm: BertLayerNorm<B>,
+    /// Attention-probability dropout.
+    pub attention_dropout: Dropout,
+    /// Residual dropout.
+    pub dropout: Dropout,
+    /// Heads.
+    pub heads: usize,
+    /// Activation.
+    #[module(skip)]
+    pub act: BertAct,
+}
+
+impl<B: Backend> BertLayer<B> {
+    fn new(c: &BertConfig, device: &B::Device) -> Result<Self> {
+        let h = c.hidden_size;
+        let lin = |i, o| AdaptedLinear::new(i, o, true, device);
+        Ok(BertLayer {
+            query: lin(h, h),
+            key: lin(h, h),
+            value: lin(h, h),
+            attention_output: lin(h, h),
+            attention_norm: BertLayerNorm::new(h, c.layer_norm_eps, device),
+            intermediate: lin(h, c.intermediate_size),
+            output: lin(c.intermediate_size, h),
+            output_norm: BertLayerNorm::new(h, c.layer_norm_eps, device),
+            attention_dropout: DropoutConfig::new(c.attention_probs_dropout_prob).init(),
+            dropout: DropoutConfig::new(c.hidden_dropout_prob).init(),
+            heads: c.num_attention_heads,
+            act: c.act()?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<B, 3>, mask_bias: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, l, h] = x.dims();
+        let d = h / self.heads;
+        let split = |t: Tensor<B, 3>| t.reshape([b, l, self.heads, d]).swap_dims(1, 2);
+        let q = split(self.query.forward(x.clone()));
+        let k = split(self.key.forward(x.clone()));
+        let v = split(self.value.forward(x.clone()));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
+        let probs = self.attention_dropout.forward(softmax(scores, 3));
+        let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, l, h]);
+        let attn = self
+            .attention_norm
+            .forward(self.dropout.forward(self.attention_output.forward(ctx)) + x);
+        let inter = self.act.apply(self.intermediate.forward(attn.clone()));
+        self.output_norm
+            .forward(self.dropout.forward(self.output.forward(inter)) + attn)
+    }
+}
+
+/// `BertModel`: embeddings, encoder, and the optional pooler.
+#[derive(Module, Debug)]
+pub struct BertModel<B: Backend> {
+    /// `embeddings`.
+    pub embeddings: BertEmbeddings<B>,
+    /// `encoder.layer`.
+    pub layer: Vec<BertLayer<B>>,
+    /// `pooler.dense`.
+    pub pooler: Option<AdaptedLinear<B>>,
+    /// The config.
+    #[module(skip)]
+    pub config: BertConfig,
+}
+
+/// `last_hidden_state` and `pooler_output`.
+#[derive(Debug)]
+pub struct BertOutput<B: Backend> {
+    /// `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// `[batch, hidden]` (tanh of the pooler over `[CLS]`), when the model has a pooler.
+    pub pooler_output: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> BertModel<B> {
+    /// A randomly initialised model (lazily).
+    pub fn new(config: &BertConfig, with_pooler: bool, device: &B::Device) -> Result<Self> {
+        let h = config.hidden_size;
+        let mut layer = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            layer.push(BertLayer::new(config, device)?);
+        }
+        Ok(BertModel {
+            embeddings: BertEmbeddings {
+                word_embeddings: EmbeddingConfig::new(config.vocab_size, h).init(device),
+                position_embeddings: EmbeddingConfig::new(config.max_position_embeddings, h)
+                    .init(device),
+                token_type_embeddings: EmbeddingConfig::new(config.type_vocab_size, h).init(device),
+                layer_norm: BertLayerNorm::new(h, config.layer_norm_eps, device),
+                dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
+            },
+            layer,
+            pooler: with_pooler.then(|| AdaptedLinear::new(h, h, true, device)),
+            config: config.clone(),
+        })
+    }
+
+    /// Encodes `input_ids` `[batch, seq]` (mask: 1 = token, 0 = padding; token types default 0).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        token_type_ids: Option<Tensor<B, 2, Int>>,
+    ) -> BertOutput<B> {
+        let device = input_ids.device();
+        let [b, l] = input_ids.dims();
+        let positions = Tensor::<B, 1, Int>::arange(0..l as i64, &device)
+            .reshape([1, l])
+            .expand([b, l]);
+        let types = token_type_ids.unwrap_or_else(|| Tensor::zeros([b, l], &device));
+        let e = &self.embeddings;
+        let x = e.word_embeddings.forward(input_ids)
+            + e.token_type_embeddings.forward(types)
+            + e.position_embeddings.forward(positions);
+        let mut h = e.dropout.forward(e.layer_norm.forward(x));
+        let mask_bias = match attention_mask {
+            Some(m) => Tensor::<B, 4>::zeros([b, 1, 1, l], &device)
+                .mask_fill(m.equal_elem(0).reshape([b, 1, 1, l]), f32::MIN),
+            None => Tensor::zeros([b, 1, 1, l], &device),
+        };
+        for layer in &self.layer {
+            h = layer.forward(h, mask_bias.clone());
+        }
+        let pooler_output = self.pooler.as_ref().map(|p| {
+            let cls = h
+                .clone()
+                .narrow(1, 0, 1)
+                .reshape([b, self.config.hidden_size]);
+            p.forward(cls).tanh()
+        });
+        BertOutput {
+            last_hidden_state: h,
+            pooler_output,
+        }
+    }
+
+    fn walk(&self, prefix: &str, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
+        for (i, l) in self.layer.iter().enumerate() {
+            let p = format!("{prefix}encoder.layer.{i}");
+            f(&format!("{p}.attention.self.query"), &l.query);
+            f(&format!("{p}.attention.self.key"), &l.key);
+            f(&format!("{p}.attention.self.value"), &l.value);
+            f(&format!("{p}.attention.output.dense"), &l.attention_output);
+            f(&format!("{p}.intermediate.dense"), &l.intermediate);
+            f(&format!("{p}.output.dense"), &l.output);
+        }
+        if let Some(p) = &self.pooler {
+            f(&format!("{prefix}pooler.dense"), p);
+        }
+    }
+
+    fn walk_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
+        for (i, l) in self.layer.iter_mut().enumerate() {
+            let p = format!("{prefix}encoder.layer.{i}");
+            f(&format!("{p}.attention.self.query"), &mut l.query);
+            f(&format!("{p}.attention.self.key"), &mut l.key);
+            f(&format!("{p}.attention.self.value"), &mut l.value);
+            f(
+                &format!("{p}.attention.output.dense"),
+                &mut l.attention_output,
+            );
+            f(&format!("{p}.intermediate.dense"), &mut l.intermediate);
+            f(&format!("{p}.output.dense"), &mut l.output);
+        }
+        if let Some(p) = &mut self.pooler {
+            f(&format!("{prefix}pooler.dense"), p);
+        }
+    }
+
+    fn hf_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, HfParamMut<'_, B>)) {
+        let e = &mut self.embeddings;
+        for (n, emb) in [
+            ("word_embeddings", &mut e.word_embeddings),
+            ("position_embeddings", &mut e.position_embeddings),
+            ("token_type_embeddings", &mut e.token_type_embeddings),
+        ] {
+            f(
+                &format!("{prefix}embeddings.{n}.weight"),
+                HfParamMut::Matrix(&mut emb.weight),
+            );
+        }
+        norm_params(
+            &format!("{prefix}embeddings.LayerNorm"),
+            &mut e.layer_norm,
+            f,
+        );
+        for (i, l) in self.layer.iter_mut().enumerate() {
+            let p = format!("{prefix}encoder.layer.{i}");
+            norm_params(
+                &format!("{p}.attention.output.LayerNorm"),
+                &mut l.attention_norm,
+                f,
+            );
+            norm_params(&format!("{p}.output.LayerNorm"), &mut l.output_norm, f);
+        }
+        self.walk_mut(prefix, &mut |p, l| linear_params(p, l, f));
+    }
+}
+
+fn norm_params<B: Backend>(
+    path: &str,
+    n: &mut BertLayerNorm<B>,
+    f: &mut dyn FnMut(&str, HfParamMut<'_, B>),
+) {
+    f(&format!("{path}.weight"), HfParamMut::Vector(&mut n.weight));
+    f(&format!("{path}.bias"), HfParamMut::Vector(&mut n.bias));
+}
+
+fn linear_params<B: Backend>(
+    path: &str,
+    l: &mut AdaptedLinear<B>,
+    f: &mut dyn FnMut(&str, HfParamMut<'_, B>),
+) {
+    f(
+        &format!("{path}.weight"),
+        HfParamMut::LinearWeight(&mut l.weight),
+    );
+    if let Some(b) = &mut l.bias {
+        f(&format!("{path}.bias"), HfParamMut::Vector(b));
+    }
+}
+
+impl<B: Backend> AdapterHost<B> for BertModel<B> {
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
+        self.walk("", f)
+    }
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
+        self.walk_mut("", f)
+    }
+    fn model_type(&self) -> Option<&str> {
+        Some("bert")
+    }
+}
+
+impl<B: Backend> HfParams<B> for BertModel<B> {
+    fn visit_hf_params_mut(&mut self, f: &mut dyn FnMut(&str, HfParamMut<'_, B>)) {
+        self.hf_params("", f)
+    }
+    fn base_model_prefix(&self) -> Option<&'static str> {
+        Some("bert")
+    }
+}
+
+/// `BertForSequenceClassification`: pooled `[CLS]`, dropout, linear `classifier`.
+#[derive(Module, Debug)]
+pub struct BertForSequenceClassification<B: Backend> {
+    /// `bert`.
+    pub bert: BertModel<B>,
+    /// `classifier`, `[hidden] -> [num_labels]`.
+    pub classifier: AdaptedLinear<B>,
+    /// Classifier dropout.
+    pub dropout: Dropout,
+}
+
+impl<B: Backend> BertForSequenceClassification<B> {
+    /// A randomly initialised model (lazily).
+    pub fn new(config: &BertConfig, device: &B::Device) -> Result<Self> {
+        let p = config
+            .classifier_dropout
+            .unwrap_or(config.hidden_dropout_prob);
+        Ok(BertForSequenceClassification {
+            bert: BertModel::new(config, true, device)?,
+            classifier: AdaptedLinear::new(config.hidden_size, config.labels(), true, device),
+            dropout: DropoutConfig::new(p).init(),
+        })
+    }
+
+    /// Logits `[batch, num_labels]`.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        token_type_ids: Option<Tensor<B, 2, Int>>,
+    ) -> (Tensor<B, 2>, BertOutput<B>) {
+        let out = self.bert.forward(input_ids, attention_mask, token_type_ids);
+        let pooled = out
+            .pooler_output
+            .clone()
+            .expect("classification BERT has a pooler");
+        (self.classifier.forward(self.dropout.forward(pooled)), out)
+    }
+}
+
+impl<B: Backend> AdapterHost<B> for BertForSequenceClassification<B> {
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
+        self.bert.walk("bert.", f);
+        f("classifier", &self.classifier);
+    }
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
+        self.bert.walk_mut("bert.", f);
+        f("classifier", &mut self.classifier);
+    }
+    fn model_type(&self) -> Option<&str> {
+        Some("bert")
+    }
+    /// PEFT's `all-linear` leaves the classifier out for `SEQ_CLS` (it is a `modules_to_save`).
+    fn output_heads(&self, task: Option<TaskType>) -> Vec<String> {
+        match task {
+            Some(TaskType::SeqCls) => vec!["classifier".into()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> HfParams<B> for BertForSequenceClassification<B> {
+    fn visit_hf_params_mut(&mut self, f: &mut dyn FnMut(&str, HfParamMut<'_, B>)) {
+        self.bert.hf_params("bert.", f);
+        linear_params("classifier", &mut self.classifier, f);
+    }
+    fn base_model_prefix(&self) -> Option<&'static str> {
+        Some("bert")
+    }
+    /// A classifier on top of a bare encoder checkpoint starts fresh; so does a missing pooler.
+    fn may_be_newly_initialized(&self, name: &str) -> bool {
+        name.starts_with("classifier.") || name.starts_with("bert.pooler.")
+    }
+}
