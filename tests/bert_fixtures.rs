@@ -131,3 +131,32 @@ fn real_minilm_matches_transformers() {
         "MiniLM last_hidden_state",
     );
 }
+
+/// Merge-and-unload, written as an HF dir and loaded back, gives PEFT's adapted logits (the
+/// classifier copy from `modules_to_save` becomes the classifier).
+#[test]
+fn merged_bert_model_dir_matches_peft() {
+    let device = Default::default();
+    let (model, _) = load_bert_classifier::<B>(&fixture_path("bert/bert_cls"), &device).unwrap();
+    let (peft, _) = from_pretrained(model, &fixture_path("bert/bert_lora"), "default").unwrap();
+    let mut merged = peft.merge_and_unload(true).unwrap();
+    let out = std::env::temp_dir().join(format!("peft-bert-merged-{}", std::process::id()));
+    let config = peft::io::hf_model::read_json(&fixture_path("bert/bert_cls/config.json")).unwrap();
+    peft::io::save_hf_model(&mut merged, &config, &out, None).unwrap();
+    let (reloaded, report) = load_bert_classifier::<B>(&out, &device).unwrap();
+    assert!(report.unused.is_empty() && report.newly_initialized.is_empty());
+    let fx = Fixture::load("bert/bert_cls/outputs.safetensors");
+    let (logits, _) = reloaded.forward(
+        fx.get_int("input_ids", &device),
+        Some(fx.get_int("attention_mask", &device)),
+        Some(fx.get_int("token_type_ids", &device)),
+    );
+    let expected = Fixture::load("bert/lora_outputs.safetensors");
+    assert_close(
+        logits,
+        expected.get("logits", &device),
+        1e-4,
+        "merged logits",
+    );
+    std::fs::remove_dir_all(&out).ok();
+}

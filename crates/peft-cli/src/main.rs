@@ -13,7 +13,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_cli::LoraArgs;
 use peft_cli::train::TrainArgs;
-use peft_core::PeftModel;
+use peft_core::{AdapterHost, PeftModel};
 use peft_io::adapter::{ADAPTER_CONFIG, open_adapter_weights, read_adapter_config};
 use peft_io::{TextTokenizer, from_pretrained, load_t5, save_hf_model};
 use peft_models::{T5Config, T5ForConditionalGeneration};
@@ -130,7 +130,37 @@ fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2,
     Tensor::from_data(TensorData::new(flat, [b, l]), device)
 }
 
-/// The T5 model of `dir`, with the adapter of `adapter` merged in place as an active LoRA.
+fn warn_unused(what: &Path, report: &peft_io::LoadReport) {
+    if !report.unused.is_empty() {
+        eprintln!(
+            "warning: {} unused tensors in {}: {:?}",
+            report.unused.len(),
+            what.display(),
+            report.unused
+        );
+    }
+    if !report.newly_initialized.is_empty() {
+        eprintln!(
+            "warning: not in {}, freshly initialised: {:?}",
+            what.display(),
+            report.newly_initialized
+        );
+    }
+}
+
+/// `model` with the adapter of `adapter` attached and active (inference mode).
+fn attach<B: Backend, M: AdapterHost<B>>(model: M, adapter: Option<&Path>) -> Result<M> {
+    match adapter {
+        None => Ok(model),
+        Some(a) => {
+            let (peft, report) = from_pretrained(model, a, "default")?;
+            warn_unused(a, &report);
+            Ok(peft.base_model)
+        }
+    }
+}
+
+/// The T5 model of `dir`, with the adapter of `adapter` attached.
 fn load_model<B: Backend>(
     dir: &Path,
     adapter: Option<&Path>,
@@ -139,33 +169,68 @@ fn load_model<B: Backend>(
     let kind = peft_io::hf_model::model_type(dir)?;
     if kind != "t5" && kind != "mt5" {
         bail!(
-            "{}: model type {kind:?} is not supported yet (t5, mt5)",
+            "{}: model type {kind:?} cannot generate; generation needs a seq2seq model (t5, mt5)",
             dir.display()
         );
     }
     let (model, report) = load_t5::<B>(dir, device)?;
-    if !report.unused.is_empty() {
-        eprintln!(
-            "warning: {} unused tensors in {}: {:?}",
-            report.unused.len(),
-            dir.display(),
-            report.unused
-        );
-    }
-    match adapter {
-        None => Ok(model),
-        Some(a) => {
-            let (peft, report) = from_pretrained(model, a, "default")?;
-            if !report.unused.is_empty() {
-                eprintln!(
-                    "warning: unexpected adapter tensors in {}: {:?}",
-                    a.display(),
-                    report.unused
-                );
-            }
-            Ok(peft.base_model)
+    warn_unused(dir, &report);
+    attach(model, adapter)
+}
+
+fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
+    let shape = t.dims().to_vec();
+    let v = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 output");
+    (shape, v)
+}
+
+/// BERT forward: `logits` `[batch, labels]` for a classifier (config `architectures` or a
+/// SEQ_CLS adapter), else the bare encoder's `last_hidden_state` (and `pooler_output`).
+fn bert_forward<B: Backend>(
+    dir: &Path,
+    adapter: Option<&Path>,
+    texts: &[&str],
+    device: &B::Device,
+) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    let raw = peft_io::hf_model::read_json(&dir.join("config.json"))?;
+    let arch_cls = raw["architectures"].as_array().is_some_and(|a| {
+        a.iter().any(|v| {
+            v.as_str()
+                .is_some_and(|s| s.ends_with("ForSequenceClassification"))
+        })
+    });
+    let adapter_cls = match adapter {
+        Some(a) => read_adapter_config(a)?.task_type == Some(peft_core::TaskType::SeqCls),
+        None => false,
+    };
+    let tok = TextTokenizer::from_path(dir)?;
+    let pad = tok.token_id("[PAD]").unwrap_or(0);
+    let batch = tok.encode_batch(texts, Some(512), pad)?;
+    let ids = ids_tensor::<B>(&batch.ids, device);
+    let mask = ids_tensor::<B>(&batch.mask, device);
+    let mut out = BTreeMap::new();
+    if arch_cls || adapter_cls {
+        let (model, report) = peft_io::load_bert_classifier::<B>(dir, device)?;
+        warn_unused(dir, &report);
+        let model = attach(model, adapter)?;
+        let (logits, o) = model.forward(ids, Some(mask), None);
+        out.insert("logits".to_string(), to_f32(logits));
+        out.insert("last_hidden_state".to_string(), to_f32(o.last_hidden_state));
+    } else {
+        let (model, report) = peft_io::load_bert::<B>(dir, device)?;
+        warn_unused(dir, &report);
+        let model = attach(model, adapter)?;
+        let o = model.forward(ids, Some(mask), None);
+        out.insert("last_hidden_state".to_string(), to_f32(o.last_hidden_state));
+        if let Some(p) = o.pooler_output {
+            out.insert("pooler_output".to_string(), to_f32(p));
         }
     }
+    Ok(out)
 }
 
 fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
@@ -184,9 +249,19 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             decoder_input_ids,
             out,
         } => {
+            let texts: Vec<&str> = text.iter().map(String::as_str).collect();
+            if peft_io::hf_model::model_type(&model)? == "bert" {
+                let tensors = bert_forward::<B>(&model, adapter.as_deref(), &texts, device)?;
+                peft_io::tensors::write_safetensors(
+                    &out,
+                    &tensors,
+                    HashMap::from([("format".into(), "pt".into())]),
+                )?;
+                eprintln!("wrote {}", out.display());
+                return Ok(());
+            }
             let m = load_model::<B>(&model, adapter.as_deref(), device)?;
             let tok = TextTokenizer::from_path(&model)?;
-            let texts: Vec<&str> = text.iter().map(String::as_str).collect();
             let pad = m.config.pad_token_id.unwrap_or(0) as u32;
             let batch = tok.encode_batch(&texts, None, pad)?;
             let dec = decoder_input_ids.unwrap_or_else(|| vec![m.config.decoder_start() as u32]);
@@ -197,17 +272,11 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
                 ids_tensor::<B>(&dec_rows, device),
             );
             let mut tensors = BTreeMap::new();
-            let mut put = |name: &str, t: Tensor<B, 3>| {
-                let shape = t.dims().to_vec();
-                let v = t
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .expect("f32 output");
-                tensors.insert(name.to_string(), (shape, v));
-            };
-            put("logits", o.logits);
-            put("encoder_last_hidden_state", o.encoder_last_hidden_state);
+            tensors.insert("logits".to_string(), to_f32(o.logits));
+            tensors.insert(
+                "encoder_last_hidden_state".to_string(),
+                to_f32(o.encoder_last_hidden_state),
+            );
             peft_io::tensors::write_safetensors(
                 &out,
                 &tensors,
@@ -249,11 +318,21 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             adapter,
             out,
         } => {
-            let base = load_model::<B>(&model, None, device)?;
-            let (peft, _) = from_pretrained(base, &adapter, "default")?;
-            let mut merged = peft.merge_and_unload(true)?;
             let config = peft_io::hf_model::read_json(&model.join("config.json"))?;
-            save_hf_model(&mut merged, &config, &out, Some(&model))?;
+            if peft_io::hf_model::model_type(&model)? == "bert" {
+                let seq_cls =
+                    read_adapter_config(&adapter)?.task_type == Some(peft_core::TaskType::SeqCls);
+                if seq_cls {
+                    let (base, _) = peft_io::load_bert_classifier::<B>(&model, device)?;
+                    merge_into(base, &adapter, &config, &out, &model)?;
+                } else {
+                    let (base, _) = peft_io::load_bert::<B>(&model, device)?;
+                    merge_into(base, &adapter, &config, &out, &model)?;
+                }
+            } else {
+                let base = load_model::<B>(&model, None, device)?;
+                merge_into(base, &adapter, &config, &out, &model)?;
+            }
             println!(
                 "merged {} into {} -> {}",
                 adapter.display(),
@@ -262,6 +341,20 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Merge-and-unload the adapter into `base` and write a plain HF model directory.
+fn merge_into<B: Backend, M: AdapterHost<B> + peft_models::HfParams<B>>(
+    base: M,
+    adapter: &Path,
+    config: &serde_json::Value,
+    out: &Path,
+    model_dir: &Path,
+) -> Result<()> {
+    let (peft, _) = from_pretrained(base, adapter, "default")?;
+    let mut merged = peft.merge_and_unload(true)?;
+    save_hf_model(&mut merged, config, out, Some(model_dir))?;
     Ok(())
 }
 

