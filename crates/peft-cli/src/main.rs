@@ -178,7 +178,7 @@ fn load_model<B: Backend>(
     attach(model, adapter)
 }
 
-fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
+fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> peft_io::tensors::F32Tensor {
     let shape = t.dims().to_vec();
     let v = t
         .into_data()
@@ -195,7 +195,7 @@ fn bert_forward<B: Backend>(
     adapter: Option<&Path>,
     texts: &[&str],
     device: &B::Device,
-) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+) -> Result<BTreeMap<String, peft_io::tensors::F32Tensor>> {
     let raw = peft_io::hf_model::read_json(&dir.join("config.json"))?;
     let arch_cls = raw["architectures"].as_array().is_some_and(|a| {
         a.iter().any(|v| {
