@@ -1,7 +1,7 @@
 //! T5 (v1.0, tied) and mT5 (gated-gelu, untied, encoder 2 / decoder 3 blocks) loaded from the
 //! model directories transformers 4.57.6 saved (`tests/fixtures/t5/make_fixtures.py`), run on a
 //! padded batch: logits and encoder hidden states equal transformers' to 1e-4, greedy ids equal
-//! `generate(do_sample=False, max_new_tokens=8)`. The same for a PEFT LoRA adapter on the mT5
+//! `generate(do_sample=False, max_new_tokens=8)`, and beam-search ids equal `num_beams=3`. The same for a PEFT LoRA adapter on the mT5
 //! loaded from PEFT's `save_pretrained` directory.
 
 mod common;
@@ -26,12 +26,8 @@ fn check(model_dir: &str, outputs: &str, with_adapter: Option<&str>) {
     let expected_ids = fx.rows("generated");
     let max_new = expected_ids[0].len() - 1;
 
-    let (logits, enc, generated) = match with_adapter {
-        None => {
-            let out = model.forward(ids.clone(), Some(mask.clone()), dec);
-            let generated = model.generate_greedy(ids, Some(mask), max_new);
-            (out.logits, out.encoder_last_hidden_state, generated)
-        }
+    let model = match with_adapter {
+        None => model,
         Some(adapter) => {
             let (peft, report) = from_pretrained(model, &fixture_path(adapter), "default").unwrap();
             assert!(
@@ -39,12 +35,13 @@ fn check(model_dir: &str, outputs: &str, with_adapter: Option<&str>) {
                 "{adapter}: unused {:?}",
                 report.unused
             );
-            let m = &peft.base_model;
-            let out = m.forward(ids.clone(), Some(mask.clone()), dec);
-            let generated = m.generate_greedy(ids, Some(mask), max_new);
-            (out.logits, out.encoder_last_hidden_state, generated)
+            peft.base_model
         }
     };
+    let out = model.forward(ids.clone(), Some(mask.clone()), dec);
+    let generated = model.generate_greedy(ids.clone(), Some(mask.clone()), max_new);
+    let beam = model.generate_beam(ids, Some(mask), max_new, 3);
+    let (logits, enc) = (out.logits, out.encoder_last_hidden_state);
     let what = format!("{model_dir} (adapter {with_adapter:?})");
     assert_close(
         logits,
@@ -59,6 +56,11 @@ fn check(model_dir: &str, outputs: &str, with_adapter: Option<&str>) {
         &format!("{what}: encoder states"),
     );
     assert_eq!(generated, expected_ids, "{what}: greedy ids");
+    assert_eq!(
+        beam,
+        fx.rows("generated_beam3"),
+        "{what}: beam search ids (num_beams=3)"
+    );
 }
 
 #[test]

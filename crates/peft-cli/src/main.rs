@@ -291,20 +291,19 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             num_beams,
             text,
         } => {
-            if num_beams != 1 {
-                bail!(
-                    "--num-beams {num_beams}: beam search is not implemented yet; use greedy (1)"
-                );
+            if num_beams == 0 {
+                bail!("--num-beams must be at least 1");
             }
             let m = load_model::<B>(&model, adapter.as_deref(), device)?;
             let tok = TextTokenizer::from_path(&model)?;
             let texts: Vec<&str> = text.iter().map(String::as_str).collect();
             let pad = m.config.pad_token_id.unwrap_or(0) as u32;
             let batch = tok.encode_batch(&texts, None, pad)?;
-            let out = m.generate_greedy(
+            let out = m.generate_beam(
                 ids_tensor::<B>(&batch.ids, device),
                 Some(ids_tensor::<B>(&batch.mask, device)),
                 max_new_tokens,
+                num_beams,
             );
             for ids in out {
                 let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();

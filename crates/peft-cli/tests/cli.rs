@@ -63,9 +63,13 @@ fn params_prints_the_seed_line_for_mt0_large() {
 #[test]
 fn generate_prints_what_transformers_decodes() {
     let fx = cli_json();
-    for (case, adapter) in [("mt5", None), ("mt5_lora", Some("mt5_lora"))] {
+    for (case, adapter, beams, key) in [
+        ("mt5", None, "1", "decoded"),
+        ("mt5_lora", Some("mt5_lora"), "1", "decoded"),
+        ("mt5_lora", Some("mt5_lora"), "2", "decoded_beam2"),
+    ] {
         let texts: Vec<String> = serde_json::from_value(fx[case]["texts"].clone()).unwrap();
-        let expected: Vec<String> = serde_json::from_value(fx[case]["decoded"].clone()).unwrap();
+        let expected: Vec<String> = serde_json::from_value(fx[case][key].clone()).unwrap();
         let model = fixtures().join("mt5");
         let mut args = vec![
             "generate".to_string(),
@@ -73,6 +77,8 @@ fn generate_prints_what_transformers_decodes() {
             model.display().to_string(),
             "--max-new-tokens".into(),
             "6".into(),
+            "--num-beams".into(),
+            beams.into(),
         ];
         if let Some(a) = adapter {
             args.push("--adapter".into());

@@ -860,6 +860,155 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
     }
 }
 
+/// Beam search exactly as transformers 4.57's `generate(num_beams=K, do_sample=False)` with
+/// its defaults (`length_penalty = 1.0`, `early_stopping = False`, one returned sequence).
+impl<B: Backend> T5ForConditionalGeneration<B> {
+    /// Beam search with `num_beams` beams and at most `max_new_tokens` new tokens. Returns, per
+    /// input, the best finished hypothesis (start token included), right-padded with the pad
+    /// token to the longest returned hypothesis, as transformers returns them.
+    pub fn generate_beam(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        max_new_tokens: usize,
+        num_beams: usize,
+    ) -> Vec<Vec<usize>> {
+        if num_beams <= 1 {
+            return self.generate_greedy(input_ids, attention_mask, max_new_tokens);
+        }
+        const NEG: f32 = -1.0e9;
+        let device = input_ids.device();
+        let (batch, k) = (input_ids.dims()[0], num_beams);
+        // Every input repeated once per beam: rows b*K .. b*K+K-1.
+        let expand: Vec<i64> = (0..batch)
+            .flat_map(|b| std::iter::repeat_n(b as i64, k))
+            .collect();
+        let expand = Tensor::<B, 1, Int>::from_data(TensorData::new(expand, [batch * k]), &device);
+        let enc = self.encode(input_ids, attention_mask.clone());
+        let enc = enc.select(0, expand.clone());
+        let mask = attention_mask.map(|m| m.select(0, expand));
+        let start = self.config.decoder_start();
+        let eos = self.config.eos_token_id;
+        let pad = self.config.pad_token_id.unwrap_or(0);
+        let max_length = 1 + max_new_tokens;
+        let keep = 2 * k; // max(2, 1 + #eos) * num_beams
+        let vocab = self.config.vocab_size;
+
+        let mut running: Vec<Vec<Vec<usize>>> = vec![vec![vec![start]; k]; batch];
+        let mut running_scores: Vec<Vec<f32>> =
+            vec![(0..k).map(|i| if i == 0 { 0.0 } else { NEG }).collect(); batch];
+        let mut finished: Vec<Vec<(f32, Vec<usize>, bool)>> =
+            vec![vec![(NEG, vec![start], false); k]; batch];
+        let mut unsatisfied = vec![true; batch];
+        let mut cache = DecoderCache::default();
+        let mut cur_len = 1usize;
+        let mut next: Vec<i64> = vec![start as i64; batch * k];
+        loop {
+            let ids = Tensor::<B, 2, Int>::from_data(
+                TensorData::new(next.clone(), [batch * k, 1]),
+                &device,
+            );
+            let logits = self.decode(ids, enc.clone(), mask.clone(), Some(&mut cache));
+            let lp = burn::tensor::activation::log_softmax(logits.reshape([batch * k, vocab]), 1);
+            let lp: Vec<f32> = lp
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32 log-probs");
+            let mut all_hit = true;
+            let mut reorder = Vec::with_capacity(batch * k);
+            for b in 0..batch {
+                // Top `keep` continuations over all beams.
+                let mut cand: Vec<(f32, usize)> = Vec::with_capacity(k * vocab);
+                for beam in 0..k {
+                    let row = &lp[(b * k + beam) * vocab..(b * k + beam + 1) * vocab];
+                    for (v, x) in row.iter().enumerate() {
+                        cand.push((x + running_scores[b][beam], beam * vocab + v));
+                    }
+                }
+                cand.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+                cand.truncate(keep);
+                let tops: Vec<(f32, usize, usize, bool)> = cand
+                    .iter()
+                    .map(|&(score, idx)| {
+                        let (beam, tok) = (idx / vocab, idx % vocab);
+                        let hit = Some(tok) == eos || cur_len + 1 >= max_length;
+                        (score, beam, tok, hit)
+                    })
+                    .collect();
+                all_hit &= tops.iter().all(|t| t.3);
+                // Next running beams: the best non-finished continuations.
+                let mut order: Vec<usize> = (0..keep).collect();
+                let run_score = |i: usize| tops[i].0 + if tops[i].3 { NEG } else { 0.0 };
+                order.sort_by(|&x, &y| run_score(y).total_cmp(&run_score(x)).then(x.cmp(&y)));
+                let mut new_running = Vec::with_capacity(k);
+                let mut new_scores = Vec::with_capacity(k);
+                for &i in order.iter().take(k) {
+                    let (_, beam, tok, _) = tops[i];
+                    let mut seq = running[b][beam].clone();
+                    seq.push(tok);
+                    new_running.push(seq);
+                    new_scores.push(run_score(i));
+                    reorder.push((b * k + beam) as i64);
+                }
+                // Finished hypotheses: merge the newly finished among the top K with the kept ones.
+                let penalty = (cur_len + 1 - 1) as f32;
+                let mut merged = finished[b].clone();
+                for (i, &(score, beam, tok, hit)) in tops.iter().enumerate() {
+                    let just_finished = hit && i < k;
+                    let mut s = score / penalty;
+                    if !unsatisfied[b] {
+                        s += NEG;
+                    }
+                    if !just_finished {
+                        s += NEG;
+                    }
+                    let mut seq = running[b][beam].clone();
+                    seq.push(tok);
+                    merged.push((s, seq, just_finished));
+                }
+                let mut idx: Vec<usize> = (0..merged.len()).collect();
+                idx.sort_by(|&x, &y| merged[y].0.total_cmp(&merged[x].0).then(x.cmp(&y)));
+                finished[b] = idx.iter().take(k).map(|&i| merged[i].clone()).collect();
+                running[b] = new_running;
+                running_scores[b] = new_scores;
+            }
+            cur_len += 1;
+            for b in 0..batch {
+                let best_possible = running_scores[b][0] / (cur_len - 1) as f32;
+                let min_finished = finished[b]
+                    .iter()
+                    .map(|f| f.0)
+                    .fold(f32::INFINITY, f32::min);
+                let improvable = finished[b]
+                    .iter()
+                    .any(|f| best_possible > if f.2 { min_finished } else { NEG });
+                unsatisfied[b] &= improvable;
+            }
+            if !unsatisfied.iter().any(|u| *u) || all_hit {
+                break;
+            }
+            // Reorder the cache to the surviving beams and feed their last tokens.
+            let idx =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(reorder, [batch * k]), &device);
+            for kv in cache.self_kv.iter_mut() {
+                kv.k = kv.k.clone().select(0, idx.clone());
+                kv.v = kv.v.clone().select(0, idx.clone());
+            }
+            next = running
+                .iter()
+                .flat_map(|beams| beams.iter().map(|s| *s.last().expect("non-empty") as i64))
+                .collect();
+        }
+        let mut out: Vec<Vec<usize>> = finished.into_iter().map(|f| f[0].1.clone()).collect();
+        let len = out.iter().map(Vec::len).max().unwrap_or(1);
+        for o in out.iter_mut() {
+            o.resize(len, pad);
+        }
+        out
+    }
+}
+
 impl<B: Backend> AdapterHost<B> for T5ForConditionalGeneration<B> {
     fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
         for (stack_name, stack) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
