@@ -8,7 +8,8 @@
 //!   sharded `model.safetensors.index.json`, or `pytorch_model.bin`;
 //! - `tokenizer.json` ([`tokenizer`]) through the `tokenizers` crate;
 //! - the tensor readers under both ([`tensors`]): safetensors memory-mapped with its header
-//!   validated, PyTorch checkpoints parsed without executing pickle code.
+//!   validated, PyTorch checkpoints parsed without executing pickle code, behind a strict
+//!   opcode and global allowlist ([`pickle`]).
 //!
 //! `peft-core` and `peft-models` never touch files. Every error names the file (and the key,
 //! and expected vs found shapes where it applies).
@@ -18,6 +19,7 @@ pub mod adapter;
 pub mod checkpoint;
 mod error;
 pub mod hf_model;
+pub mod pickle;
 pub mod tensors;
 pub mod tokenizer;
 

@@ -173,8 +173,10 @@ impl TensorSource {
         Self::shards(files)
     }
 
-    /// A PyTorch `.bin` checkpoint.
+    /// A PyTorch `.bin` checkpoint, after [`crate::pickle::check_torch_zip`] has refused any
+    /// pickle that does more than build tensors.
     pub fn pytorch(path: &Path) -> Result<Self> {
+        crate::pickle::check_torch_zip(path)?;
         let reader =
             burn_store::pytorch::PytorchReader::new(path).map_err(|e| IoError::Pickle {
                 path: path.to_path_buf(),
