@@ -426,72 +426,47 @@ fn main() {
     }
 }
 
-fn dispatch(cli: Cli) -> Result<()> {
-    if let Cmd::Train(args) = &cli.cmd {
-        return match cli.device {
-            DeviceArg::Cpu => peft_cli::train::train::<
-                burn::backend::Autodiff<burn::backend::NdArray>,
-            >(args, &Default::default())
-            .map(|_| ()),
+/// Runs `$body` with `$B` bound to the backend `--device` names, or says which feature is
+/// missing from this build.
+macro_rules! on_backend {
+    ($device:expr, |$B:ident| $body:expr) => {
+        match $device {
+            DeviceArg::Cpu => {
+                type $B = burn::backend::NdArray;
+                $body
+            }
             DeviceArg::Wgpu => {
                 #[cfg(feature = "wgpu")]
                 {
-                    peft_cli::train::train::<burn::backend::Autodiff<burn::backend::Wgpu>>(
-                        args,
-                        &Default::default(),
-                    )
-                    .map(|_| ())
+                    type $B = burn::backend::Wgpu;
+                    $body
                 }
                 #[cfg(not(feature = "wgpu"))]
                 {
-                    bail!(
-                        "this `peft` was built without the `wgpu` feature (cargo build --features wgpu)"
-                    )
+                    bail!("this `peft` was built without the `wgpu` feature (cargo build --features wgpu)")
                 }
             }
             DeviceArg::Cuda => {
                 #[cfg(feature = "cuda")]
                 {
-                    peft_cli::train::train::<burn::backend::Autodiff<burn::backend::Cuda>>(
-                        args,
-                        &Default::default(),
-                    )
-                    .map(|_| ())
+                    type $B = burn::backend::Cuda;
+                    $body
                 }
                 #[cfg(not(feature = "cuda"))]
                 {
-                    bail!(
-                        "this `peft` was built without the `cuda` feature (cargo build --features cuda)"
-                    )
+                    bail!("this `peft` was built without the `cuda` feature (cargo build --features cuda)")
                 }
             }
-        };
-    }
-    match cli.device {
-        DeviceArg::Cpu => run::<burn::backend::NdArray>(cli.cmd, &Default::default()),
-        DeviceArg::Wgpu => {
-            #[cfg(feature = "wgpu")]
-            {
-                run::<burn::backend::Wgpu>(cli.cmd, &burn::backend::wgpu::WgpuDevice::default())
-            }
-            #[cfg(not(feature = "wgpu"))]
-            {
-                bail!(
-                    "this `peft` was built without the `wgpu` feature (cargo build --features wgpu)"
-                )
-            }
         }
-        DeviceArg::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                run::<burn::backend::Cuda>(cli.cmd, &burn::backend::cuda::CudaDevice::default())
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                bail!(
-                    "this `peft` was built without the `cuda` feature (cargo build --features cuda)"
-                )
-            }
-        }
+    };
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    if let Cmd::Train(args) = &cli.cmd {
+        return on_backend!(cli.device, |Bk| {
+            peft_cli::train::train::<burn::backend::Autodiff<Bk>>(args, &Default::default())
+                .map(|_| ())
+        });
     }
+    on_backend!(cli.device, |Bk| run::<Bk>(cli.cmd, &Default::default()))
 }

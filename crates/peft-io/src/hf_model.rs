@@ -199,13 +199,20 @@ pub fn load_bert_classifier<B: Backend>(
     device: &B::Device,
 ) -> Result<(peft_models::BertForSequenceClassification<B>, LoadReport)> {
     let config = read_bert_config(dir)?;
-    let mut model =
-        peft_models::BertForSequenceClassification::new(&config, device).map_err(|source| {
-            IoError::Model {
-                path: dir.join("config.json"),
-                source,
-            }
-        })?;
+    build_and_load(dir, || {
+        peft_models::BertForSequenceClassification::new(&config, device)
+    })
+}
+
+/// Builds a model (lazily) and fills it from the directory's weights.
+fn build_and_load<B: Backend, M: HfParams<B>>(
+    dir: &Path,
+    build: impl FnOnce() -> peft_models::Result<M>,
+) -> Result<(M, LoadReport)> {
+    let mut model = build().map_err(|source| IoError::Model {
+        path: dir.join("config.json"),
+        source,
+    })?;
     let source = open_weights(dir)?;
     let report = load_hf_weights(&mut model, &source)?;
     Ok((model, report))
@@ -217,14 +224,7 @@ pub fn load_t5<B: Backend>(
     device: &B::Device,
 ) -> Result<(T5ForConditionalGeneration<B>, LoadReport)> {
     let config = read_t5_config(dir)?;
-    let mut model =
-        T5ForConditionalGeneration::new(&config, device).map_err(|source| IoError::Model {
-            path: dir.join("config.json"),
-            source,
-        })?;
-    let source = open_weights(dir)?;
-    let report = load_hf_weights(&mut model, &source)?;
-    Ok((model, report))
+    build_and_load(dir, || T5ForConditionalGeneration::new(&config, device))
 }
 
 /// Files of a model directory that describe its tokenizer, copied along with merged models.
