@@ -114,3 +114,89 @@ fn training_loss_matches_transformers() {
         assert_close(loss, fx.get("loss", &device), 1e-5, &format!("{dir}: loss"));
     }
 }
+
+/// PEFT options through PEFT's own files: rank/alpha patterns with `layers_to_transform`
+/// (safetensors) and rsLoRA (legacy `.bin`) give PEFT's logits.
+#[test]
+fn peft_option_files_match_peft() {
+    let device = Default::default();
+    let fx = Fixture::load("t5/mt5/outputs.safetensors");
+    for dir in ["t5/mt5_lora_patterns", "t5/mt5_lora_rslora_bin"] {
+        let (model, _) = load_t5::<B>(&fixture_path("t5/mt5"), &device).unwrap();
+        let (peft, report) = from_pretrained(model, &fixture_path(dir), "default").unwrap();
+        assert!(report.unused.is_empty(), "{dir}: {report:?}");
+        let out = peft.base_model.forward(
+            fx.get_int("input_ids", &device),
+            Some(fx.get_int("attention_mask", &device)),
+            fx.get_int("decoder_input_ids", &device),
+        );
+        let expected = Fixture::load(&format!("{dir}/logits.safetensors"));
+        assert_close(out.logits, expected.get("logits", &device), TOL, dir);
+    }
+}
+
+/// A sharded checkpoint (`model.safetensors.index.json`, as transformers writes large models)
+/// loads to the same outputs as the single file.
+#[test]
+fn sharded_checkpoint_loads() {
+    let device = Default::default();
+    let src = fixture_path("t5/mt5");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let dir = std::env::temp_dir().join(format!("peft-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        std::fs::write(
+            dir.join(&file),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (model, report) = load_t5::<B>(&dir, &device).unwrap();
+    assert!(report.unused.is_empty());
+    let fx = Fixture::load("t5/mt5/outputs.safetensors");
+    let out = model.forward(
+        fx.get_int("input_ids", &device),
+        Some(fx.get_int("attention_mask", &device)),
+        fx.get_int("decoder_input_ids", &device),
+    );
+    assert_close(out.logits, fx.get("logits", &device), TOL, "sharded logits");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Several adapters save like PEFT (`default` at the root, others in `<dir>/<name>/`) and load
+/// back under any name with identical tensors.
+#[test]
+fn named_adapters_save_in_subdirectories_and_reload() {
+    use peft::io::adapter::adapter_state_dict;
+    let device = Default::default();
+    let (model, _) = load_t5::<B>(&fixture_path("t5/mt5"), &device).unwrap();
+    let (mut peft, _) = from_pretrained(model, &fixture_path("t5/mt5_lora"), "default").unwrap();
+    peft::io::load_adapter(&mut peft, &fixture_path("t5/mt5_lora_patterns"), "patterns").unwrap();
+    let dir = std::env::temp_dir().join(format!("peft-named-{}", std::process::id()));
+    let written = peft::io::save_pretrained(&peft, &dir).unwrap();
+    assert_eq!(written, vec![dir.clone(), dir.join("patterns")]);
+    assert!(dir.join("patterns/adapter_config.json").exists());
+    let (model, _) = load_t5::<B>(&fixture_path("t5/mt5"), &device).unwrap();
+    let (reloaded, _) = from_pretrained(model, &dir.join("patterns"), "renamed").unwrap();
+    assert_eq!(
+        adapter_state_dict(&reloaded, "renamed"),
+        adapter_state_dict(&peft, "patterns"),
+        "tensors survive a save/load round trip under another name"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -43,17 +43,22 @@ pub struct LoraArgs {
     /// Which biases train: none, all, lora_only.
     #[arg(long, default_value = "none")]
     pub bias: String,
-    /// Task type: SEQ_2_SEQ_LM, SEQ_CLS, ...
-    #[arg(long, default_value = "SEQ_2_SEQ_LM")]
-    pub task_type: String,
+    /// Task type: SEQ_2_SEQ_LM, SEQ_CLS, FEATURE_EXTRACTION (PEFT's default: none; `peft train`
+    /// defaults to SEQ_2_SEQ_LM).
+    #[arg(long)]
+    pub task_type: Option<String>,
 }
 
 impl LoraArgs {
     /// The `LoraConfig` these options describe.
     pub fn config(&self) -> Result<LoraConfig> {
-        let task_type: TaskType =
-            serde_json::from_value(serde_json::Value::String(self.task_type.clone()))
-                .with_context(|| format!("unknown task type {:?}", self.task_type))?;
+        let task_type: Option<TaskType> = match &self.task_type {
+            Some(t) => Some(
+                serde_json::from_value(serde_json::Value::String(t.clone()))
+                    .with_context(|| format!("unknown task type {t:?}"))?,
+            ),
+            None => None,
+        };
         let bias: Bias = serde_json::from_value(serde_json::Value::String(self.bias.clone()))
             .with_context(|| format!("unknown bias {:?} (none, all, lora_only)", self.bias))?;
         let target_modules = match (&self.target_modules, &self.target_regex) {
@@ -65,7 +70,7 @@ impl LoraArgs {
             (None, None) => None,
         };
         Ok(LoraConfig {
-            task_type: Some(task_type),
+            task_type,
             r: self.lora_r,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,

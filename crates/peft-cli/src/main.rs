@@ -109,18 +109,35 @@ enum Cmd {
     },
 }
 
-fn t5_config(model: &str) -> Result<T5Config> {
+/// A model's architecture, from a preset name or a directory's config.json.
+enum Arch {
+    T5(T5Config),
+    Bert(peft_models::BertConfig),
+}
+
+fn arch(model: &str) -> Result<Arch> {
     if let Some(c) = T5Config::preset_by_name(model) {
-        return Ok(c);
+        return Ok(Arch::T5(c));
+    }
+    if let Some(c) = peft_models::BertConfig::preset_by_name(model) {
+        return Ok(Arch::Bert(c));
     }
     let dir = Path::new(model);
     if dir.join("config.json").exists() {
-        return Ok(peft_io::hf_model::read_t5_config(dir)?);
+        return Ok(match peft_io::hf_model::model_type(dir)?.as_str() {
+            "bert" => Arch::Bert(peft_io::hf_model::read_bert_config(dir)?),
+            _ => Arch::T5(peft_io::hf_model::read_t5_config(dir)?),
+        });
     }
     bail!(
-        "`{model}` is neither a preset ({}) nor a directory with config.json",
-        T5Config::PRESETS.join(", ")
+        "`{model}` is neither a preset ({}, {}) nor a directory with config.json",
+        T5Config::PRESETS.join(", "),
+        peft_models::BertConfig::PRESETS.join(", ")
     )
+}
+
+fn params_line<B: Backend, M: AdapterHost<B>>(model: M, lora: &LoraArgs) -> Result<String> {
+    Ok(PeftModel::new(model, lora.config()?, "default")?.trainable_parameters_line())
 }
 
 fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -236,11 +253,20 @@ fn bert_forward<B: Backend>(
 fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
     match cmd {
         Cmd::Params { model, lora } => {
-            let config = t5_config(&model)?;
             // Lazy parameters: counting allocates no weights, even for billions of parameters.
-            let m = T5ForConditionalGeneration::<B>::new(&config, device)?;
-            let peft = PeftModel::new(m, lora.config()?, "default")?;
-            println!("{}", peft.trainable_parameters_line());
+            let line = match arch(&model)? {
+                Arch::T5(c) => {
+                    params_line(T5ForConditionalGeneration::<B>::new(&c, device)?, &lora)?
+                }
+                Arch::Bert(c) if lora.task_type.as_deref() == Some("SEQ_CLS") => params_line(
+                    peft_models::BertForSequenceClassification::<B>::new(&c, device)?,
+                    &lora,
+                )?,
+                Arch::Bert(c) => {
+                    params_line(peft_models::BertModel::<B>::new(&c, true, device)?, &lora)?
+                }
+            };
+            println!("{line}");
         }
         Cmd::Forward {
             model,

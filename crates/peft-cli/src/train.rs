@@ -443,8 +443,7 @@ pub struct TrainOutcome<B: AutodiffBackend, M: AdapterHost<B>> {
 /// Runs the training described by `args` on backend `B` (autodiff) at `device`: seq2seq LM, or
 /// sequence classification with `--task-type SEQ_CLS`.
 pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainSummary> {
-    let task: TaskType = serde_json::from_value(json!(args.lora.task_type))
-        .with_context(|| format!("unknown task type {:?}", args.lora.task_type))?;
+    let task = args.lora.config()?.task_type.unwrap_or(TaskType::Seq2SeqLm);
     match task {
         TaskType::Seq2SeqLm => Ok(train_seq2seq::<B>(args, device)?.summary),
         TaskType::SeqCls => Ok(train_seq_cls::<B>(args, device)?.summary),
@@ -561,6 +560,7 @@ where
 {
     let out = &args.output_dir;
     let mut config = args.lora.config()?;
+    config.task_type = Some(config.task_type.unwrap_or(TaskType::Seq2SeqLm));
     config.base_model_name_or_path = Some(base_dir.display().to_string());
     let mut peft = PeftModel::new(base, config, "default")?;
     stable_ids(&mut peft);
