@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{B, Fixture, assert_close, fixture_path};
+use common::{B, Fixture, assert_close, fixture_path, read_json};
 use peft::io::{from_pretrained, load_t5};
 
 const TOL: f32 = 1e-4;
@@ -199,4 +199,41 @@ fn named_adapters_save_in_subdirectories_and_reload() {
         "tensors survive a save/load round trip under another name"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Beams that end with EOS early (the mt5 model with its `</s>` logit row scaled by 4, as in
+/// `make_beam_eos.py`): greedy and `num_beams=3` ids equal transformers', EOS padding included.
+#[test]
+fn beams_finishing_with_eos_match_transformers() {
+    use burn::module::Param;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let device = Default::default();
+    let fx = read_json("t5/beam_eos.json");
+    let (mut model, _) = load_t5::<B>(&fixture_path("t5/mt5"), &device).unwrap();
+    let head = model.lm_head.as_mut().unwrap();
+    let [d, v] = head.weight.val().dims();
+    let mut w: Vec<f32> = head.weight.val().into_data().to_vec().unwrap();
+    for row in 0..d {
+        w[row * v + 1] *= fx["eos_scale"].as_f64().unwrap() as f32;
+    }
+    head.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [d, v]), &device));
+    let rows: Vec<Vec<i64>> = serde_json::from_value(fx["input_ids"].clone()).unwrap();
+    let (b, l) = (rows.len(), rows[0].len());
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [b, l]), &device);
+    let greedy: Vec<Vec<usize>> = serde_json::from_value(fx["beams_1"].clone()).unwrap();
+    assert_eq!(
+        model.generate_greedy(ids.clone(), None, 8),
+        greedy,
+        "greedy with EOS"
+    );
+    let beams: Vec<Vec<usize>> = serde_json::from_value(fx["beams_3"].clone()).unwrap();
+    assert!(
+        beams.iter().any(|r| r[1..].contains(&1)),
+        "the fixture has EOS-terminated beams"
+    );
+    assert_eq!(
+        model.generate_beam(ids, None, 8, 3),
+        beams,
+        "beam search with EOS"
+    );
 }

@@ -22,7 +22,9 @@ use anyhow::{Context, Result, bail};
 const FIXTURE_SCRIPTS: &[&str] = &[
     "tests/fixtures/lora/make_fixtures.py",
     "tests/fixtures/t5/make_fixtures.py",
+    "tests/fixtures/t5/make_beam_eos.py",
     "tests/fixtures/bert/make_fixtures.py",
+    "tests/fixtures/adversarial/make_fixtures.py",
 ];
 const DATA: &str = "examples/data/complaints";
 const TRAIN_OUT: &str = "target/peft-train/complaints";

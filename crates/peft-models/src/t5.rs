@@ -864,8 +864,8 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
 /// its defaults (`length_penalty = 1.0`, `early_stopping = False`, one returned sequence).
 impl<B: Backend> T5ForConditionalGeneration<B> {
     /// Beam search with `num_beams` beams and at most `max_new_tokens` new tokens. Returns, per
-    /// input, the best finished hypothesis (start token included), right-padded with the pad
-    /// token to the longest returned hypothesis, as transformers returns them.
+    /// input, the best finished hypothesis (start token included), right-padded to the longest returned hypothesis as transformers pads them
+    /// (`pad_token_id or eos_token_id`, so EOS for T5).
     pub fn generate_beam(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -1000,10 +1000,17 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
                 .flat_map(|beams| beams.iter().map(|s| *s.last().expect("non-empty") as i64))
                 .collect();
         }
+        // transformers fills finished beams with `pad_token_id or eos_token_id`: with pad id 0
+        // (T5's) that is EOS.
+        let fill = match (self.config.pad_token_id, eos) {
+            (Some(p), _) if p != 0 => p,
+            (_, Some(e)) => e,
+            _ => pad,
+        };
         let mut out: Vec<Vec<usize>> = finished.into_iter().map(|f| f[0].1.clone()).collect();
         let len = out.iter().map(Vec::len).max().unwrap_or(1);
         for o in out.iter_mut() {
-            o.resize(len, pad);
+            o.resize(len, fill);
         }
         out
     }
