@@ -276,33 +276,29 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             out,
         } => {
             let texts: Vec<&str> = text.iter().map(String::as_str).collect();
-            if peft_io::hf_model::model_type(&model)? == "bert" {
-                let tensors = bert_forward::<B>(&model, adapter.as_deref(), &texts, device)?;
-                peft_io::tensors::write_safetensors(
-                    &out,
-                    &tensors,
-                    HashMap::from([("format".into(), "pt".into())]),
-                )?;
-                eprintln!("wrote {}", out.display());
-                return Ok(());
-            }
-            let m = load_model::<B>(&model, adapter.as_deref(), device)?;
-            let tok = TextTokenizer::from_path(&model)?;
-            let pad = m.config.pad_token_id.unwrap_or(0) as u32;
-            let batch = tok.encode_batch(&texts, None, pad)?;
-            let dec = decoder_input_ids.unwrap_or_else(|| vec![m.config.decoder_start() as u32]);
-            let dec_rows = vec![dec; texts.len()];
-            let o = m.forward(
-                ids_tensor::<B>(&batch.ids, device),
-                Some(ids_tensor::<B>(&batch.mask, device)),
-                ids_tensor::<B>(&dec_rows, device),
-            );
-            let mut tensors = BTreeMap::new();
-            tensors.insert("logits".to_string(), to_f32(o.logits));
-            tensors.insert(
-                "encoder_last_hidden_state".to_string(),
-                to_f32(o.encoder_last_hidden_state),
-            );
+            let tensors = if peft_io::hf_model::model_type(&model)? == "bert" {
+                bert_forward::<B>(&model, adapter.as_deref(), &texts, device)?
+            } else {
+                let m = load_model::<B>(&model, adapter.as_deref(), device)?;
+                let tok = TextTokenizer::from_path(&model)?;
+                let pad = m.config.pad_token_id.unwrap_or(0) as u32;
+                let batch = tok.encode_batch(&texts, None, pad)?;
+                let dec =
+                    decoder_input_ids.unwrap_or_else(|| vec![m.config.decoder_start() as u32]);
+                let dec_rows = vec![dec; texts.len()];
+                let o = m.forward(
+                    ids_tensor::<B>(&batch.ids, device),
+                    Some(ids_tensor::<B>(&batch.mask, device)),
+                    ids_tensor::<B>(&dec_rows, device),
+                );
+                BTreeMap::from([
+                    ("logits".to_string(), to_f32(o.logits)),
+                    (
+                        "encoder_last_hidden_state".to_string(),
+                        to_f32(o.encoder_last_hidden_state),
+                    ),
+                ])
+            };
             peft_io::tensors::write_safetensors(
                 &out,
                 &tensors,
