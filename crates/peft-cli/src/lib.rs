@@ -7,12 +7,30 @@ pub mod train;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use peft_core::bottleneck::ReductionFactor;
 use peft_core::config::{LayersToTransform, TargetModules};
-use peft_core::{Bias, InitLoraWeights, LoraConfig, TaskType};
+use peft_core::{AdapterConfig, Bias, BnConfig, Ia3Config, InitLoraWeights, LoraConfig, TaskType};
 
-/// LoRA options, named as PEFT's `LoraConfig` fields.
+/// Adapter options, named as PEFT's `LoraConfig` / `IA3Config` fields and AdapterHub's
+/// `BnConfig` fields; `--method` picks the method.
 #[derive(Args, Debug, Clone)]
 pub struct LoraArgs {
+    /// Adapter method: lora, ia3 (PEFT), houlsby, pfeiffer (AdapterHub bottleneck adapters).
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    /// Bottleneck adapters: hidden size / bottleneck size.
+    #[arg(long, default_value_t = 16.0)]
+    pub reduction_factor: f64,
+    /// Bottleneck adapters: activation (default: the preset's, swish for houlsby, relu for
+    /// pfeiffer).
+    #[arg(long)]
+    pub non_linearity: Option<String>,
+    /// Bottleneck adapters: layer indices left without adapters, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub leave_out: Option<Vec<usize>>,
+    /// IA3: targets whose input is scaled, comma separated (default: PEFT's for the model).
+    #[arg(long, value_delimiter = ',')]
+    pub feedforward_modules: Option<Vec<String>>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
@@ -50,6 +68,40 @@ pub struct LoraArgs {
 }
 
 impl LoraArgs {
+    /// The task type given, if any.
+    pub fn task(&self) -> Result<Option<TaskType>> {
+        Ok(self.config()?.task_type)
+    }
+
+    /// The adapter config these options describe, for `--method`.
+    pub fn adapter_config(&self) -> Result<AdapterConfig> {
+        let lora = self.config()?;
+        match self.method.to_ascii_lowercase().as_str() {
+            "lora" => Ok(AdapterConfig::Lora(lora)),
+            "ia3" => Ok(AdapterConfig::Ia3(Ia3Config {
+                task_type: lora.task_type,
+                target_modules: lora.target_modules,
+                exclude_modules: lora.exclude_modules,
+                feedforward_modules: self.feedforward_modules.clone().map(TargetModules::List),
+                modules_to_save: lora.modules_to_save,
+                ..Default::default()
+            })),
+            m @ ("houlsby" | "pfeiffer" | "double_seq_bn" | "seq_bn") => {
+                let mut c = BnConfig::preset(m).expect("listed presets");
+                c.reduction_factor = ReductionFactor::One(self.reduction_factor);
+                if let Some(nl) = &self.non_linearity {
+                    c.non_linearity = nl.clone();
+                }
+                if let Some(l) = &self.leave_out {
+                    c.leave_out = l.clone();
+                }
+                c.validate()?;
+                Ok(AdapterConfig::Bottleneck(c))
+            }
+            other => anyhow::bail!("unknown --method {other:?} (lora, ia3, houlsby, pfeiffer)"),
+        }
+    }
+
     /// The `LoraConfig` these options describe.
     pub fn config(&self) -> Result<LoraConfig> {
         let task_type: Option<TaskType> = match &self.task_type {

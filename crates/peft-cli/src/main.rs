@@ -13,7 +13,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_cli::LoraArgs;
 use peft_cli::train::TrainArgs;
-use peft_core::{AdapterHost, PeftModel};
+use peft_core::{AdapterConfig, AdapterHost, PeftModel};
 use peft_io::adapter::{ADAPTER_CONFIG, open_adapter_weights, read_adapter_config};
 use peft_io::{TextTokenizer, from_pretrained, load_t5, save_hf_model};
 use peft_models::{T5Config, T5ForConditionalGeneration};
@@ -44,20 +44,21 @@ enum DeviceArg {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Print PEFT's trainable-parameter line for a model (preset name or HF dir) with LoRA.
+    /// Print PEFT's trainable-parameter line for a model (preset name or HF dir) with an adapter
+    /// (`--method lora|ia3|houlsby|pfeiffer`).
     Params {
         /// A preset (`mt0-large`, `t5-small`, `t0-3b`, ...) or a model directory with config.json.
         #[arg(long)]
         model: String,
         #[command(flatten)]
-        lora: LoraArgs,
+        lora: Box<LoraArgs>,
     },
     /// Run a forward pass and write the outputs with transformers' names to a safetensors file.
     Forward {
         /// Model directory.
         #[arg(long)]
         model: PathBuf,
-        /// PEFT adapter directory.
+        /// Adapter directory (PEFT LoRA/IA3 or AdapterHub bottleneck).
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Input text (repeat for a batch).
@@ -75,7 +76,7 @@ enum Cmd {
         /// Model directory.
         #[arg(long)]
         model: PathBuf,
-        /// PEFT adapter directory.
+        /// Adapter directory (PEFT LoRA/IA3 or AdapterHub bottleneck).
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Maximum number of new tokens.
@@ -137,7 +138,7 @@ fn arch(model: &str) -> Result<Arch> {
 }
 
 fn params_line<B: Backend, M: AdapterHost<B>>(model: M, lora: &LoraArgs) -> Result<String> {
-    Ok(PeftModel::new(model, lora.config()?, "default")?.trainable_parameters_line())
+    Ok(PeftModel::new(model, lora.adapter_config()?, "default")?.trainable_parameters_line())
 }
 
 fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -221,7 +222,7 @@ fn bert_forward<B: Backend>(
         })
     });
     let adapter_cls = match adapter {
-        Some(a) => read_adapter_config(a)?.task_type == Some(peft_core::TaskType::SeqCls),
+        Some(a) => read_adapter_config(a)?.task_type() == Some(peft_core::TaskType::SeqCls),
         None => false,
     };
     let tok = TextTokenizer::from_path(dir)?;
@@ -342,7 +343,7 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             let config = peft_io::hf_model::read_json(&model.join("config.json"))?;
             if peft_io::hf_model::model_type(&model)? == "bert" {
                 let seq_cls =
-                    read_adapter_config(&adapter)?.task_type == Some(peft_core::TaskType::SeqCls);
+                    read_adapter_config(&adapter)?.task_type() == Some(peft_core::TaskType::SeqCls);
                 if seq_cls {
                     let (base, _) = peft_io::load_bert_classifier::<B>(&model, device)?;
                     merge_into(base, &adapter, &config, &out, &model)?;
@@ -382,16 +383,28 @@ fn merge_into<B: Backend, M: AdapterHost<B> + peft_models::HfParams<B>>(
 fn inspect(dir: &Path) -> Result<()> {
     let config = read_adapter_config(dir)?;
     let raw = peft_io::hf_model::read_json(&dir.join(ADAPTER_CONFIG))?;
-    let weights = open_adapter_weights(dir)?;
+    let weights = match &config {
+        AdapterConfig::Bottleneck(_) => peft_io::adapterhub::open_weights(dir)?,
+        _ => open_adapter_weights(dir)?,
+    };
     let names = weights.names();
     let mut params = 0usize;
     let mut bytes = 0u64;
     let mut ranks = BTreeMap::new();
     for n in &names {
         if let Some((shape, _)) = weights.get_f32(n)? {
+            // AdapterHub writes an `ln_before` LayerNorm twice (two names, one tensor).
+            if n.contains(".adapter_down.0.")
+                && names.contains(&n.replace("adapter_down.0", "adapter_norm_before"))
+            {
+                continue;
+            }
             params += shape.iter().product::<usize>();
             if n.ends_with("lora_A.weight") {
                 *ranks.entry(shape[0]).or_insert(0usize) += 1;
+            }
+            if n.ends_with("adapter_up.weight") {
+                *ranks.entry(shape[1]).or_insert(0usize) += 1;
             }
         }
     }
@@ -399,31 +412,79 @@ fn inspect(dir: &Path) -> Result<()> {
     if let Ok(meta) = std::fs::metadata(&path) {
         bytes = meta.len();
     }
-    let targets = config
-        .target_modules
-        .as_ref()
-        .map_or("(model default)".to_string(), |t| t.to_string());
+    let s = |v: Option<&str>| v.unwrap_or("-").to_string();
     println!("adapter:        {}", dir.display());
-    println!(
-        "peft_type:      {}",
-        config.peft_type.as_deref().unwrap_or("LORA")
-    );
-    println!(
-        "task_type:      {}",
-        config
-            .task_type
-            .map_or("-".to_string(), |t| format!("{t:?}"))
-    );
-    println!(
-        "base model:     {}",
-        config.base_model_name_or_path.as_deref().unwrap_or("-")
-    );
-    println!("r:              {}  (layers by rank: {ranks:?})", config.r);
-    println!("lora_alpha:     {}", config.lora_alpha);
-    println!("lora_dropout:   {}", config.lora_dropout);
-    println!("target_modules: {targets}");
-    if let Some(m) = &config.modules_to_save {
-        println!("modules_to_save: {m:?}");
+    match &config {
+        AdapterConfig::Lora(c) => {
+            println!("method:         LORA (PEFT)");
+            println!(
+                "task_type:      {}",
+                c.task_type.map_or("-".into(), |t| format!("{t:?}"))
+            );
+            println!(
+                "base model:     {}",
+                s(c.base_model_name_or_path.as_deref())
+            );
+            println!("r:              {}  (layers by rank: {ranks:?})", c.r);
+            println!("lora_alpha:     {}", c.lora_alpha);
+            println!("lora_dropout:   {}", c.lora_dropout);
+            println!(
+                "target_modules: {}",
+                c.target_modules
+                    .as_ref()
+                    .map_or("(model default)".into(), |t| t.to_string())
+            );
+            if let Some(m) = &c.modules_to_save {
+                println!("modules_to_save: {m:?}");
+            }
+        }
+        AdapterConfig::Ia3(c) => {
+            println!("method:         IA3 (PEFT)");
+            println!(
+                "task_type:      {}",
+                c.task_type.map_or("-".into(), |t| format!("{t:?}"))
+            );
+            println!(
+                "base model:     {}",
+                s(c.base_model_name_or_path.as_deref())
+            );
+            println!(
+                "target_modules: {}",
+                c.target_modules
+                    .as_ref()
+                    .map_or("(model default)".into(), |t| t.to_string())
+            );
+            println!(
+                "feedforward:    {}",
+                c.feedforward_modules
+                    .as_ref()
+                    .map_or("(model default)".into(), |t| t.to_string())
+            );
+        }
+        AdapterConfig::Bottleneck(c) => {
+            let places: Vec<&str> = [
+                (c.mh_adapter, "attention"),
+                (c.cross_adapter, "cross-attention"),
+                (c.output_adapter, "output"),
+            ]
+            .into_iter()
+            .filter_map(|(on, n)| on.then_some(n))
+            .collect();
+            println!("method:         bottleneck (AdapterHub)");
+            println!("name:           {}", s(raw["name"].as_str()));
+            println!(
+                "model:          {} ({})",
+                s(raw["model_type"].as_str()),
+                s(raw["model_class"].as_str())
+            );
+            println!("sites:          {}", places.join(", "));
+            println!("bottleneck:     {ranks:?} (size: sites)");
+            println!("non_linearity:  {}", c.non_linearity);
+            println!("reduction:      {:?}", c.reduction_factor);
+            if !c.leave_out.is_empty() {
+                println!("leave_out:      {:?}", c.leave_out);
+            }
+        }
     }
     println!("tensors:        {} in {}", names.len(), path.display());
     println!("parameters:     {}", peft_core::thousands(params));
@@ -431,12 +492,12 @@ fn inspect(dir: &Path) -> Result<()> {
         "file size:      {} bytes",
         peft_core::thousands(bytes as usize)
     );
-    println!(
-        "peft_version:   {}",
-        raw.get("peft_version")
-            .and_then(|v| v.as_str())
-            .unwrap_or("unknown")
-    );
+    let version = raw
+        .get("peft_version")
+        .or_else(|| raw.get("version"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("unknown");
+    println!("written by:     {version}");
     Ok(())
 }
 

@@ -21,7 +21,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use clap::Args;
 use peft_core::train::{LinearSchedule, clip_grad_norm, masked_cross_entropy};
-use peft_core::{AdapterHost, PeftModel, TaskType};
+use peft_core::{AdapterConfig, AdapterHost, PeftModel, TaskType};
 use peft_io::TextTokenizer;
 use peft_models::{BertForSequenceClassification, HfParams, T5Config, T5ForConditionalGeneration};
 use serde_json::json;
@@ -151,12 +151,39 @@ fn stable_ids<B: Backend, M: AdapterHost<B>>(peft: &mut PeftModel<B, M>) {
                 *p = Param::initialized(id, p.val());
             }
         }
+        for a in layer.ia3.iter_mut() {
+            let id = ParamId::from(fnv(&format!("{path}.ia3_l.{}", a.name)));
+            a.ia3_l = Param::initialized(id, a.ia3_l.val());
+        }
         for c in layer.saved.iter_mut() {
             let id = ParamId::from(fnv(&format!("{path}.modules_to_save.{}.weight", c.name)));
             c.weight = Param::initialized(id, c.weight.val());
             if let Some(b) = c.bias.as_mut() {
                 let id = ParamId::from(fnv(&format!("{path}.modules_to_save.{}.bias", c.name)));
                 *b = Param::initialized(id, b.val());
+            }
+        }
+    });
+    peft.base_model.visit_sublayers_mut(&mut |site, adapters| {
+        for a in adapters.adapters.iter_mut() {
+            let key =
+                |t: &str| ParamId::from(fnv(&format!("{}.adapters.{}.{t}", site.path, a.name)));
+            a.down_weight = Param::initialized(key("down.weight"), a.down_weight.val());
+            a.down_bias = Param::initialized(key("down.bias"), a.down_bias.val());
+            a.up_weight = Param::initialized(key("up.weight"), a.up_weight.val());
+            a.up_bias = Param::initialized(key("up.bias"), a.up_bias.val());
+            for (n, norm) in [
+                ("before", a.norm_before.as_mut()),
+                ("after", a.norm_after.as_mut()),
+            ] {
+                if let Some(norm) = norm {
+                    norm.weight =
+                        Param::initialized(key(&format!("norm_{n}.weight")), norm.weight.val());
+                    norm.bias = Param::initialized(key(&format!("norm_{n}.bias")), norm.bias.val());
+                }
+            }
+            if let Some(s) = a.learned_scaling.as_mut() {
+                *s = Param::initialized(key("scaling"), s.val());
             }
         }
     });
@@ -443,7 +470,7 @@ pub struct TrainOutcome<B: AutodiffBackend, M: AdapterHost<B>> {
 /// Runs the training described by `args` on backend `B` (autodiff) at `device`: seq2seq LM, or
 /// sequence classification with `--task-type SEQ_CLS`.
 pub fn train<B: AutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainSummary> {
-    let task = args.lora.config()?.task_type.unwrap_or(TaskType::Seq2SeqLm);
+    let task = args.lora.task()?.unwrap_or(TaskType::Seq2SeqLm);
     match task {
         TaskType::Seq2SeqLm => Ok(train_seq2seq::<B>(args, device)?.summary),
         TaskType::SeqCls => Ok(train_seq_cls::<B>(args, device)?.summary),
@@ -559,9 +586,28 @@ where
     T::Model<B>: AutodiffModule<B, InnerModule = T::Model<B::InnerBackend>>,
 {
     let out = &args.output_dir;
-    let mut config = args.lora.config()?;
-    config.task_type = Some(config.task_type.unwrap_or(TaskType::Seq2SeqLm));
-    config.base_model_name_or_path = Some(base_dir.display().to_string());
+    let mut config = args.lora.adapter_config()?;
+    let base_name = Some(base_dir.display().to_string());
+    match &mut config {
+        AdapterConfig::Lora(c) => {
+            c.task_type = Some(c.task_type.unwrap_or(TaskType::Seq2SeqLm));
+            c.base_model_name_or_path = base_name;
+        }
+        AdapterConfig::Ia3(c) => {
+            c.task_type = Some(c.task_type.unwrap_or(TaskType::Seq2SeqLm));
+            c.base_model_name_or_path = base_name;
+        }
+        AdapterConfig::Bottleneck(_) => {
+            if args.lora.task()? == Some(TaskType::SeqCls) {
+                bail!(
+                    "--method {} with SEQ_CLS: training a classification head next to a \
+                     bottleneck adapter is not implemented yet (use --method lora or ia3, whose \
+                     `modules_to_save` train the head)",
+                    args.lora.method
+                );
+            }
+        }
+    }
     let mut peft = PeftModel::new(base, config, "default")?;
     stable_ids(&mut peft);
     println!("{}", peft.trainable_parameters_line());

@@ -61,6 +61,49 @@ fn params_prints_the_seed_line_for_mt0_large() {
 }
 
 #[test]
+fn params_prints_adapterhub_counts_for_bert_large() {
+    // AdapterHub's numbers (tests/fixtures/bottleneck/counts.json): bottleneck 64 in every layer.
+    for (method, line) in [
+        (
+            "houlsby",
+            "trainable params: 6,343,680 || all params: 341,485,568 || trainable%: 1.8577",
+        ),
+        (
+            "pfeiffer",
+            "trainable params: 3,171,840 || all params: 338,313,728 || trainable%: 0.9375",
+        ),
+    ] {
+        let (ok, out, err) = peft(&["params", "--model", "bert-large", "--method", method]);
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), line, "{method}");
+    }
+    let (ok, _, err) = peft(&["params", "--model", "bert-large", "--method", "nope"]);
+    assert!(!ok && err.contains("unknown --method"), "{err}");
+}
+
+#[test]
+fn inspect_reads_adapterhub_and_ia3_dirs() {
+    // Numbers are checked in tests/bottleneck_fixtures.rs; here the binary reads both formats.
+    let dir = root().join("tests/fixtures/bottleneck");
+    let (ok, out, err) = peft(&[
+        "inspect",
+        &dir.join("bert_houlsby_bin").display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("bottleneck (AdapterHub)") && out.contains("attention, output"),
+        "{out}"
+    );
+    assert!(out.contains("parameters:     3,312"), "{out}");
+    let (ok, out, err) = peft(&["inspect", &dir.join("ia3_mt5").display().to_string()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("IA3 (PEFT)") && out.contains("parameters:     576"),
+        "{out}"
+    );
+}
+
+#[test]
 fn generate_prints_what_transformers_decodes() {
     let fx = cli_json();
     for (case, adapter, beams, key) in [

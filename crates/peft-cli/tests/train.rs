@@ -372,3 +372,73 @@ fn seq_cls_on_real_minilm_learns_and_saves_peft_layout() {
     );
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn houlsby_and_ia3_train_save_in_their_formats_and_reload_identically() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (method, weights) in [
+        ("houlsby", "adapter.safetensors"),
+        ("ia3", "adapter_model.safetensors"),
+    ] {
+        let out = tmp(method);
+        let a = args(
+            &out,
+            &[
+                "--max-steps",
+                "8",
+                "--method",
+                method,
+                "--reduction-factor",
+                "4",
+            ],
+        );
+        let done = train::<AB>(&a, &Default::default()).unwrap();
+        let s = &done.summary;
+        assert!(
+            s.last_loss < s.first_loss,
+            "{method}: loss fell: {} -> {}",
+            s.first_loss,
+            s.last_loss
+        );
+        let saved = st_tensors(&out.join(weights));
+        match method {
+            "houlsby" => {
+                // AdapterHub's keys, two sites per encoder block and per decoder block.
+                assert!(
+                    saved
+                        .iter()
+                        .all(|(k, _, _)| k.contains(".adapters.default.")),
+                    "{:?}",
+                    saved.iter().map(|t| &t.0).collect::<Vec<_>>()
+                );
+                let cfg = peft_io::adapterhub::read_config(&out).unwrap();
+                assert!(cfg.config.mh_adapter && cfg.config.output_adapter);
+                assert_eq!(cfg.model_type.as_deref(), Some("mt5"));
+            }
+            _ => assert!(saved.iter().all(|(k, _, _)| k.ends_with(".ia3_l"))),
+        }
+        let device = Default::default();
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![5i64, 9, 13, 1], [1, 4]), &device);
+        let dec = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![0i64, 7], [1, 2]), &device);
+        let trained = done
+            .model
+            .base_model
+            .valid()
+            .forward(ids.clone(), None, dec.clone())
+            .logits;
+        let (base, _) =
+            peft_io::load_t5::<B>(&root().join("tests/fixtures/t5/mt5"), &device).unwrap();
+        let base_logits = base.forward(ids.clone(), None, dec.clone()).logits;
+        let (reloaded, _) = peft_io::from_pretrained(base, &out, "default").unwrap();
+        let reloaded = reloaded.base_model.forward(ids, None, dec).logits;
+        let d = (trained.clone() - reloaded).abs().max().into_scalar();
+        assert!(d <= 1e-6, "{method}: reloaded outputs differ by {d}");
+        let moved = (trained - base_logits).abs().max().into_scalar();
+        assert!(
+            moved > 1e-4,
+            "{method}: the adapter changed the outputs ({moved})"
+        );
+        std::fs::remove_dir_all(&out).ok();
+    }
+}

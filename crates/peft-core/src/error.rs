@@ -6,7 +6,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum PeftError {
     /// A configuration value is out of range or inconsistent.
-    #[error("invalid LoRA config: {0}")]
+    #[error("invalid adapter config: {0}")]
     InvalidConfig(String),
 
     /// A `target_modules`, `exclude_modules`, `layers_pattern`, `rank_pattern` or `alpha_pattern`
@@ -73,7 +73,7 @@ pub enum PeftError {
     },
 
     /// A config option this crate does not implement yet.
-    #[error("unsupported LoRA option: {0}")]
+    #[error("unsupported adapter option: {0}")]
     Unsupported(String),
 }
 

@@ -5,11 +5,15 @@
 //!
 //! This crate owns:
 //! - the adapter methods: LoRA ([`lora`]), computed in activation space
-//!   (`y = base(x) + B(A(dropout(x))) * scaling`, the base frozen);
-//! - their configs ([`LoraConfig`], field for field PEFT's `adapter_config.json`);
+//!   (`y = base(x) + B(A(dropout(x))) * scaling`, the base frozen); IA3 ([`ia3`], PEFT's
+//!   learned scaling vectors); bottleneck adapters ([`bottleneck`], AdapterHub's Houlsby,
+//!   Pfeiffer and every `BnConfig`, on sub-layer outputs);
+//! - their configs ([`LoraConfig`], [`Ia3Config`] field for field PEFT's
+//!   `adapter_config.json`; [`BnConfig`], AdapterHub's; one [`AdapterConfig`] per adapter);
 //! - target matching ([`targeting`]), exactly as PEFT's `check_target_module_exists`;
-//! - the model-facing contract ([`AdapterHost`]): a model yields its adaptable layers with their
-//!   Hugging Face module paths, and everything else is generic;
+//! - the model-facing contract ([`AdapterHost`]): a model yields its adaptable linear layers
+//!   ([`AdaptedLinear`]) and sub-layer sites ([`SublayerAdapters`]) with their Hugging Face
+//!   module paths, and everything else is generic;
 //! - training helpers with HF `Trainer` semantics ([`train`]): schedule, clipping, loss;
 //! - the user-facing operations ([`PeftModel`]): add, activate, disable, delete, merge,
 //!   unmerge, merge-and-unload, and PEFT's parameter counts.
@@ -49,16 +53,22 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bottleneck;
 pub mod config;
 mod error;
+pub mod ia3;
 pub mod lora;
+mod method;
 mod peft_model;
 pub mod site;
 pub mod targeting;
 pub mod train;
 
+pub use bottleneck::{BnConfig, BottleneckAdapter, SublayerAdapters, SublayerKind, SublayerSite};
 pub use config::{Bias, InitLoraWeights, LoraConfig, TargetModules, TaskType, lora_scaling};
 pub use error::{PeftError, Result};
+pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{AdaptedLinear, LoraAdapter, LoraSpec};
+pub use method::AdapterConfig;
 pub use peft_model::{ParamCounts, PeftModel, count_params, thousands};
 pub use site::{AdapterHost, join_path};

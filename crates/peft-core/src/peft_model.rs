@@ -7,9 +7,12 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+use crate::bottleneck::{BottleneckAdapter, SublayerAdapters};
 use crate::config::{Bias, LoraConfig, TaskType};
 use crate::error::{PeftError, Result};
+use crate::ia3::{Ia3Adapter, is_feedforward};
 use crate::lora::{AdaptedLinear, LoraAdapter, LoraSpec};
+use crate::method::AdapterConfig;
 use crate::site::AdapterHost;
 use crate::targeting::{ModelLinears, resolve_targets};
 
@@ -92,7 +95,7 @@ impl BiasVisitor {
             && !self
                 .stack
                 .iter()
-                .any(|n| n == "lora" || n == "saved" || n == "backup")
+                .any(|n| n == "lora" || n == "saved" || n == "backup" || n == "adapters")
     }
 }
 
@@ -138,7 +141,7 @@ impl<B: Backend> ModuleMapper<B> for BiasTrainable {
             && !self
                 .stack
                 .iter()
-                .any(|n| n == "lora" || n == "saved" || n == "backup");
+                .any(|n| n == "lora" || n == "saved" || n == "backup" || n == "adapters");
         if is_bias {
             param.set_require_grad(self.trainable)
         } else {
@@ -159,7 +162,25 @@ fn set_adapter_grad<B: Backend>(a: &mut LoraAdapter<B>, on: bool) {
     }
 }
 
-/// A base model with LoRA adapters, as PEFT's `PeftModel` / `LoraModel`.
+fn set_bottleneck_grad<B: Backend>(a: &mut BottleneckAdapter<B>, on: bool) {
+    set_grad(&mut a.down_weight, on);
+    set_grad(&mut a.down_bias, on);
+    set_grad(&mut a.up_weight, on);
+    set_grad(&mut a.up_bias, on);
+    for n in [a.norm_before.as_mut(), a.norm_after.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        set_grad(&mut n.weight, on);
+        set_grad(&mut n.bias, on);
+    }
+    if let Some(s) = a.learned_scaling.as_mut() {
+        set_grad(s, on);
+    }
+}
+
+/// A base model with named adapters (LoRA, IA3, bottleneck), as PEFT's `PeftModel` /
+/// `LoraModel` and AdapterHub's model mixin.
 ///
 /// The base is frozen by construction: [`PeftModel::new`] turns off gradients for every base
 /// parameter, and only the active adapters' parameters (and their `modules_to_save` copies)
@@ -168,7 +189,8 @@ fn set_adapter_grad<B: Backend>(a: &mut LoraAdapter<B>, on: bool) {
 pub struct PeftModel<B: Backend, M: AdapterHost<B>> {
     /// The model, with adapters attached to its layers. Train and run this.
     pub base_model: M,
-    configs: Vec<(String, LoraConfig)>,
+    configs: Vec<(String, AdapterConfig)>,
+    frozen: Vec<String>,
     targeted: Vec<(String, Vec<String>)>,
     active: Vec<String>,
     disabled: bool,
@@ -178,10 +200,11 @@ pub struct PeftModel<B: Backend, M: AdapterHost<B>> {
 impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     /// PEFT's `get_peft_model`: freezes the base, attaches adapter `adapter_name` as `config`
     /// says, and makes it active.
-    pub fn new(model: M, config: LoraConfig, adapter_name: &str) -> Result<Self> {
+    pub fn new(model: M, config: impl Into<AdapterConfig>, adapter_name: &str) -> Result<Self> {
         let mut this = PeftModel {
             base_model: model.map(&mut Freeze),
             configs: Vec::new(),
+            frozen: Vec::new(),
             targeted: Vec::new(),
             active: Vec::new(),
             disabled: false,
@@ -197,8 +220,13 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         self.configs.iter().map(|(n, _)| n.clone()).collect()
     }
 
-    /// The config of adapter `name`.
+    /// The LoRA config of adapter `name` (`None` for other methods).
     pub fn config(&self, name: &str) -> Option<&LoraConfig> {
+        self.adapter_config(name).and_then(AdapterConfig::as_lora)
+    }
+
+    /// The config of adapter `name`, whatever its method.
+    pub fn adapter_config(&self, name: &str) -> Option<&AdapterConfig> {
         self.configs.iter().find(|(n, _)| n == name).map(|(_, c)| c)
     }
 
@@ -234,7 +262,94 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     ///
     /// As in PEFT, for `SEQ_CLS` and `TOKEN_CLS` the head names `classifier` and `score` are
     /// appended to `modules_to_save`, so the head is trained and saved with the adapter.
-    pub fn add_adapter(&mut self, name: &str, mut config: LoraConfig) -> Result<()> {
+    pub fn add_adapter(&mut self, name: &str, config: impl Into<AdapterConfig>) -> Result<()> {
+        if self.adapter_config(name).is_some() {
+            return Err(PeftError::AdapterExists(name.to_string()));
+        }
+        if self.is_merged() {
+            return Err(PeftError::Merged("add an adapter"));
+        }
+        let config = config.into();
+        let targets = match &config {
+            AdapterConfig::Lora(c) => {
+                let c = self.attach_lora(name, c.clone())?;
+                let t = self.attach_linear(name, &c, |layer, path, device| {
+                    let spec = LoraSpec {
+                        r: c.rank_for(path)?,
+                        alpha: c.alpha_for(path)?,
+                        dropout: c.lora_dropout,
+                        use_rslora: c.use_rslora,
+                        init: c.init_lora_weights.clone(),
+                        lora_bias: c.lora_bias,
+                    };
+                    let a =
+                        LoraAdapter::new(name, layer.d_input(), layer.d_output(), &spec, device);
+                    layer.add_lora(a)
+                })?;
+                self.configs
+                    .push((name.to_string(), AdapterConfig::Lora(c)));
+                t
+            }
+            AdapterConfig::Ia3(c) => {
+                c.validate()?;
+                let model_type = self.base_model.model_type().map(str::to_string);
+                let view = self.attach_lora(name, c.targeting_view(model_type.as_deref())?)?;
+                let ff = c.effective_feedforward(model_type.as_deref())?;
+                let init_ones = c.init_ia3_weights;
+                let t = self.attach_linear(name, &view, |layer, path, device| {
+                    let feedforward = is_feedforward(&ff, path)?;
+                    let len = if feedforward {
+                        layer.d_input()
+                    } else {
+                        layer.d_output()
+                    };
+                    layer.add_ia3(Ia3Adapter::new(name, len, feedforward, init_ones, device))
+                })?;
+                self.configs.push((name.to_string(), config.clone()));
+                t
+            }
+            AdapterConfig::Bottleneck(c) => {
+                c.validate()?;
+                let mut result = Ok(());
+                let mut sites = Vec::new();
+                let mut device = None;
+                self.base_model.visit_linears(&mut |_, l| {
+                    device.get_or_insert_with(|| l.weight.lazy_device());
+                });
+                let device = device.unwrap_or_default();
+                self.base_model.visit_sublayers_mut(&mut |site, adapters| {
+                    if result.is_err() || !c.applies_to(site) {
+                        return;
+                    }
+                    result = BottleneckAdapter::new(name, c, site, &device)
+                        .and_then(|a| adapters.add(a));
+                    sites.push(site.path.clone());
+                });
+                if let Err(e) = result {
+                    self.base_model
+                        .visit_sublayers_mut(&mut |_, adapters| adapters.delete(name));
+                    return Err(e);
+                }
+                if sites.is_empty() {
+                    return Err(PeftError::InvalidConfig(format!(
+                        "bottleneck adapter `{name}` has no site in this model (mh_adapter, \
+                         output_adapter, cross_adapter and leave_out leave none)"
+                    )));
+                }
+                self.configs.push((name.to_string(), config.clone()));
+                sites
+            }
+        };
+        self.targeted.push((name.to_string(), targets));
+        // Re-apply the active set so the new adapter starts frozen unless active.
+        let active = self.active.clone();
+        self.apply_active(&active);
+        Ok(())
+    }
+
+    /// PEFT's config preparation for linear methods: heads of classification tasks become
+    /// `modules_to_save`.
+    fn attach_lora(&self, _name: &str, mut config: LoraConfig) -> Result<LoraConfig> {
         if matches!(
             config.task_type,
             Some(TaskType::SeqCls | TaskType::TokenCls)
@@ -245,12 +360,17 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 .get_or_insert_with(Vec::new)
                 .extend(heads);
         }
-        if self.config(name).is_some() {
-            return Err(PeftError::AdapterExists(name.to_string()));
-        }
-        if self.is_merged() {
-            return Err(PeftError::Merged("add an adapter"));
-        }
+        Ok(config)
+    }
+
+    /// Attaches a linear method to every layer `config` targets (via `attach`) and trainable
+    /// copies to its `modules_to_save`; returns the targeted paths. On error nothing is left.
+    fn attach_linear(
+        &mut self,
+        name: &str,
+        config: &LoraConfig,
+        mut attach: impl FnMut(&mut AdaptedLinear<B>, &str, &B::Device) -> Result<()>,
+    ) -> Result<Vec<String>> {
         let linears = self.base_model.linear_paths();
         let heads = self.base_model.output_heads(config.task_type);
         let model = ModelLinears {
@@ -258,18 +378,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             model_type: self.base_model.model_type(),
             output_heads: &heads,
         };
-        let targets = resolve_targets(&config, &model)?;
-        let mut specs = Vec::with_capacity(targets.len());
-        for path in &targets {
-            specs.push(LoraSpec {
-                r: config.rank_for(path)?,
-                alpha: config.alpha_for(path)?,
-                dropout: config.lora_dropout,
-                use_rslora: config.use_rslora,
-                init: config.init_lora_weights.clone(),
-                lora_bias: config.lora_bias,
-            });
-        }
+        let targets = resolve_targets(config, &model)?;
         let mut to_save = Vec::new();
         if let Some(mts) = config.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
             // PEFT's `_set_trainable`: a plain suffix match; names matching nothing are ignored.
@@ -284,36 +393,34 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             if result.is_err() {
                 return;
             }
-            if let Some(i) = targets.iter().position(|t| t == path) {
+            if targets.iter().any(|t| t == path) {
                 let device = layer.weight.lazy_device();
-                let adapter =
-                    LoraAdapter::new(name, layer.d_input(), layer.d_output(), &specs[i], &device);
-                result = layer.add_lora(adapter);
+                result = attach(layer, path, &device);
             } else if to_save.iter().any(|t| t == path) {
                 result = layer.add_saved_copy(name);
             }
         });
-        result?;
-        self.configs.push((name.to_string(), config));
-        self.targeted.push((name.to_string(), targets));
-        // Re-apply the active set so the new adapter starts frozen unless active.
-        let active = self.active.clone();
-        self.apply_active(&active);
-        Ok(())
+        if let Err(e) = result {
+            self.base_model.visit_linears_mut(&mut |_, layer| {
+                let _ = layer.delete(name);
+            });
+            return Err(e);
+        }
+        Ok(targets)
     }
 
     fn apply_active(&mut self, active: &[String]) {
-        let trainable: Vec<String> = active
-            .iter()
-            .filter(|n| self.config(n).is_some_and(|c| !c.inference_mode))
-            .cloned()
-            .collect();
-        let bias_all = trainable
-            .iter()
-            .any(|n| self.config(n).is_some_and(|c| c.bias == Bias::All));
+        let trainable = self.trainable_names(active);
+        let bias_all = trainable.iter().any(|n| {
+            self.adapter_config(n)
+                .is_some_and(|c| c.bias() == Bias::All)
+        });
         let lora_only: Vec<String> = trainable
             .iter()
-            .filter(|n| self.config(n).is_some_and(|c| c.bias == Bias::LoraOnly))
+            .filter(|n| {
+                self.adapter_config(n)
+                    .is_some_and(|c| c.bias() == Bias::LoraOnly)
+            })
             .cloned()
             .collect();
         let disabled = self.disabled;
@@ -323,6 +430,10 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             for a in layer.lora.iter_mut() {
                 let on = trainable.contains(&a.name);
                 set_adapter_grad(a, on);
+            }
+            for a in layer.ia3.iter_mut() {
+                let on = trainable.contains(&a.name);
+                set_grad(&mut a.ia3_l, on);
             }
             for s in layer.saved.iter_mut() {
                 let on = trainable.contains(&s.name);
@@ -338,6 +449,14 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 }
             }
         });
+        self.base_model.visit_sublayers_mut(&mut |_, site| {
+            site.active = active.to_vec();
+            site.disabled = disabled;
+            for a in site.adapters.iter_mut() {
+                let on = trainable.contains(&a.name);
+                set_bottleneck_grad(a, on);
+            }
+        });
         if bias_all {
             let model = self.base_model.clone();
             self.base_model = model.map(&mut BiasTrainable {
@@ -348,10 +467,37 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         self.active = active.to_vec();
     }
 
+    /// The active adapters that train (not loaded in inference mode).
+    fn trainable_names(&self, active: &[String]) -> Vec<String> {
+        active
+            .iter()
+            .filter(|n| {
+                self.adapter_config(n).is_some_and(|c| !c.inference_mode())
+                    && !self.frozen.contains(n)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Freezes (or unfreezes) adapter `name` whatever its config says: what loading an
+    /// AdapterHub adapter for inference does (AdapterHub configs have no `inference_mode`).
+    pub fn set_frozen(&mut self, name: &str, frozen: bool) -> Result<()> {
+        if self.adapter_config(name).is_none() {
+            return Err(self.not_found(name));
+        }
+        self.frozen.retain(|n| n != name);
+        if frozen {
+            self.frozen.push(name.to_string());
+        }
+        let active = self.active.clone();
+        self.apply_active(&active);
+        Ok(())
+    }
+
     /// Makes `names` the active adapters (their outputs are summed); others are frozen.
     pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
-            if self.config(n).is_none() {
+            if self.adapter_config(n).is_none() {
                 return Err(self.not_found(n));
             }
         }
@@ -370,6 +516,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         self.disabled = true;
         self.base_model
             .visit_linears_mut(&mut |_, layer| layer.disabled = true);
+        self.base_model
+            .visit_sublayers_mut(&mut |_, site| site.disabled = true);
     }
 
     /// Turns the active adapters back on.
@@ -377,6 +525,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         self.disabled = false;
         self.base_model
             .visit_linears_mut(&mut |_, layer| layer.disabled = false);
+        self.base_model
+            .visit_sublayers_mut(&mut |_, site| site.disabled = false);
     }
 
     /// Whether adapters are disabled.
@@ -386,7 +536,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
 
     /// Removes adapter `name` everywhere. Refused while adapters are merged.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
-        if self.config(name).is_none() {
+        if self.adapter_config(name).is_none() {
             return Err(self.not_found(name));
         }
         if self.is_merged() {
@@ -399,7 +549,10 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             }
         });
         result?;
+        self.base_model
+            .visit_sublayers_mut(&mut |_, site| site.delete(name));
         self.configs.retain(|(n, _)| n != name);
+        self.frozen.retain(|n| n != name);
         self.targeted.retain(|(n, _)| n != name);
         let active: Vec<String> = self.active.iter().filter(|n| *n != name).cloned().collect();
         self.apply_active(&active);
@@ -412,7 +565,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         let names: Vec<String> = match names {
             Some(n) => {
                 for a in n {
-                    if self.config(a).is_none() {
+                    if self.adapter_config(a).is_none() {
                         return Err(self.not_found(a));
                     }
                 }
@@ -420,6 +573,15 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             }
             None => self.active.clone(),
         };
+        if let Some(n) = names
+            .iter()
+            .find(|n| matches!(self.adapter_config(n), Some(AdapterConfig::Bottleneck(_))))
+        {
+            return Err(PeftError::Unsupported(format!(
+                "merging bottleneck adapter `{n}`: a bottleneck is not linear, so it cannot be \
+                 folded into the base weights"
+            )));
+        }
         if safe {
             // Check every layer before touching any, so a failure leaves the model unchanged.
             let mut probe = self.base_model.clone();
@@ -461,6 +623,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         self.base_model
             .visit_linears_mut(&mut |_, layer| layer.unload(false));
         self.base_model
+            .visit_sublayers_mut(&mut |_, site| *site = SublayerAdapters::new());
+        self.base_model
     }
 
     /// Trainable and total parameter counts, as PEFT computes them after `get_peft_model`:
@@ -468,19 +632,20 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     /// trainable = the active adapters' parameters, their copies, and the biases `bias` frees.
     pub fn parameter_counts(&self) -> ParamCounts {
         let all = count_params::<B, M>(&self.base_model);
-        let trainable_names: Vec<String> = self
-            .active
-            .iter()
-            .filter(|n| self.config(n).is_some_and(|c| !c.inference_mode))
-            .cloned()
-            .collect();
-        let bias_all = trainable_names
-            .iter()
-            .any(|n| self.config(n).is_some_and(|c| c.bias == Bias::All));
+        let trainable_names = self.trainable_names(&self.active);
+        let bias_all = trainable_names.iter().any(|n| {
+            self.adapter_config(n)
+                .is_some_and(|c| c.bias() == Bias::All)
+        });
         let mut trainable = 0;
         self.base_model
             .visit_linears(&mut |_, layer: &AdaptedLinear<B>| {
                 for a in &layer.lora {
+                    if trainable_names.contains(&a.name) {
+                        trainable += a.num_params();
+                    }
+                }
+                for a in &layer.ia3 {
                     if trainable_names.contains(&a.name) {
                         trainable += a.num_params();
                     }
@@ -504,6 +669,13 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                     trainable += b.lazy_shape().num_elements();
                 }
             });
+        self.base_model.visit_sublayers(&mut |_, site| {
+            for a in &site.adapters {
+                if trainable_names.contains(&a.name) {
+                    trainable += a.num_params();
+                }
+            }
+        });
         if bias_all {
             let mut v = BiasVisitor {
                 stack: Vec::new(),

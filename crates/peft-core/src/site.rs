@@ -7,6 +7,7 @@
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 
+use crate::bottleneck::{SublayerAdapters, SublayerSite};
 use crate::config::TaskType;
 use crate::lora::AdaptedLinear;
 
@@ -19,8 +20,25 @@ pub trait AdapterHost<B: Backend>: Module<B> {
     /// Like [`visit_linears`](Self::visit_linears), mutably.
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>));
 
+    /// Calls `f` with every bottleneck site (sub-layer outputs where the residual is added), in
+    /// model order. Models without sites keep the default (none).
+    fn visit_sublayers(&self, f: &mut dyn FnMut(&SublayerSite, &SublayerAdapters<B>)) {
+        let _ = f;
+    }
+
+    /// Like [`visit_sublayers`](Self::visit_sublayers), mutably.
+    fn visit_sublayers_mut(&mut self, f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>)) {
+        let _ = f;
+    }
+
     /// The Hugging Face `model_type` (`t5`, `mt5`, `bert`): picks PEFT's default targets.
     fn model_type(&self) -> Option<&str> {
+        None
+    }
+
+    /// The transformers class name (`BertModel`, `T5ForConditionalGeneration`), written into
+    /// AdapterHub configs.
+    fn model_class(&self) -> Option<&str> {
         None
     }
 

@@ -16,7 +16,13 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::targeting::{ModelLinears, effective_targets};
-use peft_core::{AdaptedLinear, AdapterHost, Bias, LoraConfig, PeftModel, TargetModules};
+use peft_core::{
+    AdaptedLinear, AdapterConfig, AdapterHost, Bias, Ia3Config, LoraConfig, PeftError, PeftModel,
+    TargetModules,
+};
+use serde_json::Value;
+
+use crate::adapterhub;
 
 use crate::error::{IoError, Result, io_err};
 use crate::hf_model::LoadReport;
@@ -31,18 +37,44 @@ pub const ADAPTER_BIN: &str = "adapter_model.bin";
 
 const PREFIX: &str = "base_model.model.";
 
-/// Reads and validates `dir/adapter_config.json`.
-pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+/// Reads and validates `dir/adapter_config.json`, whichever method wrote it: PEFT LoRA
+/// (`peft_type: "LORA"`), PEFT IA3 (`"IA3"`) or an AdapterHub bottleneck adapter (a `config`
+/// object). Other PEFT methods are refused by name.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let config = LoraConfig::from_json(&text).map_err(|source| IoError::Json {
+    let value: Value = serde_json::from_str(&text).map_err(|source| IoError::Json {
         path: path.clone(),
         source,
     })?;
-    config
-        .validate()
-        .map_err(|source| IoError::Peft { path, source })?;
-    Ok(config)
+    if adapterhub::is_adapterhub_config(&value) {
+        return Ok(AdapterConfig::Bottleneck(
+            adapterhub::parse_config(&path, &text)?.config,
+        ));
+    }
+    let json_err = |source| IoError::Json {
+        path: path.clone(),
+        source,
+    };
+    let peft_err = |source| IoError::Peft {
+        path: path.clone(),
+        source,
+    };
+    match value.get("peft_type").and_then(Value::as_str) {
+        None | Some("LORA") => {
+            let config = LoraConfig::from_json(&text).map_err(json_err)?;
+            config.validate().map_err(peft_err)?;
+            Ok(AdapterConfig::Lora(config))
+        }
+        Some("IA3") => {
+            let config = Ia3Config::from_json(&text).map_err(json_err)?;
+            config.validate().map_err(peft_err)?;
+            Ok(AdapterConfig::Ia3(config))
+        }
+        Some(other) => Err(peft_err(PeftError::Unsupported(format!(
+            "peft_type {other:?} (implemented: LORA, IA3, and AdapterHub bottleneck adapters)"
+        )))),
+    }
 }
 
 /// The adapter weights of `dir`: safetensors first, then the legacy `.bin`.
@@ -70,6 +102,7 @@ enum Slot {
     SavedWeight,
     SavedBias,
     BaseBias,
+    Ia3,
 }
 
 /// Every tensor adapter `name` owns in `peft`, as (PEFT key, layer path, slot).
@@ -77,8 +110,7 @@ fn adapter_keys<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
     name: &str,
 ) -> Vec<(String, String, Slot)> {
-    let config = peft.config(name);
-    let bias = config.map_or(Bias::None, |c| c.bias);
+    let bias = peft.adapter_config(name).map_or(Bias::None, |c| c.bias());
     let mut out = Vec::new();
     peft.base_model
         .visit_linears(&mut |path, layer: &AdaptedLinear<B>| {
@@ -90,6 +122,9 @@ fn adapter_keys<B: Backend, M: AdapterHost<B>>(
                 if a.lora_bias.is_some() {
                     out.push((key("lora_B.bias"), path.to_string(), Slot::LoraBias));
                 }
+            }
+            if layer.ia3_adapter(name).is_some() {
+                out.push((key("ia3_l"), path.to_string(), Slot::Ia3));
             }
             if let Some(s) = layer.saved_copy(name) {
                 out.push((key("weight"), path.to_string(), Slot::SavedWeight));
@@ -127,6 +162,9 @@ fn expected_shape<B: Backend>(layer: &AdaptedLinear<B>, name: &str, slot: Slot) 
         Slot::LoraB => vec![o, r],
         Slot::LoraBias | Slot::SavedBias | Slot::BaseBias => vec![o],
         Slot::SavedWeight => vec![o, i],
+        Slot::Ia3 => layer
+            .ia3_adapter(name)
+            .map_or_else(Vec::new, |a| a.peft_shape()),
     }
 }
 
@@ -139,7 +177,10 @@ pub fn load_adapter<B: Backend, M: AdapterHost<B>>(
     name: &str,
 ) -> Result<LoadReport> {
     let mut config = read_adapter_config(dir)?;
-    config.inference_mode = true;
+    if matches!(config, AdapterConfig::Bottleneck(_)) {
+        return adapterhub::load_adapter(peft, dir, Some(name)).map(|(_, r)| r);
+    }
+    config.set_inference_mode(true);
     peft.add_adapter(name, config)
         .map_err(|source| IoError::Peft {
             path: dir.join(ADAPTER_CONFIG),
@@ -162,6 +203,12 @@ pub fn load_adapter_weights<B: Backend, M: AdapterHost<B>>(
     dir: &Path,
     name: &str,
 ) -> Result<LoadReport> {
+    if matches!(
+        peft.adapter_config(name),
+        Some(AdapterConfig::Bottleneck(_))
+    ) {
+        return adapterhub::load_adapter_weights(peft, dir, name);
+    }
     fill_adapter(peft, dir, name)
 }
 
@@ -248,6 +295,12 @@ fn fill_adapter<B: Backend, M: AdapterHost<B>>(
                     let t = tensor1::<B>(shape, values, &device);
                     layer.bias = Some(Param::from_tensor(t).set_require_grad(false));
                 }
+                Slot::Ia3 => {
+                    let n = values.len();
+                    let t = tensor1::<B>(vec![n], values, &device);
+                    let a = layer.ia3_adapter_mut(name).expect("listed above");
+                    a.ia3_l = Param::initialized(a.ia3_l.id, t);
+                }
             }
         }
     });
@@ -271,12 +324,23 @@ pub fn from_pretrained<B: Backend, M: AdapterHost<B>>(
     name: &str,
 ) -> Result<(PeftModel<B, M>, LoadReport)> {
     let mut config = read_adapter_config(dir)?;
-    config.inference_mode = true;
+    config.set_inference_mode(true);
     let cfg_path = dir.join(ADAPTER_CONFIG);
+    let bottleneck = matches!(config, AdapterConfig::Bottleneck(_));
     let mut peft = PeftModel::new(model, config, name).map_err(|source| IoError::Peft {
-        path: cfg_path,
+        path: cfg_path.clone(),
         source,
     })?;
+    if bottleneck {
+        adapterhub::check_model(&peft, &cfg_path, &adapterhub::read_config(dir)?)?;
+        let report = adapterhub::load_adapter_weights(&mut peft, dir, name)?;
+        peft.set_frozen(name, true)
+            .map_err(|source| IoError::Peft {
+                path: cfg_path,
+                source,
+            })?;
+        return Ok((peft, report));
+    }
     let report = fill_adapter(&mut peft, dir, name)?;
     Ok((peft, report))
 }
@@ -315,6 +379,11 @@ pub fn adapter_state_dict<B: Backend, M: AdapterHost<B>>(
                 Slot::SavedWeight => t2(s.expect("copy").weight.val()),
                 Slot::SavedBias => t1(s.and_then(|s| s.bias.as_ref()).expect("bias").val()),
                 Slot::BaseBias => t1(layer.bias.as_ref().expect("bias").val()),
+                Slot::Ia3 => {
+                    let a = layer.ia3_adapter(name).expect("ia3");
+                    let (_, v) = t1(a.ia3_l.val());
+                    (a.peft_shape(), v)
+                }
             };
             out.insert(key.clone(), v);
         }
@@ -344,8 +413,32 @@ pub fn saved_config<B: Backend, M: AdapterHost<B>>(
     Some(config)
 }
 
+/// The IA3 config PEFT would write for adapter `name`: inference mode on, default targets and
+/// feed-forward modules resolved.
+pub fn saved_ia3_config<B: Backend, M: AdapterHost<B>>(
+    peft: &PeftModel<B, M>,
+    name: &str,
+) -> Option<Ia3Config> {
+    let Some(AdapterConfig::Ia3(c)) = peft.adapter_config(name) else {
+        return None;
+    };
+    let mut config = c.clone();
+    config.inference_mode = true;
+    let model_type = peft.base_model.model_type();
+    if config.target_modules.is_none()
+        && let Ok(view) = config.targeting_view(model_type)
+    {
+        config.target_modules = view.target_modules;
+    }
+    if config.feedforward_modules.is_none() {
+        config.feedforward_modules = config.effective_feedforward(model_type).ok();
+    }
+    Some(config)
+}
+
 /// PEFT's `save_pretrained`: every adapter, `default` in `dir`, others in `dir/<name>/`, each as
-/// `adapter_config.json` + `adapter_model.safetensors` (metadata `format: pt`). Files are
+/// `adapter_config.json` + `adapter_model.safetensors` (metadata `format: pt`); bottleneck
+/// adapters in AdapterHub's format (`adapter_config.json` + `adapter.safetensors`). Files are
 /// written to a temporary name and renamed, so a crash never leaves a half-written adapter.
 pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
@@ -358,13 +451,23 @@ pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
         } else {
             dir.join(&name)
         };
+        if matches!(
+            peft.adapter_config(&name),
+            Some(AdapterConfig::Bottleneck(_))
+        ) {
+            written.push(adapterhub::save_adapter(peft, &out, &name)?);
+            continue;
+        }
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let tensors = adapter_state_dict(peft, &name);
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors(&out.join(ADAPTER_SAFETENSORS), &tensors, metadata)?;
-        let config = saved_config(peft, &name).expect("adapter exists");
+        let json = match saved_ia3_config(peft, &name) {
+            Some(c) => c.to_json(),
+            None => saved_config(peft, &name).expect("adapter exists").to_json(),
+        };
         let cfg_path = out.join(ADAPTER_CONFIG);
-        write_atomic(&cfg_path, config.to_json().as_bytes())?;
+        write_atomic(&cfg_path, json.as_bytes())?;
         written.push(out);
     }
     Ok(written)

@@ -3,7 +3,9 @@
 //! Every file format of peft-rs lives here and only here:
 //! - PEFT adapter directories ([`adapter`]): `adapter_config.json` with
 //!   `adapter_model.safetensors` (or the legacy `adapter_model.bin`), keys and shapes exactly as
-//!   PEFT writes them, in both directions;
+//!   PEFT writes them, in both directions (LoRA and IA3);
+//! - AdapterHub bottleneck adapter directories ([`adapterhub`]): `adapter_config.json` with
+//!   `adapter.safetensors` (or `pytorch_adapter.bin`), keys as the `adapters` library writes them;
 //! - Hugging Face model directories ([`hf_model`]): `config.json` with `model.safetensors`,
 //!   sharded `model.safetensors.index.json`, or `pytorch_model.bin`;
 //! - `tokenizer.json` ([`tokenizer`]) through the `tokenizers` crate;
@@ -16,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod adapter;
+pub mod adapterhub;
 pub mod checkpoint;
 mod error;
 pub mod hf_model;

@@ -11,7 +11,9 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use peft_core::{AdaptedLinear, AdapterHost, TaskType};
+use peft_core::{
+    AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -185,8 +187,8 @@ impl BertConfig {
         let name = name.to_ascii_lowercase();
         let name = name.rsplit('/').next().unwrap_or(&name).to_string();
         Some(match name.as_str() {
-            "bert-base-uncased" | "bert-base-cased" => Self::preset(768, 12, 12),
-            "bert-large-uncased" | "bert-large-cased" => Self::preset(1024, 24, 16),
+            "bert-base-uncased" | "bert-base-cased" | "bert-base" => Self::preset(768, 12, 12),
+            "bert-large-uncased" | "bert-large-cased" | "bert-large" => Self::preset(1024, 24, 16),
             "minilm" | "all-minilm-l6-v2" => Self {
                 intermediate_size: 1536,
                 ..Self::preset(384, 6, 12)
@@ -196,8 +198,13 @@ impl BertConfig {
     }
 
     /// Names accepted by [`preset_by_name`](Self::preset_by_name).
-    pub const PRESETS: &'static [&'static str] =
-        &["bert-base-uncased", "bert-large-uncased", "minilm"];
+    pub const PRESETS: &'static [&'static str] = &[
+        "bert-base-uncased",
+        "bert-large-uncased",
+        "bert-base",
+        "bert-large",
+        "minilm",
+    ];
 }
 
 /// The feed-forward activation.
@@ -288,6 +295,11 @@ pub struct BertLayer<B: Backend> {
     pub output: AdaptedLinear<B>,
     /// `output.LayerNorm`.
     pub output_norm: BertLayerNorm<B>,
+    /// Bottleneck adapters after the attention output (`attention.output`, AdapterHub's
+    /// `mh_adapter`).
+    pub attention_adapters: SublayerAdapters<B>,
+    /// Bottleneck adapters after the feed-forward output (`output`, `output_adapter`).
+    pub output_adapters: SublayerAdapters<B>,
     /// Attention-probability dropout.
     pub attention_dropout: Dropout,
     /// Residual dropout.
@@ -312,6 +324,8 @@ impl<B: Backend> BertLayer<B> {
             intermediate: lin(h, c.intermediate_size),
             output: lin(c.intermediate_size, h),
             output_norm: BertLayerNorm::new(h, c.layer_norm_eps, device),
+            attention_adapters: SublayerAdapters::new(),
+            output_adapters: SublayerAdapters::new(),
             attention_dropout: DropoutConfig::new(c.attention_probs_dropout_prob).init(),
             dropout: DropoutConfig::new(c.hidden_dropout_prob).init(),
             heads: c.num_attention_heads,
@@ -329,12 +343,19 @@ impl<B: Backend> BertLayer<B> {
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
         let probs = self.attention_dropout.forward(softmax(scores, 3));
         let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, l, h]);
-        let attn = self
-            .attention_norm
-            .forward(self.dropout.forward(self.attention_output.forward(ctx)) + x);
+        // AdapterHub's `bottleneck_layer_forward(hidden, input_tensor, LayerNorm)`: with no
+        // active adapter, `LayerNorm(hidden + input)`.
+        let attn = self.attention_adapters.forward(
+            self.dropout.forward(self.attention_output.forward(ctx)),
+            x,
+            Some(&|t| self.attention_norm.forward(t)),
+        );
         let inter = self.act.apply(self.intermediate.forward(attn.clone()));
-        self.output_norm
-            .forward(self.dropout.forward(self.output.forward(inter)) + attn)
+        self.output_adapters.forward(
+            self.dropout.forward(self.output.forward(inter)),
+            attn,
+            Some(&|t| self.output_norm.forward(t)),
+        )
     }
 }
 
@@ -456,6 +477,46 @@ impl<B: Backend> BertModel<B> {
         }
     }
 
+    fn sites(&self, prefix: &str, i: usize) -> [SublayerSite; 2] {
+        let p = format!("{prefix}encoder.layer.{i}");
+        let hidden = self.config.hidden_size;
+        [
+            SublayerSite {
+                path: format!("{p}.attention.output"),
+                kind: SublayerKind::Attention,
+                layer: i,
+                hidden,
+            },
+            SublayerSite {
+                path: format!("{p}.output"),
+                kind: SublayerKind::Output,
+                layer: i,
+                hidden,
+            },
+        ]
+    }
+
+    fn walk_sublayers(&self, prefix: &str, f: &mut dyn FnMut(&SublayerSite, &SublayerAdapters<B>)) {
+        for (i, l) in self.layer.iter().enumerate() {
+            let [a, o] = self.sites(prefix, i);
+            f(&a, &l.attention_adapters);
+            f(&o, &l.output_adapters);
+        }
+    }
+
+    fn walk_sublayers_mut(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>),
+    ) {
+        for i in 0..self.layer.len() {
+            let [a, o] = self.sites(prefix, i);
+            let l = &mut self.layer[i];
+            f(&a, &mut l.attention_adapters);
+            f(&o, &mut l.output_adapters);
+        }
+    }
+
     fn hf_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, HfParamMut<'_, B>)) {
         let e = &mut self.embeddings;
         for (n, emb) in [
@@ -515,6 +576,15 @@ impl<B: Backend> AdapterHost<B> for BertModel<B> {
     }
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
         self.walk_mut("", f)
+    }
+    fn visit_sublayers(&self, f: &mut dyn FnMut(&SublayerSite, &SublayerAdapters<B>)) {
+        self.walk_sublayers("", f)
+    }
+    fn visit_sublayers_mut(&mut self, f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>)) {
+        self.walk_sublayers_mut("", f)
+    }
+    fn model_class(&self) -> Option<&str> {
+        Some("BertModel")
     }
     fn model_type(&self) -> Option<&str> {
         Some("bert")
@@ -578,6 +648,15 @@ impl<B: Backend> AdapterHost<B> for BertForSequenceClassification<B> {
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
         self.bert.walk_mut("bert.", f);
         f("classifier", &mut self.classifier);
+    }
+    fn visit_sublayers(&self, f: &mut dyn FnMut(&SublayerSite, &SublayerAdapters<B>)) {
+        self.bert.walk_sublayers("bert.", f)
+    }
+    fn visit_sublayers_mut(&mut self, f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>)) {
+        self.bert.walk_sublayers_mut("bert.", f)
+    }
+    fn model_class(&self) -> Option<&str> {
+        Some("BertForSequenceClassification")
     }
     fn model_type(&self) -> Option<&str> {
         Some("bert")

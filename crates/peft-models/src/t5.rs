@@ -16,7 +16,9 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use peft_core::{AdaptedLinear, AdapterHost, TaskType};
+use peft_core::{
+    AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -483,6 +485,9 @@ pub struct T5AttentionLayer<B: Backend> {
     pub layer_norm: T5LayerNorm<B>,
     /// Residual dropout.
     pub dropout: Dropout,
+    /// Bottleneck adapters where the residual is added (AdapterHub's `mh_adapter` or
+    /// `cross_adapter`).
+    pub adapters: SublayerAdapters<B>,
 }
 
 /// `layer.N.DenseReluDense` with its pre-norm and residual.
@@ -502,6 +507,8 @@ pub struct T5FeedForward<B: Backend> {
     pub inner_dropout: Dropout,
     /// Residual dropout.
     pub dropout: Dropout,
+    /// Bottleneck adapters where the residual is added (AdapterHub's `output_adapter`).
+    pub adapters: SublayerAdapters<B>,
     /// Activation.
     #[module(skip)]
     pub act: T5Act,
@@ -519,6 +526,7 @@ impl<B: Backend> T5FeedForward<B> {
             layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
             inner_dropout: DropoutConfig::new(c.dropout_rate).init(),
             dropout: DropoutConfig::new(c.dropout_rate).init(),
+            adapters: SublayerAdapters::new(),
             act: c.activation()?,
         })
     }
@@ -530,9 +538,11 @@ impl<B: Backend> T5FeedForward<B> {
             (None, Some(w0), Some(w1)) => self.act.apply(w0.forward(x.clone())) * w1.forward(x),
             _ => unreachable!("constructed with wi or wi_0 and wi_1"),
         };
-        h + self
+        // AdapterHub: `bottleneck_layer_forward(dropout(out), residual_input=h, layer_norm=None)`.
+        let out = self
             .dropout
-            .forward(self.wo.forward(self.inner_dropout.forward(inner)))
+            .forward(self.wo.forward(self.inner_dropout.forward(inner)));
+        self.adapters.forward(out, h, None)
     }
 }
 
@@ -542,6 +552,7 @@ impl<B: Backend> T5AttentionLayer<B> {
             attention: T5Attention::new(c, has_bias, device),
             layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
             dropout: DropoutConfig::new(c.dropout_rate).init(),
+            adapters: SublayerAdapters::new(),
         }
     }
 
@@ -555,7 +566,10 @@ impl<B: Backend> T5AttentionLayer<B> {
     ) -> (Tensor<B, 3>, KvCache<B>) {
         let x = self.layer_norm.forward(h.clone());
         let (out, kv) = self.attention.forward(x, kv_input, bias, cache, static_kv);
-        (h + self.dropout.forward(out), kv)
+        (
+            self.adapters.forward(self.dropout.forward(out), h, None),
+            kv,
+        )
     }
 }
 
@@ -1016,7 +1030,82 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
     }
 }
 
+impl<B: Backend> T5ForConditionalGeneration<B> {
+    /// The bottleneck sites of block `i` of a stack, as AdapterHub numbers them (decoder
+    /// layers continue after the encoder's).
+    fn block_sites(&self, decoder: bool, i: usize) -> Vec<SublayerSite> {
+        let hidden = self.config.d_model;
+        let (name, layer) = if decoder {
+            ("decoder", self.encoder.block.len() + i)
+        } else {
+            ("encoder", i)
+        };
+        let p = format!("{name}.block.{i}.layer");
+        let site = |idx: usize, kind| SublayerSite {
+            path: format!("{p}.{idx}"),
+            kind,
+            layer,
+            hidden,
+        };
+        if decoder {
+            vec![
+                site(0, SublayerKind::Attention),
+                site(1, SublayerKind::CrossAttention),
+                site(2, SublayerKind::Output),
+            ]
+        } else {
+            vec![
+                site(0, SublayerKind::Attention),
+                site(1, SublayerKind::Output),
+            ]
+        }
+    }
+}
+
 impl<B: Backend> AdapterHost<B> for T5ForConditionalGeneration<B> {
+    fn visit_sublayers(&self, f: &mut dyn FnMut(&SublayerSite, &SublayerAdapters<B>)) {
+        for (decoder, stack) in [(false, &self.encoder), (true, &self.decoder)] {
+            for (i, blk) in stack.block.iter().enumerate() {
+                let sites = self.block_sites(decoder, i);
+                let mut adapters = vec![&blk.self_attention.adapters];
+                if let Some(c) = &blk.cross_attention {
+                    adapters.push(&c.adapters);
+                }
+                adapters.push(&blk.ff.adapters);
+                for (s, a) in sites.iter().zip(adapters) {
+                    f(s, a);
+                }
+            }
+        }
+    }
+
+    fn visit_sublayers_mut(&mut self, f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>)) {
+        for decoder in [false, true] {
+            let n = if decoder {
+                self.decoder.block.len()
+            } else {
+                self.encoder.block.len()
+            };
+            for i in 0..n {
+                let sites = self.block_sites(decoder, i);
+                let stack = if decoder {
+                    &mut self.decoder
+                } else {
+                    &mut self.encoder
+                };
+                let blk = &mut stack.block[i];
+                let mut adapters = vec![&mut blk.self_attention.adapters];
+                if let Some(c) = &mut blk.cross_attention {
+                    adapters.push(&mut c.adapters);
+                }
+                adapters.push(&mut blk.ff.adapters);
+                for (s, a) in sites.iter().zip(adapters) {
+                    f(s, a);
+                }
+            }
+        }
+    }
+
     fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
         for (stack_name, stack) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
             for (i, blk) in stack.block.iter().enumerate() {
@@ -1096,6 +1185,14 @@ impl<B: Backend> AdapterHost<B> for T5ForConditionalGeneration<B> {
 
     fn model_type(&self) -> Option<&str> {
         Some(&self.config.model_type)
+    }
+
+    fn model_class(&self) -> Option<&str> {
+        Some(if self.config.model_type == "mt5" {
+            "MT5ForConditionalGeneration"
+        } else {
+            "T5ForConditionalGeneration"
+        })
     }
 
     fn output_heads(&self, _task: Option<TaskType>) -> Vec<String> {

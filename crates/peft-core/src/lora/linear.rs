@@ -8,6 +8,7 @@ use burn::tensor::{ElementConversion, Tensor};
 
 use crate::config::{InitLoraWeights, lora_scaling};
 use crate::error::{PeftError, Result};
+use crate::ia3::Ia3Adapter;
 
 /// One LoRA adapter on one linear layer: `B(A(dropout(x))) * scaling`.
 ///
@@ -177,6 +178,8 @@ pub struct AdaptedLinear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// LoRA adapters, by name.
     pub lora: Vec<LoraAdapter<B>>,
+    /// IA3 vectors, by name.
+    pub ia3: Vec<Ia3Adapter<B>>,
     /// Trainable copies (`modules_to_save`), by adapter name.
     pub saved: Vec<SavedLinear<B>>,
     /// Original weights while merged.
@@ -215,6 +218,7 @@ impl<B: Backend> AdaptedLinear<B> {
             weight,
             bias,
             lora: Vec::new(),
+            ia3: Vec::new(),
             saved: Vec::new(),
             backup: None,
             active: Vec::new(),
@@ -257,6 +261,30 @@ impl<B: Backend> AdaptedLinear<B> {
         self.lora.iter_mut().find(|a| a.name == name)
     }
 
+    /// The IA3 vector named `name`.
+    pub fn ia3_adapter(&self, name: &str) -> Option<&Ia3Adapter<B>> {
+        self.ia3.iter().find(|a| a.name == name)
+    }
+
+    /// The IA3 vector named `name`, mutably.
+    pub fn ia3_adapter_mut(&mut self, name: &str) -> Option<&mut Ia3Adapter<B>> {
+        self.ia3.iter_mut().find(|a| a.name == name)
+    }
+
+    /// Whether adapter `name` (LoRA or IA3) changes this layer's computation.
+    pub fn has_adapter(&self, name: &str) -> bool {
+        self.adapter(name).is_some() || self.ia3_adapter(name).is_some()
+    }
+
+    /// Adds an IA3 vector (active only if [`set_active`](Self::set_active) says so).
+    pub fn add_ia3(&mut self, adapter: Ia3Adapter<B>) -> Result<()> {
+        if self.has_adapter(&adapter.name) {
+            return Err(PeftError::AdapterExists(adapter.name));
+        }
+        self.ia3.push(adapter);
+        Ok(())
+    }
+
     /// The trainable copy for adapter `name`, if this layer is one of its `modules_to_save`.
     pub fn saved_copy(&self, name: &str) -> Option<&SavedLinear<B>> {
         self.saved.iter().find(|s| s.name == name)
@@ -265,6 +293,7 @@ impl<B: Backend> AdaptedLinear<B> {
     /// Names of all adapters on this layer (LoRA and saved copies).
     pub fn adapter_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lora.iter().map(|a| a.name.clone()).collect();
+        names.extend(self.ia3.iter().map(|a| a.name.clone()));
         for s in &self.saved {
             if !names.contains(&s.name) {
                 names.push(s.name.clone());
@@ -275,7 +304,7 @@ impl<B: Backend> AdaptedLinear<B> {
 
     /// Adds a LoRA adapter (active only if [`set_active`](Self::set_active) says so).
     pub fn add_lora(&mut self, adapter: LoraAdapter<B>) -> Result<()> {
-        if self.adapter(&adapter.name).is_some() {
+        if self.has_adapter(&adapter.name) {
             return Err(PeftError::AdapterExists(adapter.name));
         }
         self.lora.push(adapter);
@@ -307,6 +336,7 @@ impl<B: Backend> AdaptedLinear<B> {
             return Err(PeftError::Merged("delete an adapter"));
         }
         self.lora.retain(|a| a.name != name);
+        self.ia3.retain(|a| a.name != name);
         self.saved.retain(|s| s.name != name);
         self.active.retain(|a| a != name);
         Ok(())
@@ -325,13 +355,33 @@ impl<B: Backend> AdaptedLinear<B> {
                 return linear(x, copy.weight.val(), copy.bias.as_ref().map(|b| b.val()));
             }
         }
-        let mut y = linear(
-            x.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let bias = self.bias.as_ref().map(|b| b.val());
         if self.disabled || !self.merged.is_empty() {
-            return y;
+            return linear(x, self.weight.val(), bias);
+        }
+        // IA3: the product of the active vectors scales the input (feed-forward targets) or
+        // the output (others), as PEFT's `IA3Layer.forward`.
+        let (mut scale_in, mut scale_out): (Option<Tensor<B, 1>>, Option<Tensor<B, 1>>) =
+            (None, None);
+        for name in &self.active {
+            if let Some(a) = self.ia3_adapter(name) {
+                let slot = if a.feedforward {
+                    &mut scale_in
+                } else {
+                    &mut scale_out
+                };
+                *slot = Some(match slot.take() {
+                    Some(s) => s * a.ia3_l.val(),
+                    None => a.ia3_l.val(),
+                });
+            }
+        }
+        let mut y = match scale_in {
+            Some(s) => linear(x.clone() * s.unsqueeze(), self.weight.val(), bias),
+            None => linear(x.clone(), self.weight.val(), bias),
+        };
+        if let Some(s) = scale_out {
+            y = y * s.unsqueeze();
         }
         for name in &self.active {
             if let Some(a) = self.adapter(name) {
@@ -353,7 +403,7 @@ impl<B: Backend> AdaptedLinear<B> {
         };
         let names: Vec<String> = names
             .into_iter()
-            .filter(|n| self.adapter(n).is_some() && !self.merged.contains(n))
+            .filter(|n| self.has_adapter(n) && !self.merged.contains(n))
             .collect();
         if names.is_empty() {
             return Ok(());
@@ -361,6 +411,18 @@ impl<B: Backend> AdaptedLinear<B> {
         let mut weight = self.weight.val();
         let mut bias = self.bias.as_ref().map(|b| b.val());
         for n in &names {
+            if let Some(a) = self.ia3_adapter(n) {
+                // PEFT's IA3 merge: rows of W (PyTorch columns) for feed-forward targets,
+                // output columns and the bias otherwise.
+                let l = a.ia3_l.val();
+                if a.feedforward {
+                    weight = weight * l.unsqueeze_dim::<2>(1);
+                } else {
+                    bias = bias.map(|b| b * l.clone());
+                    weight = weight * l.unsqueeze_dim::<2>(0);
+                }
+                continue;
+            }
             let a = self.adapter(n).expect("filtered above");
             weight = weight + a.delta_weight();
             if let Some(db) = a.delta_bias() {
@@ -428,6 +490,7 @@ impl<B: Backend> AdaptedLinear<B> {
             self.bias = bias;
         }
         self.lora.clear();
+        self.ia3.clear();
         self.saved.clear();
         self.backup = None;
         self.active.clear();

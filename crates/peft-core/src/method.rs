@@ -1,0 +1,89 @@
+//! The adapter methods a [`crate::PeftModel`] can hold, one config type each.
+
+use crate::bottleneck::BnConfig;
+use crate::config::{Bias, LoraConfig, TaskType};
+use crate::ia3::Ia3Config;
+
+/// The config of one named adapter: which method, with its hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdapterConfig {
+    /// PEFT LoRA.
+    Lora(LoraConfig),
+    /// PEFT IA3.
+    Ia3(Ia3Config),
+    /// AdapterHub bottleneck adapter (Houlsby, Pfeiffer, any `BnConfig`).
+    Bottleneck(BnConfig),
+}
+
+impl AdapterConfig {
+    /// The method's name as PEFT (`LORA`, `IA3`) or AdapterHub (`bottleneck`) writes it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            AdapterConfig::Lora(_) => "LORA",
+            AdapterConfig::Ia3(_) => "IA3",
+            AdapterConfig::Bottleneck(_) => "bottleneck",
+        }
+    }
+
+    /// Loaded for inference only: its parameters never require gradients.
+    pub fn inference_mode(&self) -> bool {
+        match self {
+            AdapterConfig::Lora(c) => c.inference_mode,
+            AdapterConfig::Ia3(c) => c.inference_mode,
+            AdapterConfig::Bottleneck(_) => false,
+        }
+    }
+
+    /// Sets [`inference_mode`](Self::inference_mode) (bottleneck adapters track it in the
+    /// [`crate::PeftModel`] instead; AdapterHub has no such field).
+    pub fn set_inference_mode(&mut self, on: bool) {
+        match self {
+            AdapterConfig::Lora(c) => c.inference_mode = on,
+            AdapterConfig::Ia3(c) => c.inference_mode = on,
+            AdapterConfig::Bottleneck(_) => {}
+        }
+    }
+
+    /// PEFT's `task_type`.
+    pub fn task_type(&self) -> Option<TaskType> {
+        match self {
+            AdapterConfig::Lora(c) => c.task_type,
+            AdapterConfig::Ia3(c) => c.task_type,
+            AdapterConfig::Bottleneck(_) => None,
+        }
+    }
+
+    /// Which base biases the adapter trains (LoRA only).
+    pub fn bias(&self) -> Bias {
+        match self {
+            AdapterConfig::Lora(c) => c.bias,
+            _ => Bias::None,
+        }
+    }
+
+    /// The LoRA config, if this is one.
+    pub fn as_lora(&self) -> Option<&LoraConfig> {
+        match self {
+            AdapterConfig::Lora(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl From<LoraConfig> for AdapterConfig {
+    fn from(c: LoraConfig) -> Self {
+        AdapterConfig::Lora(c)
+    }
+}
+
+impl From<Ia3Config> for AdapterConfig {
+    fn from(c: Ia3Config) -> Self {
+        AdapterConfig::Ia3(c)
+    }
+}
+
+impl From<BnConfig> for AdapterConfig {
+    fn from(c: BnConfig) -> Self {
+        AdapterConfig::Bottleneck(c)
+    }
+}

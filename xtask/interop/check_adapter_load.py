@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Loads an adapter directory written by peft-rs in Python and compares outputs.
+
+    python xtask/interop/check_adapter_load.py BASE_DIR ADAPTER_DIR OURS.safetensors TEXT [TEXT ...]
+
+ADAPTER_DIR is what `peft train` wrote (with its tokenizer.json), in whichever format its method
+uses: a PEFT LoRA or IA3 adapter (`adapter_config.json` + `adapter_model.safetensors`, loaded
+with `PeftModel.from_pretrained`), or an AdapterHub bottleneck adapter (`adapter_config.json` +
+`adapter.safetensors`, loaded with the `adapters` library's `load_adapter`). BASE_DIR is the base
+model directory. OURS.safetensors is the output of `peft forward --model BASE_DIR --adapter
+ADAPTER_DIR --decoder-input-ids 0 --text ...` for the same texts.
+
+Exits non-zero when the logits differ by more than 1e-4, or when the saved key set differs from
+what the Python library itself saves for the same config on the same base.
+Run by `cargo xtask interop` (needs the pinned stack of tests/fixtures/requirements.txt).
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
+
+
+def load_peft(base_dir, adapter_dir, cfg):
+    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), adapter_dir).eval()
+    if cfg["peft_type"] == "IA3":
+        fields = ("target_modules", "feedforward_modules", "task_type", "modules_to_save")
+        fresh_cfg = IA3Config(**{k: v for k, v in cfg.items() if k in fields})
+    else:
+        fields = ("r", "lora_alpha", "target_modules", "task_type", "bias", "lora_bias", "modules_to_save",
+                  "layers_to_transform")
+        fresh_cfg = LoraConfig(**{k: v for k, v in cfg.items() if k in fields})
+    fresh = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(base_dir), fresh_cfg)
+    expected = set(get_peft_model_state_dict(fresh).keys())
+    saved = set(load_file(f"{adapter_dir}/adapter_model.safetensors").keys())
+    return model, expected, saved, f"PEFT {cfg['peft_type']}"
+
+
+def load_adapterhub(base_dir, adapter_dir, cfg):
+    import adapters
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
+    adapters.init(model)
+    # peft-rs writes safetensors (never pickles); AdapterHub reads them with use_safetensors=True.
+    name = model.load_adapter(adapter_dir, set_active=True, use_safetensors=True)
+    model.eval()
+    fresh = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
+    adapters.init(fresh)
+    fresh.add_adapter(cfg["name"], config=adapters.BnConfig(**{
+        k: v for k, v in cfg["config"].items() if k != "architecture"}))
+    expected = {k for k in fresh.state_dict() if f".adapters.{cfg['name']}." in k}
+    saved = set(load_file(f"{adapter_dir}/adapter.safetensors").keys())
+    return model, expected, saved, f"AdapterHub adapters {adapters.__version__} (adapter {name!r})"
+
+
+def main():
+    base_dir, adapter_dir, ours_path, *texts = sys.argv[1:]
+    cfg = json.load(open(f"{adapter_dir}/adapter_config.json"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=f"{adapter_dir}/tokenizer.json", pad_token="<pad>",
+                                  eos_token="</s>", unk_token="<unk>")
+    if "peft_type" in cfg:
+        model, expected, saved, who = load_peft(base_dir, adapter_dir, cfg)
+    else:
+        model, expected, saved, who = load_adapterhub(base_dir, adapter_dir, cfg)
+    if expected != saved:
+        print("key sets differ:", sorted(expected ^ saved)[:10])
+        sys.exit(1)
+
+    enc = tok(texts, return_tensors="pt", padding=True)
+    dec = torch.zeros((len(texts), 1), dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                       decoder_input_ids=dec).logits
+    ours = load_file(ours_path)["logits"]
+    diff = (ours - logits).abs().max().item()
+    print(f"{who} loaded {adapter_dir}: {len(saved)} tensors, key set equal; "
+          f"max |logits diff| = {diff:.2e}")
+    sys.exit(0 if diff < 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main()
