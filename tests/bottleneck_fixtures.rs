@@ -519,3 +519,57 @@ fn bad_adapterhub_files_get_clear_errors() {
         .to_string();
     assert!(err.contains("adapter_config.json: invalid JSON"), "{err}");
 }
+
+#[test]
+fn zero_up_projection_leaves_outputs_unchanged_and_inits_have_their_statistics() {
+    let device = Default::default();
+    let fx = Fixture::load("bottleneck/bert_outputs.safetensors");
+    let tx = Fixture::load("bottleneck/t5_outputs.safetensors");
+    for preset in [BnConfig::houlsby(), BnConfig::pfeiffer()] {
+        // mam_adapter: kaiming-uniform down, zero up: the adapter starts as a no-op.
+        let mam = BnConfig {
+            init_weights: "mam_adapter".into(),
+            reduction_factor: peft::core::bottleneck::ReductionFactor::One(4.0),
+            ..preset.clone()
+        };
+        let peft = PeftModel::new(bert(), mam.clone(), "a").unwrap();
+        assert_close(
+            bert_out(&peft.base_model),
+            fx.get("base", &device),
+            TOL,
+            "bert mam",
+        );
+        let peft = PeftModel::new(t5("bottleneck/t5_base"), mam, "a").unwrap();
+        assert_close(
+            t5_out(&peft.base_model).0,
+            tx.get("base", &device),
+            TOL,
+            "t5 mam",
+        );
+    }
+    // houlsby init: N(0, 0.01) truncated at +-0.02; bert init: N(0, 0.02), zero biases.
+    let big = BertConfig::preset_by_name("bert-base-uncased").unwrap();
+    let model = BertModel::<B>::new(&big, false, &device).unwrap();
+    for (init, std, bound) in [("houlsby", 0.01f32, Some(0.02f32)), ("bert", 0.02, None)] {
+        let c = BnConfig {
+            init_weights: init.into(),
+            ..BnConfig::pfeiffer()
+        };
+        let peft = PeftModel::new(model.clone(), c, "a").unwrap();
+        let a = peft.base_model.layer[0]
+            .output_adapters
+            .adapter("a")
+            .unwrap();
+        let w = common::to_vec(a.down_weight.val());
+        let n = w.len() as f32;
+        let mean = w.iter().sum::<f32>() / n;
+        let sd = (w.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n).sqrt();
+        // A normal truncated at 2 sigma has sd 0.880 sigma.
+        let want = if bound.is_some() { 0.880 * std } else { std };
+        assert!((sd - want).abs() < 0.05 * want, "{init}: sd {sd} vs {want}");
+        if let Some(b) = bound {
+            assert!(w.iter().all(|x| x.abs() <= b), "{init}: inside +-{b}");
+        }
+        assert!(common::to_vec(a.up_bias.val()).iter().all(|x| *x == 0.0));
+    }
+}

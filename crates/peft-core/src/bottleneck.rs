@@ -450,6 +450,19 @@ impl<B: Backend> AdapterLayerNorm<B> {
     }
 }
 
+/// `torch.nn.init.trunc_normal_(mean=0, std, a=-2 std, b=2 std)`: normal draws outside the
+/// bounds are redrawn (rejection sampling, as the definition says; after 12 rounds the chance
+/// that an entry is still out of bounds is below 1e-16, and such an entry is clamped).
+fn trunc_normal<B: Backend>(shape: [usize; 2], std: f64, device: &B::Device) -> Tensor<B, 2> {
+    let dist = burn::tensor::Distribution::Normal(0.0, std);
+    let mut x = Tensor::<B, 2>::random(shape, dist, device);
+    for _ in 0..12 {
+        let out = x.clone().abs().greater_elem(2.0 * std);
+        x = x.mask_where(out, Tensor::random(shape, dist, device));
+    }
+    x.clamp(-2.0 * std, 2.0 * std)
+}
+
 /// One bottleneck adapter at one site. Weights in burn's `[in, out]` layout (AdapterHub's
 /// `adapter_down.0.weight` is `[bottleneck, hidden]`, the transpose of `down_weight`).
 #[derive(Module, Debug)]
@@ -516,21 +529,13 @@ impl<B: Backend> BottleneckAdapter<B> {
                 },
                 Initializer::Zeros,
             ),
-            _ => {
-                // trunc_normal(std=0.01, a=-0.02, b=0.02): a uniform-free approximation would
-                // change statistics; burn has no truncated normal, so use N(0, 0.01) clamped.
-                let n = Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.01,
-                };
-                (n.clone(), n)
-            }
+            _ => (Initializer::Zeros, Initializer::Zeros), // houlsby: drawn below
         };
         let mut down_weight = down_init.init_with([hidden, bn], Some(hidden), Some(bn), device);
         let mut up_weight = up_init.init_with([bn, hidden], Some(bn), Some(hidden), device);
         if config.init_weights == "houlsby" {
-            down_weight = Param::from_tensor(down_weight.val().clamp(-0.02, 0.02));
-            up_weight = Param::from_tensor(up_weight.val().clamp(-0.02, 0.02));
+            down_weight = Param::from_tensor(trunc_normal([hidden, bn], 0.01, device));
+            up_weight = Param::from_tensor(trunc_normal([bn, hidden], 0.01, device));
         }
         let (learned_scaling, scaling) = match config.scaling {
             Scaling::Fixed(s) => (None, s),
