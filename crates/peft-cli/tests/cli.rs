@@ -104,6 +104,46 @@ fn inspect_reads_adapterhub_and_ia3_dirs() {
 }
 
 #[test]
+fn bench_prints_one_json_line_with_the_torch_scripts_fields() {
+    // A smoke test of `peft bench` at a tiny shape (timings are never asserted in tests; the
+    // benchmark itself is `cargo xtask bench`).
+    for w in ["lora-train", "infer-unmerged", "generate"] {
+        let (ok, out, err) = peft(&[
+            "bench",
+            "--workload",
+            w,
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--batch",
+            "1",
+            "--src-len",
+            "4",
+            "--tgt-len",
+            "2",
+            "--new-tokens",
+            "2",
+        ]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        for k in [
+            "workload",
+            "impl",
+            "median_s",
+            "tokens_per_s",
+            "peak_rss_mib",
+        ] {
+            assert!(!v[k].is_null(), "{w}: {k} in {v}");
+        }
+        assert_eq!(v["impl"], "peft-rs");
+        // The same model as bench_torch.py builds: 76,961,152 base parameters, 344,064 LoRA.
+        let lora = if w == "infer-base" { 0 } else { 344_064 };
+        assert_eq!(v["params"], 76_961_152 + lora, "{w}");
+    }
+}
+
+#[test]
 fn generate_prints_what_transformers_decodes() {
     let fx = cli_json();
     for (case, adapter, beams, key) in [

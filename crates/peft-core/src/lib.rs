@@ -55,6 +55,7 @@
 
 pub mod bottleneck;
 pub mod config;
+pub mod dropout;
 mod error;
 pub mod ia3;
 pub mod lora;
@@ -66,6 +67,7 @@ pub mod train;
 
 pub use bottleneck::{BnConfig, BottleneckAdapter, SublayerAdapters, SublayerKind, SublayerSite};
 pub use config::{Bias, InitLoraWeights, LoraConfig, TargetModules, TaskType, lora_scaling};
+pub use dropout::Dropout;
 pub use error::{PeftError, Result};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{AdaptedLinear, LoraAdapter, LoraSpec};

@@ -7,10 +7,11 @@
 //! `BertModel` (e.g. all-MiniLM-L6-v2) has no `bert.` prefix, as in transformers.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer};
-use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer};
+use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use peft_core::Dropout;
 use peft_core::{
     AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
 };
@@ -224,7 +225,7 @@ impl BertAct {
     fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             BertAct::Gelu => gelu(x),
-            BertAct::GeluTanh => gelu_approximate(x),
+            BertAct::GeluTanh => peft_core::bottleneck::gelu_tanh(x),
             BertAct::Relu => relu(x),
             BertAct::Silu => silu(x),
         }
@@ -326,8 +327,8 @@ impl<B: Backend> BertLayer<B> {
             output_norm: BertLayerNorm::new(h, c.layer_norm_eps, device),
             attention_adapters: SublayerAdapters::new(),
             output_adapters: SublayerAdapters::new(),
-            attention_dropout: DropoutConfig::new(c.attention_probs_dropout_prob).init(),
-            dropout: DropoutConfig::new(c.hidden_dropout_prob).init(),
+            attention_dropout: Dropout::new(c.attention_probs_dropout_prob),
+            dropout: Dropout::new(c.hidden_dropout_prob),
             heads: c.num_attention_heads,
             act: c.act()?,
         })
@@ -397,7 +398,7 @@ impl<B: Backend> BertModel<B> {
                     .init(device),
                 token_type_embeddings: EmbeddingConfig::new(config.type_vocab_size, h).init(device),
                 layer_norm: BertLayerNorm::new(h, config.layer_norm_eps, device),
-                dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
+                dropout: Dropout::new(config.hidden_dropout_prob),
             },
             layer,
             pooler: with_pooler.then(|| AdaptedLinear::new(h, h, true, device)),
@@ -620,7 +621,7 @@ impl<B: Backend> BertForSequenceClassification<B> {
         Ok(BertForSequenceClassification {
             bert: BertModel::new(config, true, device)?,
             classifier: AdaptedLinear::new(config.hidden_size, config.labels(), true, device),
-            dropout: DropoutConfig::new(p).init(),
+            dropout: Dropout::new(p),
         })
     }
 

@@ -12,10 +12,11 @@
 //!   `lm_head`.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer};
-use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer};
+use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
+use peft_core::Dropout;
 use peft_core::{
     AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
 };
@@ -145,7 +146,7 @@ impl T5Act {
         match self {
             T5Act::Relu => relu(x),
             T5Act::Gelu => gelu(x),
-            T5Act::GeluNew => gelu_approximate(x),
+            T5Act::GeluNew => peft_core::bottleneck::gelu_tanh(x),
             T5Act::Silu => silu(x),
         }
     }
@@ -312,7 +313,7 @@ impl<B: Backend> T5LayerNorm<B> {
 
     /// Normalises the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let var = x.clone().powf_scalar(2.0).mean_dim(D - 1);
+        let var = (x.clone() * x.clone()).mean_dim(D - 1);
         let x = x * (var + self.eps).sqrt().recip();
         x * self.weight.val().unsqueeze()
     }
@@ -395,7 +396,7 @@ impl<B: Backend> T5Attention<B> {
             relative_attention_bias: has_bias.then(|| {
                 EmbeddingConfig::new(c.relative_attention_num_buckets, c.num_heads).init(device)
             }),
-            dropout: DropoutConfig::new(c.dropout_rate).init(),
+            dropout: Dropout::new(c.dropout_rate),
             n_heads: c.num_heads,
             d_kv: c.d_kv,
             num_buckets: c.relative_attention_num_buckets,
@@ -524,8 +525,8 @@ impl<B: Backend> T5FeedForward<B> {
             wi_1: gated.then(|| lin(c.d_model, c.d_ff)),
             wo: lin(c.d_ff, c.d_model),
             layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
-            inner_dropout: DropoutConfig::new(c.dropout_rate).init(),
-            dropout: DropoutConfig::new(c.dropout_rate).init(),
+            inner_dropout: Dropout::new(c.dropout_rate),
+            dropout: Dropout::new(c.dropout_rate),
             adapters: SublayerAdapters::new(),
             act: c.activation()?,
         })
@@ -551,7 +552,7 @@ impl<B: Backend> T5AttentionLayer<B> {
         T5AttentionLayer {
             attention: T5Attention::new(c, has_bias, device),
             layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
-            dropout: DropoutConfig::new(c.dropout_rate).init(),
+            dropout: Dropout::new(c.dropout_rate),
             adapters: SublayerAdapters::new(),
         }
     }
@@ -634,7 +635,7 @@ impl<B: Backend> T5Stack<B> {
         Ok(T5Stack {
             block,
             final_layer_norm: T5LayerNorm::new(c.d_model, c.layer_norm_epsilon, device),
-            dropout: DropoutConfig::new(c.dropout_rate).init(),
+            dropout: Dropout::new(c.dropout_rate),
             is_decoder,
         })
     }

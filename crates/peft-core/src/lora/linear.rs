@@ -1,14 +1,35 @@
 //! The linear adapter site: a frozen linear layer plus named LoRA adapters and trainable copies.
 
+use crate::dropout::Dropout;
 use burn::module::{Initializer, Module, Param, ParamId};
-use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::linear;
+use burn::tensor::module;
 use burn::tensor::{ElementConversion, Tensor};
 
 use crate::config::{InitLoraWeights, lora_scaling};
 use crate::error::{PeftError, Result};
 use crate::ia3::Ia3Adapter;
+
+/// `x W + b` over the last dimension of `x`. Leading dimensions are flattened first, so a
+/// `[batch, len, in]` input is one `[batch * len, in] x [in, out]` product instead of `batch`
+/// small ones (and the weight gradient comes out `[in, out]` directly, not summed over a batch
+/// of per-sample gradients).
+pub fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    if D <= 2 {
+        return module::linear(x, weight, bias);
+    }
+    let dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = module::linear(x.reshape([rows, d_in]), weight, bias);
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
 
 /// One LoRA adapter on one linear layer: `B(A(dropout(x))) * scaling`.
 ///
@@ -100,7 +121,7 @@ impl<B: Backend> LoraAdapter<B> {
             lora_a,
             lora_b,
             lora_bias,
-            dropout: DropoutConfig::new(spec.dropout).init(),
+            dropout: Dropout::new(spec.dropout),
             r,
             alpha: spec.alpha,
             scaling: lora_scaling(spec.alpha, r, spec.use_rslora),

@@ -2,4 +2,4 @@
 
 mod linear;
 
-pub use linear::{AdaptedLinear, LoraAdapter, LoraSpec, MergeBackup, SavedLinear};
+pub use linear::{AdaptedLinear, LoraAdapter, LoraSpec, MergeBackup, SavedLinear, linear};

@@ -1,0 +1,379 @@
+//! `cargo xtask bench`: peft-rs and PyTorch + PEFT side by side, interleaved, one process per
+//! workload and implementation (so peak RSS figures do not mix), medians and ratios.
+//!
+//! ```text
+//! cargo xtask bench [--workload NAME]... [--json] [--rounds 3] [--steps 5] [--warmup 2]
+//!                   [--threads N] [--device cpu|flex|cuda] [--dtype f32|bf16]
+//!                   [--model-preset small|large] [--no-torch]
+//! ```
+//!
+//! The PyTorch side (`xtask/bench/bench_torch.py`, pinned in `xtask/bench/requirements.txt`) runs
+//! when a Python with torch, transformers and peft is found: `PEFT_RS_PYTHON`, then
+//! `.cache/venv/bin/python`, then `python3`. Both sides get the same thread count (default: the
+//! machine's cores): `torch.set_num_threads` there, `RAYON_NUM_THREADS` and
+//! `MATMUL_NUM_THREADS` here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+const WORKLOADS: &[&str] = &[
+    "lora-train",
+    "full-train",
+    "generate",
+    "infer-base",
+    "infer-merged",
+    "infer-unmerged",
+];
+
+struct Opts {
+    workloads: Vec<String>,
+    json: bool,
+    rounds: usize,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+    device: String,
+    dtype: String,
+    preset: String,
+    torch: bool,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        workloads: Vec::new(),
+        json: false,
+        rounds: 3,
+        steps: 5,
+        warmup: 2,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        preset: "small".into(),
+        torch: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--workload" => {
+                let w = val()?;
+                if !WORKLOADS.contains(&w.as_str()) {
+                    bail!("unknown workload {w:?} ({})", WORKLOADS.join(", "));
+                }
+                o.workloads.push(w);
+            }
+            "--json" => o.json = true,
+            "--no-torch" => o.torch = false,
+            "--rounds" => o.rounds = val()?.parse()?,
+            "--steps" => o.steps = val()?.parse()?,
+            "--warmup" => o.warmup = val()?.parse()?,
+            "--threads" => o.threads = val()?.parse()?,
+            "--device" => o.device = val()?,
+            "--dtype" => o.dtype = val()?,
+            "--model-preset" => o.preset = val()?,
+            other => bail!(
+                "unknown option {other:?}; usage: cargo xtask bench [--workload NAME]... [--json] \
+                 [--rounds N] [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] \
+                 [--dtype f32|bf16] [--model-preset small|large] [--no-torch]"
+            ),
+        }
+    }
+    if o.workloads.is_empty() {
+        o.workloads = WORKLOADS.iter().map(|s| s.to_string()).collect();
+    }
+    if o.rounds == 0 || o.steps == 0 {
+        bail!("--rounds and --steps must be at least 1");
+    }
+    Ok(o)
+}
+
+/// A Python that imports torch, transformers and peft, if there is one.
+fn find_python(root: &Path) -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("PEFT_RS_PYTHON").map(PathBuf::from),
+        Some(root.join(".cache/venv/bin/python")),
+        Some(PathBuf::from("python3")),
+    ];
+    candidates.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .args(["-c", "import torch, transformers, peft"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+fn last_json_line(out: &std::process::Output, what: &str) -> Result<Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("{what} printed no JSON line"))?;
+    serde_json::from_str(line).with_context(|| format!("{what}: bad JSON {line}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Runs the benchmark as `cargo xtask bench` does.
+pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    let features = match o.device.as_str() {
+        "cpu" => None,
+        "flex" => Some("flex"),
+        "cuda" => Some("cuda"),
+        "wgpu" => Some("wgpu"),
+        d => bail!("unknown --device {d:?} (cpu, flex, cuda, wgpu)"),
+    };
+    let mut build = cargo();
+    build
+        .current_dir(root)
+        .args(["build", "--release", "-p", "peft-cli"]);
+    if let Some(f) = features {
+        build.args(["--features", f]);
+    }
+    let status = build.status().context("building peft-cli")?;
+    if !status.success() {
+        bail!("cargo build --release -p peft-cli failed");
+    }
+    let peft = root.join("target/release/peft");
+    let python = if o.torch { find_python(root) } else { None };
+    if o.torch && python.is_none() {
+        eprintln!(
+            "note: no Python with torch + transformers + peft found (PEFT_RS_PYTHON, \
+             .cache/venv, python3): timing peft-rs only"
+        );
+    }
+    let torch_device = if o.device == "cuda" { "cuda" } else { "cpu" };
+    let common = |c: &mut Command, w: &str| {
+        c.args(["--workload", w])
+            .args(["--steps", &o.steps.to_string()])
+            .args(["--warmup", &o.warmup.to_string()])
+            .args(["--model-preset", &o.preset]);
+    };
+    // (workload, impl) -> per-round results.
+    let mut results: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for round in 0..o.rounds {
+        for w in &o.workloads {
+            // Alternate which side goes first, so slow phases of a noisy machine hit both.
+            let mut order = vec!["peft-rs", "torch"];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for imp in order {
+                let out = match (imp, &python) {
+                    ("peft-rs", _) => {
+                        let mut c = Command::new(&peft);
+                        c.args(["--device", &o.device, "bench"])
+                            .env("RAYON_NUM_THREADS", o.threads.to_string())
+                            .env("MATMUL_NUM_THREADS", o.threads.to_string());
+                        common(&mut c, w);
+                        c.output().context("running peft bench")?
+                    }
+                    ("torch", Some(py)) => {
+                        let mut c = Command::new(py);
+                        c.arg(root.join("xtask/bench/bench_torch.py"))
+                            .args(["--threads", &o.threads.to_string()])
+                            .args(["--device", torch_device, "--dtype", &o.dtype]);
+                        common(&mut c, w);
+                        c.output().context("running bench_torch.py")?
+                    }
+                    _ => continue,
+                };
+                let v = last_json_line(&out, &format!("{imp} {w}"))?;
+                eprintln!(
+                    "round {}/{}: {w:<15} {imp:<8} {:>8.3} s",
+                    round + 1,
+                    o.rounds,
+                    v["median_s"].as_f64().unwrap_or(f64::NAN)
+                );
+                results
+                    .entry((w.clone(), imp.to_string()))
+                    .or_default()
+                    .push(v);
+            }
+        }
+    }
+
+    // One line per workload and implementation: median over rounds of the per-run medians.
+    let mut summary: BTreeMap<(String, String), Value> = BTreeMap::new();
+    for ((w, imp), runs) in &results {
+        let med = median(runs.iter().filter_map(|r| r["median_s"].as_f64()).collect());
+        let rss = runs
+            .iter()
+            .filter_map(|r| r["peak_rss_mib"].as_f64())
+            .fold(0.0f64, f64::max);
+        let tokens = runs[0]["tokens_per_s"].as_f64().unwrap_or(0.0)
+            * runs[0]["median_s"].as_f64().unwrap_or(0.0);
+        let flops = runs[0]["flops_per_step"].as_f64();
+        let mut line = json!({
+            "workload": w,
+            "impl": imp,
+            "median_s": med,
+            "tokens_per_s": tokens / med,
+            "peak_rss_mib": rss,
+            "gflop_per_s": flops.map(|f| f / med / 1e9),
+            "rounds": runs.len(),
+            "steps": o.steps,
+            "threads": runs[0]["threads"],
+            "device": runs[0]["device"],
+            "dtype": runs[0]["dtype"],
+            "params": runs[0]["params"],
+            "trainable_params": runs[0]["trainable_params"],
+            "round_medians_s": runs.iter().map(|r| r["median_s"].clone()).collect::<Vec<_>>(),
+        });
+        if let Some(g) = runs[0].get("peak_gpu_mib") {
+            line["peak_gpu_mib"] = g.clone();
+        }
+        summary.insert((w.clone(), imp.clone()), line);
+    }
+    if o.json {
+        for w in &o.workloads {
+            for imp in ["peft-rs", "torch"] {
+                if let Some(l) = summary.get(&(w.clone(), imp.to_string())) {
+                    println!("{l}");
+                }
+            }
+        }
+        return Ok(());
+    }
+    let get = |w: &str, imp: &str, k: &str| {
+        summary
+            .get(&(w.to_string(), imp.to_string()))
+            .and_then(|l| l[k].as_f64())
+    };
+    println!(
+        "\npeft-rs vs PyTorch + PEFT: {} threads, {}, device {}, {} rounds x {} steps (medians)\n",
+        o.threads,
+        cpu_model(),
+        o.device,
+        o.rounds,
+        o.steps
+    );
+    println!(
+        "| workload | peft-rs s | torch s | speed-up | peft-rs tok/s | torch tok/s | peft-rs GFLOP/s | torch GFLOP/s | peft-rs RSS MiB | torch RSS MiB | RSS ratio |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    for w in &o.workloads {
+        let (ours, theirs) = (get(w, "peft-rs", "median_s"), get(w, "torch", "median_s"));
+        let speed = ours.zip(theirs).map(|(a, b)| b / a);
+        let rss = get(w, "peft-rs", "peak_rss_mib").zip(get(w, "torch", "peak_rss_mib"));
+        println!(
+            "| {w} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            f(ours, 3),
+            f(theirs, 3),
+            speed.map_or("-".into(), |s| format!("{s:.2}x")),
+            f(get(w, "peft-rs", "tokens_per_s"), 0),
+            f(get(w, "torch", "tokens_per_s"), 0),
+            f(get(w, "peft-rs", "gflop_per_s"), 1),
+            f(get(w, "torch", "gflop_per_s"), 1),
+            f(rss.map(|r| r.0), 0),
+            f(rss.map(|r| r.1), 0),
+            rss.map_or("-".into(), |(a, b)| format!("{:.2}", a / b)),
+        );
+    }
+    // The issue's targets, where the workloads they need were run.
+    println!("\ntargets:");
+    let target = |name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool, fmt: &str| {
+        if let Some(v) = value {
+            println!(
+                "  {} {name}: {}",
+                if ok(v) { "met    " } else { "NOT met" },
+                fmt.replace("{}", &format!("{v:.2}"))
+            );
+        }
+    };
+    let t = |w: &str, imp: &str| get(w, imp, "median_s");
+    target(
+        "LoRA step throughput >= 1.5x PyTorch",
+        t("lora-train", "torch")
+            .zip(t("lora-train", "peft-rs"))
+            .map(|(a, b)| a / b),
+        &|v| v >= 1.5,
+        "{}x",
+    );
+    target(
+        "LoRA step peak RSS <= 0.7x PyTorch",
+        get("lora-train", "peft-rs", "peak_rss_mib")
+            .zip(get("lora-train", "torch", "peak_rss_mib"))
+            .map(|(a, b)| a / b),
+        &|v| v <= 0.7,
+        "{}x",
+    );
+    target(
+        "LoRA step <= 0.6x our full fine-tuning step",
+        t("lora-train", "peft-rs")
+            .zip(t("full-train", "peft-rs"))
+            .map(|(a, b)| a / b),
+        &|v| v <= 0.6,
+        "{}x",
+    );
+    target(
+        "LoRA step peak RSS < our full fine-tuning step's",
+        get("lora-train", "peft-rs", "peak_rss_mib")
+            .zip(get("full-train", "peft-rs", "peak_rss_mib"))
+            .map(|(a, b)| a / b),
+        &|v| v < 1.0,
+        "{}x",
+    );
+    target(
+        "greedy generation >= 2x PyTorch",
+        t("generate", "torch")
+            .zip(t("generate", "peft-rs"))
+            .map(|(a, b)| a / b),
+        &|v| v >= 2.0,
+        "{}x",
+    );
+    target(
+        "merged adapter as fast as the bare base (<= 1.05x its time)",
+        t("infer-merged", "peft-rs")
+            .zip(t("infer-base", "peft-rs"))
+            .map(|(a, b)| a / b),
+        &|v| v <= 1.05,
+        "{}x the base's time",
+    );
+    target(
+        "unmerged adapter within 5% of the bare base",
+        t("infer-unmerged", "peft-rs")
+            .zip(t("infer-base", "peft-rs"))
+            .map(|(a, b)| a / b),
+        &|v| v <= 1.05,
+        "{}x the base's time",
+    );
+    Ok(())
+}
