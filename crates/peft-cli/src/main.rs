@@ -417,46 +417,44 @@ fn inspect(dir: &Path) -> Result<()> {
         bytes = meta.len();
     }
     let s = |v: Option<&str>| v.unwrap_or("-").to_string();
+    // The fields PEFT's LoRA and IA3 configs share.
+    let peft_common = |method: &str,
+                       task: Option<peft_core::TaskType>,
+                       base: Option<&str>,
+                       targets: Option<&peft_core::TargetModules>| {
+        println!("method:         {method} (PEFT)");
+        println!(
+            "task_type:      {}",
+            task.map_or("-".into(), |t| format!("{t:?}"))
+        );
+        println!("base model:     {}", s(base));
+        println!(
+            "target_modules: {}",
+            targets.map_or("(model default)".into(), |t| t.to_string())
+        );
+    };
     println!("adapter:        {}", dir.display());
     match &config {
         AdapterConfig::Lora(c) => {
-            println!("method:         LORA (PEFT)");
-            println!(
-                "task_type:      {}",
-                c.task_type.map_or("-".into(), |t| format!("{t:?}"))
-            );
-            println!(
-                "base model:     {}",
-                s(c.base_model_name_or_path.as_deref())
+            peft_common(
+                "LORA",
+                c.task_type,
+                c.base_model_name_or_path.as_deref(),
+                c.target_modules.as_ref(),
             );
             println!("r:              {}  (layers by rank: {ranks:?})", c.r);
             println!("lora_alpha:     {}", c.lora_alpha);
             println!("lora_dropout:   {}", c.lora_dropout);
-            println!(
-                "target_modules: {}",
-                c.target_modules
-                    .as_ref()
-                    .map_or("(model default)".into(), |t| t.to_string())
-            );
             if let Some(m) = &c.modules_to_save {
                 println!("modules_to_save: {m:?}");
             }
         }
         AdapterConfig::Ia3(c) => {
-            println!("method:         IA3 (PEFT)");
-            println!(
-                "task_type:      {}",
-                c.task_type.map_or("-".into(), |t| format!("{t:?}"))
-            );
-            println!(
-                "base model:     {}",
-                s(c.base_model_name_or_path.as_deref())
-            );
-            println!(
-                "target_modules: {}",
-                c.target_modules
-                    .as_ref()
-                    .map_or("(model default)".into(), |t| t.to_string())
+            peft_common(
+                "IA3",
+                c.task_type,
+                c.base_model_name_or_path.as_deref(),
+                c.target_modules.as_ref(),
             );
             println!(
                 "feedforward:    {}",

@@ -79,17 +79,23 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 
 /// The adapter weights of `dir`: safetensors first, then the legacy `.bin`.
 pub fn open_adapter_weights(dir: &Path) -> Result<TensorSource> {
-    let st = dir.join(ADAPTER_SAFETENSORS);
+    open_first(dir, ADAPTER_SAFETENSORS, ADAPTER_BIN)
+}
+
+/// `dir/<safetensors>` if it exists, else `dir/<bin>` (through the pickle gate), else an error
+/// naming both.
+pub(crate) fn open_first(dir: &Path, safetensors: &str, bin: &str) -> Result<TensorSource> {
+    let st = dir.join(safetensors);
     if st.exists() {
         return TensorSource::safetensors(&st);
     }
-    let bin = dir.join(ADAPTER_BIN);
-    if bin.exists() {
-        return TensorSource::pytorch(&bin);
+    let b = dir.join(bin);
+    if b.exists() {
+        return TensorSource::pytorch(&b);
     }
     Err(IoError::NoWeights {
         dir: dir.to_path_buf(),
-        looked: format!("{ADAPTER_SAFETENSORS}, {ADAPTER_BIN}"),
+        looked: format!("{safetensors}, {bin}"),
     })
 }
 

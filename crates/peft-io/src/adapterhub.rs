@@ -137,18 +137,7 @@ pub fn read_config(dir: &Path) -> Result<AdapterHubConfig> {
 
 /// The adapter weights of `dir`: `adapter.safetensors` first, then `pytorch_adapter.bin`.
 pub fn open_weights(dir: &Path) -> Result<TensorSource> {
-    let st = dir.join(SAFETENSORS);
-    if st.exists() {
-        return TensorSource::safetensors(&st);
-    }
-    let bin = dir.join(BIN);
-    if bin.exists() {
-        return TensorSource::pytorch(&bin);
-    }
-    Err(IoError::NoWeights {
-        dir: dir.to_path_buf(),
-        looked: format!("{SAFETENSORS}, {BIN}"),
-    })
+    crate::adapter::open_first(dir, SAFETENSORS, BIN)
 }
 
 /// Tensor names of one adapter at one site, relative to `<path>.adapters.<name>.`, with the
