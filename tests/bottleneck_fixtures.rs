@@ -573,3 +573,24 @@ fn zero_up_projection_leaves_outputs_unchanged_and_inits_have_their_statistics()
         assert!(common::to_vec(a.up_bias.val()).iter().all(|x| *x == 0.0));
     }
 }
+
+#[test]
+fn ia3_seq_cls_trains_and_saves_the_head_as_peft() {
+    // PEFT 0.21.2 on tests/fixtures/bert/bert_cls with IA3Config(task_type="SEQ_CLS"):
+    // get_nb_trainable_parameters() == (579, 32742), modules_to_save == ["classifier", "score"].
+    let (model, _) =
+        peft::io::load_bert_classifier::<B>(&fixture_path("bert/bert_cls"), &Default::default())
+            .unwrap();
+    let config = Ia3Config {
+        task_type: Some(peft::core::TaskType::SeqCls),
+        ..Default::default()
+    };
+    let peft = PeftModel::new(model, config, "default").unwrap();
+    let c = peft.parameter_counts();
+    assert_eq!((c.trainable, c.all), (579, 32742));
+    let saved = peft::io::adapter::saved_ia3_config(&peft, "default").unwrap();
+    assert_eq!(
+        saved.modules_to_save,
+        Some(vec!["classifier".to_string(), "score".to_string()])
+    );
+}

@@ -305,7 +305,10 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                     };
                     layer.add_ia3(Ia3Adapter::new(name, len, feedforward, init_ones, device))
                 })?;
-                self.configs.push((name.to_string(), config.clone()));
+                // As PEFT: the heads a classification task adds are in the saved config.
+                let mut c = c.clone();
+                c.modules_to_save = view.modules_to_save.clone();
+                self.configs.push((name.to_string(), AdapterConfig::Ia3(c)));
                 t
             }
             AdapterConfig::Bottleneck(c) => {
