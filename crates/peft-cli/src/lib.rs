@@ -1,5 +1,6 @@
 //! The `peft` command-line tool's library: argument types, the trainer and its data pipeline,
-//! usable from tests and other binaries (xtask runs the `peft` binary).
+//! the benchmark workloads (`peft bench`), usable from tests and other binaries (xtask runs the
+//! `peft` binary).
 
 pub mod bench;
 pub mod data;

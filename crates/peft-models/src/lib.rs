@@ -1,8 +1,10 @@
 //! # peft-models
 //!
-//! Transformer architectures whose linear layers are [`peft_core::AdaptedLinear`] sites, with
-//! module paths equal to Hugging Face's (`encoder.block.0.layer.0.SelfAttention.q`), so that
-//! PEFT target names and checkpoint keys line up without per-model glue.
+//! Transformer architectures whose linear layers are [`peft_core::AdaptedLinear`] sites and whose
+//! sub-layer outputs are [`peft_core::SublayerAdapters`] sites (where bottleneck adapters sit),
+//! with module paths equal to Hugging Face's (`encoder.block.0.layer.0.SelfAttention.q`,
+//! `encoder.layer.3.output`), so that PEFT target names and PEFT/AdapterHub checkpoint keys line
+//! up without per-model glue.
 //!
 //! This crate owns the architectures (one file each: [`t5`], [`bert`]) and their
 //! [`peft_core::AdapterHost`] walks and [`hf::HfParams`] name tables. It knows no adapter method
