@@ -492,8 +492,9 @@ pub struct BottleneckAdapter<B: Backend> {
     pub learned_scaling: Option<Param<Tensor<B, 1>>>,
     /// Fixed scaling (1 when learned).
     pub scaling: f64,
-    /// Activation name (parsed when the adapter is built).
-    pub non_linearity: String,
+    /// Activation between the projections (`non_linearity`, parsed when the adapter is built).
+    #[module(skip)]
+    pub activation: Activation,
     /// Dropout on the scaled up projection (training only).
     pub dropout: Dropout,
     /// `original_ln_before`.
@@ -563,7 +564,7 @@ impl<B: Backend> BottleneckAdapter<B> {
                 .then(|| AdapterLayerNorm::new(hidden, device)),
             learned_scaling,
             scaling,
-            non_linearity: config.non_linearity.clone(),
+            activation: Activation::parse(&config.non_linearity)?,
             dropout: Dropout::new(config.dropout),
             original_ln_before: config.original_ln_before,
             original_ln_after: config.original_ln_after,
@@ -627,12 +628,11 @@ impl<B: Backend> BottleneckAdapter<B> {
 
     /// AdapterHub's `Adapter.forward`: the bottleneck plus its residual.
     fn core<const D: usize>(&self, h: Tensor<B, D>, residual: Tensor<B, D>) -> Tensor<B, D> {
-        let act = Activation::parse(&self.non_linearity).unwrap_or(Activation::Relu);
         let x = match &self.norm_before {
             Some(n) => n.forward(h),
             None => h,
         };
-        let down = act.forward(linear(
+        let down = self.activation.forward(linear(
             x,
             self.down_weight.val(),
             Some(self.down_bias.val()),

@@ -16,15 +16,6 @@ pub enum AdapterConfig {
 }
 
 impl AdapterConfig {
-    /// The method's name as PEFT (`LORA`, `IA3`) or AdapterHub (`bottleneck`) writes it.
-    pub fn method(&self) -> &'static str {
-        match self {
-            AdapterConfig::Lora(_) => "LORA",
-            AdapterConfig::Ia3(_) => "IA3",
-            AdapterConfig::Bottleneck(_) => "bottleneck",
-        }
-    }
-
     /// Loaded for inference only: its parameters never require gradients.
     pub fn inference_mode(&self) -> bool {
         match self {

@@ -82,21 +82,37 @@ pub fn count_params<B: Backend, M: Module<B>>(module: &M) -> usize {
     c.total
 }
 
+/// Whether the parameter at module path `stack` is a base model `bias`: its field name is `bias`
+/// and it is not inside an adapter (`lora`, bottleneck `adapters`), a `modules_to_save` copy
+/// (`saved`) or a merge backup.
+fn is_base_bias(stack: &[String]) -> bool {
+    stack.last().is_some_and(|n| n == "bias")
+        && !stack
+            .iter()
+            .any(|n| n == "lora" || n == "saved" || n == "backup" || n == "adapters")
+}
+
+/// PEFT's config preparation for linear methods: the heads of classification tasks
+/// (`classifier`, `score`) become `modules_to_save`.
+fn with_task_heads(mut config: LoraConfig) -> LoraConfig {
+    if matches!(
+        config.task_type,
+        Some(TaskType::SeqCls | TaskType::TokenCls)
+    ) {
+        let heads = ["classifier", "score"].map(String::from);
+        config
+            .modules_to_save
+            .get_or_insert_with(Vec::new)
+            .extend(heads);
+    }
+    config
+}
+
 /// Visits the parameters whose field name is `bias`, outside adapter internals.
 struct BiasVisitor {
     stack: Vec<String>,
     seen: HashSet<ParamId>,
     total: usize,
-}
-
-impl BiasVisitor {
-    fn is_base_bias(&self) -> bool {
-        self.stack.last().is_some_and(|n| n == "bias")
-            && !self
-                .stack
-                .iter()
-                .any(|n| n == "lora" || n == "saved" || n == "backup" || n == "adapters")
-    }
 }
 
 impl<B: Backend> ModuleVisitor<B> for BiasVisitor {
@@ -107,7 +123,7 @@ impl<B: Backend> ModuleVisitor<B> for BiasVisitor {
         self.stack.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.is_base_bias() && self.seen.insert(param.id) {
+        if is_base_bias(&self.stack) && self.seen.insert(param.id) {
             self.total += param.lazy_shape().num_elements();
         }
     }
@@ -137,12 +153,7 @@ impl<B: Backend> ModuleMapper<B> for BiasTrainable {
         self.stack.pop();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let is_bias = self.stack.last().is_some_and(|n| n == "bias")
-            && !self
-                .stack
-                .iter()
-                .any(|n| n == "lora" || n == "saved" || n == "backup" || n == "adapters");
-        if is_bias {
+        if is_base_bias(&self.stack) {
             param.set_require_grad(self.trainable)
         } else {
             param
@@ -272,7 +283,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         let config = config.into();
         let targets = match &config {
             AdapterConfig::Lora(c) => {
-                let c = self.attach_lora(name, c.clone())?;
+                let c = with_task_heads(c.clone());
                 let t = self.attach_linear(name, &c, |layer, path, device| {
                     let spec = LoraSpec {
                         r: c.rank_for(path)?,
@@ -293,7 +304,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             AdapterConfig::Ia3(c) => {
                 c.validate()?;
                 let model_type = self.base_model.model_type().map(str::to_string);
-                let view = self.attach_lora(name, c.targeting_view(model_type.as_deref())?)?;
+                let view = with_task_heads(c.targeting_view(model_type.as_deref())?);
                 let ff = c.effective_feedforward(model_type.as_deref())?;
                 let init_ones = c.init_ia3_weights;
                 let t = self.attach_linear(name, &view, |layer, path, device| {
@@ -348,22 +359,6 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         let active = self.active.clone();
         self.apply_active(&active);
         Ok(())
-    }
-
-    /// PEFT's config preparation for linear methods: heads of classification tasks become
-    /// `modules_to_save`.
-    fn attach_lora(&self, _name: &str, mut config: LoraConfig) -> Result<LoraConfig> {
-        if matches!(
-            config.task_type,
-            Some(TaskType::SeqCls | TaskType::TokenCls)
-        ) {
-            let heads = ["classifier", "score"].map(String::from);
-            config
-                .modules_to_save
-                .get_or_insert_with(Vec::new)
-                .extend(heads);
-        }
-        Ok(config)
     }
 
     /// Attaches a linear method to every layer `config` targets (via `attach`) and trainable

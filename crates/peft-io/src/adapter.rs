@@ -22,7 +22,7 @@ use peft_core::{
 };
 use serde_json::Value;
 
-use crate::adapterhub;
+use crate::adapterhub::{self, AdapterHubConfig};
 
 use crate::error::{IoError, Result, io_err};
 use crate::hf_model::LoadReport;
@@ -41,6 +41,21 @@ const PREFIX: &str = "base_model.model.";
 /// (`peft_type: "LORA"`), PEFT IA3 (`"IA3"`) or an AdapterHub bottleneck adapter (a `config`
 /// object). Other PEFT methods are refused by name.
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    Ok(match read_dir_config(dir)? {
+        DirConfig::Peft(c) => c,
+        DirConfig::Hub(h) => AdapterConfig::Bottleneck(h.config),
+    })
+}
+
+/// What `adapter_config.json` of a directory describes: a PEFT adapter, or an AdapterHub one
+/// (whose file metadata, such as the name in its tensor keys, loading needs).
+enum DirConfig {
+    Peft(AdapterConfig),
+    Hub(AdapterHubConfig),
+}
+
+/// Reads `dir/adapter_config.json` once and parses it in the format it is in.
+fn read_dir_config(dir: &Path) -> Result<DirConfig> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
     let value: Value = serde_json::from_str(&text).map_err(|source| IoError::Json {
@@ -48,9 +63,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         source,
     })?;
     if adapterhub::is_adapterhub_config(&value) {
-        return Ok(AdapterConfig::Bottleneck(
-            adapterhub::parse_config(&path, &text)?.config,
-        ));
+        return Ok(DirConfig::Hub(adapterhub::parse_value(&path, value)?));
     }
     let json_err = |source| IoError::Json {
         path: path.clone(),
@@ -64,12 +77,12 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         None | Some("LORA") => {
             let config = LoraConfig::from_json(&text).map_err(json_err)?;
             config.validate().map_err(peft_err)?;
-            Ok(AdapterConfig::Lora(config))
+            Ok(DirConfig::Peft(AdapterConfig::Lora(config)))
         }
         Some("IA3") => {
             let config = Ia3Config::from_json(&text).map_err(json_err)?;
             config.validate().map_err(peft_err)?;
-            Ok(AdapterConfig::Ia3(config))
+            Ok(DirConfig::Peft(AdapterConfig::Ia3(config)))
         }
         Some(other) => Err(peft_err(PeftError::Unsupported(format!(
             "peft_type {other:?} (implemented: LORA, IA3, and AdapterHub bottleneck adapters)"
@@ -182,24 +195,34 @@ pub fn load_adapter<B: Backend, M: AdapterHost<B>>(
     dir: &Path,
     name: &str,
 ) -> Result<LoadReport> {
-    let mut config = read_adapter_config(dir)?;
-    if matches!(config, AdapterConfig::Bottleneck(_)) {
-        return adapterhub::load_adapter(peft, dir, Some(name)).map(|(_, r)| r);
-    }
-    config.set_inference_mode(true);
-    peft.add_adapter(name, config)
-        .map_err(|source| IoError::Peft {
-            path: dir.join(ADAPTER_CONFIG),
-            source,
-        })?;
-    match fill_adapter(peft, dir, name) {
-        Ok(report) => Ok(report),
-        Err(e) => {
-            // Leave no half-loaded adapter behind.
-            let _ = peft.delete_adapter(name);
-            Err(e)
+    match read_dir_config(dir)? {
+        DirConfig::Hub(h) => adapterhub::load_with(peft, dir, &h, Some(name)).map(|(_, r)| r),
+        DirConfig::Peft(mut config) => {
+            config.set_inference_mode(true);
+            add_and_fill(peft, &dir.join(ADAPTER_CONFIG), name, config, |p| {
+                fill_adapter(p, dir, name)
+            })
         }
     }
+}
+
+/// Attaches adapter `name` with `config` (errors name `cfg_path`), then runs `fill`; if filling
+/// fails, the half-loaded adapter is removed again.
+pub(crate) fn add_and_fill<B: Backend, M: AdapterHost<B>>(
+    peft: &mut PeftModel<B, M>,
+    cfg_path: &Path,
+    name: &str,
+    config: impl Into<AdapterConfig>,
+    fill: impl FnOnce(&mut PeftModel<B, M>) -> Result<LoadReport>,
+) -> Result<LoadReport> {
+    peft.add_adapter(name, config)
+        .map_err(|source| IoError::Peft {
+            path: cfg_path.to_path_buf(),
+            source,
+        })?;
+    fill(peft).inspect_err(|_| {
+        let _ = peft.delete_adapter(name);
+    })
 }
 
 /// Replaces the tensors of the existing adapter `name` with those in `dir` (keeping parameter
@@ -329,24 +352,15 @@ pub fn from_pretrained<B: Backend, M: AdapterHost<B>>(
     dir: &Path,
     name: &str,
 ) -> Result<(PeftModel<B, M>, LoadReport)> {
-    let mut config = read_adapter_config(dir)?;
+    let mut config = match read_dir_config(dir)? {
+        DirConfig::Hub(h) => return adapterhub::from_pretrained_with(model, dir, &h, name),
+        DirConfig::Peft(c) => c,
+    };
     config.set_inference_mode(true);
-    let cfg_path = dir.join(ADAPTER_CONFIG);
-    let bottleneck = matches!(config, AdapterConfig::Bottleneck(_));
     let mut peft = PeftModel::new(model, config, name).map_err(|source| IoError::Peft {
-        path: cfg_path.clone(),
+        path: dir.join(ADAPTER_CONFIG),
         source,
     })?;
-    if bottleneck {
-        adapterhub::check_model(&peft, &cfg_path, &adapterhub::read_config(dir)?)?;
-        let report = adapterhub::load_adapter_weights(&mut peft, dir, name)?;
-        peft.set_frozen(name, true)
-            .map_err(|source| IoError::Peft {
-                path: cfg_path,
-                source,
-            })?;
-        return Ok((peft, report));
-    }
     let report = fill_adapter(&mut peft, dir, name)?;
     Ok((peft, report))
 }

@@ -75,17 +75,22 @@ pub fn is_adapterhub_config(value: &Value) -> bool {
 
 /// Parses an AdapterHub `adapter_config.json` body (already read from `path`) and validates it.
 pub fn parse_config(path: &Path, text: &str) -> Result<AdapterHubConfig> {
-    let mut value: Value = serde_json::from_str(text).map_err(|source| IoError::Json {
+    let value: Value = serde_json::from_str(text).map_err(|source| IoError::Json {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_value(path, value)
+}
+
+/// [`parse_config`] on an already parsed JSON value.
+pub(crate) fn parse_value(path: &Path, mut value: Value) -> Result<AdapterHubConfig> {
     // The architecture decides the method: only bottleneck adapters live here.
     let arch = value["config"]
         .get("architecture")
         .and_then(Value::as_str)
         .unwrap_or("bottleneck")
         .to_string();
-    if arch != "bottleneck" && arch != "null" {
+    if arch != "bottleneck" {
         return Err(IoError::Peft {
             path: path.to_path_buf(),
             source: peft_core::PeftError::Unsupported(format!(
@@ -303,12 +308,13 @@ fn fill<B: Backend, M: AdapterHost<B>>(
     })
 }
 
-pub(crate) fn check_model<B: Backend, M: AdapterHost<B>>(
-    peft: &PeftModel<B, M>,
+/// Refuses an adapter trained on another model type or hidden size than `model`'s.
+fn check_model<B: Backend, M: AdapterHost<B>>(
+    model: &M,
     cfg_path: &Path,
     config: &AdapterHubConfig,
 ) -> Result<()> {
-    if let (Some(theirs), Some(ours)) = (&config.model_type, peft.base_model.model_type())
+    if let (Some(theirs), Some(ours)) = (&config.model_type, model.model_type())
         && theirs != ours
         && !(matches!(theirs.as_str(), "t5" | "mt5") && matches!(ours, "t5" | "mt5"))
     {
@@ -320,8 +326,7 @@ pub(crate) fn check_model<B: Backend, M: AdapterHost<B>>(
         });
     }
     let mut hidden = None;
-    peft.base_model
-        .visit_sublayers(&mut |s, _| hidden = hidden.or(Some(s.hidden)));
+    model.visit_sublayers(&mut |s, _| hidden = hidden.or(Some(s.hidden)));
     if let (Some(theirs), Some(ours)) = (config.hidden_size, hidden)
         && theirs != ours
     {
@@ -335,6 +340,23 @@ pub(crate) fn check_model<B: Backend, M: AdapterHost<B>>(
     Ok(())
 }
 
+/// Fills the bottleneck adapter `name` (already attached from `config`) from `dir` and freezes it,
+/// as loading an adapter for inference does.
+fn fill_frozen<B: Backend, M: AdapterHost<B>>(
+    peft: &mut PeftModel<B, M>,
+    dir: &Path,
+    name: &str,
+    config: &AdapterHubConfig,
+) -> Result<LoadReport> {
+    let report = fill(peft, dir, name, &config.name)?;
+    peft.set_frozen(name, true)
+        .map_err(|source| IoError::Peft {
+            path: dir.join(CONFIG),
+            source,
+        })?;
+    Ok(report)
+}
+
 /// AdapterHub's `model.load_adapter(dir)`: attaches the bottleneck adapter of `dir` to `peft`
 /// under `name` (default: the name in its config), inactive and frozen, and fills its tensors.
 /// Returns the name used and what the file held that the model has no place for.
@@ -343,29 +365,43 @@ pub fn load_adapter<B: Backend, M: AdapterHost<B>>(
     dir: &Path,
     name: Option<&str>,
 ) -> Result<(String, LoadReport)> {
-    let config = read_config(dir)?;
+    load_with(peft, dir, &read_config(dir)?, name)
+}
+
+/// [`load_adapter`] with the config of `dir` already read.
+pub(crate) fn load_with<B: Backend, M: AdapterHost<B>>(
+    peft: &mut PeftModel<B, M>,
+    dir: &Path,
+    config: &AdapterHubConfig,
+    name: Option<&str>,
+) -> Result<(String, LoadReport)> {
     let cfg_path = dir.join(CONFIG);
-    check_model(peft, &cfg_path, &config)?;
+    check_model(&peft.base_model, &cfg_path, config)?;
     let name = name.unwrap_or(&config.name).to_string();
-    peft.add_adapter(&name, config.config.clone())
-        .map_err(|source| IoError::Peft {
-            path: cfg_path.clone(),
+    let report =
+        crate::adapter::add_and_fill(peft, &cfg_path, &name, config.config.clone(), |p| {
+            fill_frozen(p, dir, &name, config)
+        })?;
+    Ok((name, report))
+}
+
+/// `from_pretrained` for an AdapterHub directory whose config is already read: `model` with the
+/// adapter attached under `name`, active and frozen.
+pub(crate) fn from_pretrained_with<B: Backend, M: AdapterHost<B>>(
+    model: M,
+    dir: &Path,
+    config: &AdapterHubConfig,
+    name: &str,
+) -> Result<(PeftModel<B, M>, LoadReport)> {
+    let cfg_path = dir.join(CONFIG);
+    check_model(&model, &cfg_path, config)?;
+    let mut peft =
+        PeftModel::new(model, config.config.clone(), name).map_err(|source| IoError::Peft {
+            path: cfg_path,
             source,
         })?;
-    match fill(peft, dir, &name, &config.name) {
-        Ok(report) => {
-            peft.set_frozen(&name, true)
-                .map_err(|source| IoError::Peft {
-                    path: cfg_path,
-                    source,
-                })?;
-            Ok((name, report))
-        }
-        Err(e) => {
-            let _ = peft.delete_adapter(&name);
-            Err(e)
-        }
-    }
+    let report = fill_frozen(&mut peft, dir, name, config)?;
+    Ok((peft, report))
 }
 
 /// Replaces the tensors of the existing bottleneck adapter `name` with those in `dir` (keeping
