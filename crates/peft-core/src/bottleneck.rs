@@ -432,30 +432,40 @@ pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x / u.exp().add_scalar(1.0)
 }
 
-/// A LayerNorm owned by an adapter (`nn.LayerNorm`, eps 1e-5).
+/// PyTorch's `nn.LayerNorm` with transformers' parameter names (`weight`, `bias`): the
+/// LayerNorm of bottleneck adapters (`ln_before`/`ln_after`, eps 1e-5) and of BERT.
 #[derive(Module, Debug)]
-pub struct AdapterLayerNorm<B: Backend> {
+pub struct LayerNorm<B: Backend> {
     /// Scale, `[hidden]`.
     pub weight: Param<Tensor<B, 1>>,
     /// Shift, `[hidden]`.
     pub bias: Param<Tensor<B, 1>>,
+    /// Epsilon.
+    pub eps: f64,
 }
 
-impl<B: Backend> AdapterLayerNorm<B> {
-    fn new(hidden: usize, device: &B::Device) -> Self {
-        AdapterLayerNorm {
+impl<B: Backend> LayerNorm<B> {
+    /// Scale ones, shift zeros (lazily).
+    pub fn new(hidden: usize, eps: f64, device: &B::Device) -> Self {
+        LayerNorm {
             weight: Initializer::Ones.init([hidden], device),
             bias: Initializer::Zeros.init([hidden], device),
+            eps,
         }
     }
 
-    /// `(x - mean) / sqrt(var + 1e-5) * weight + bias` over the last dimension.
+    /// Normalises the last dimension (biased variance, as PyTorch), then scales and shifts.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let (var, mean) = x.clone().var_mean_bias(D - 1);
-        let x = (x - mean).div(var.add_scalar(1e-5).sqrt());
-        x.mul(self.weight.val().unsqueeze()) + self.bias.val().unsqueeze()
+        let mean = x.clone().mean_dim(D - 1);
+        let centered = x - mean;
+        let var = (centered.clone() * centered.clone()).mean_dim(D - 1);
+        let normed = centered / (var + self.eps).sqrt();
+        normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
     }
 }
+
+/// `nn.LayerNorm`'s default epsilon, which AdapterHub's adapter LayerNorms use.
+const ADAPTER_LN_EPS: f64 = 1e-5;
 
 /// `torch.nn.init.trunc_normal_(mean=0, std, a=-2 std, b=2 std)`: normal draws outside the
 /// bounds are redrawn (rejection sampling, as the definition says; after 12 rounds the chance
@@ -477,7 +487,7 @@ pub struct BottleneckAdapter<B: Backend> {
     /// The adapter's name.
     pub name: String,
     /// `ln_before`: LayerNorm on the adapter input.
-    pub norm_before: Option<AdapterLayerNorm<B>>,
+    pub norm_before: Option<LayerNorm<B>>,
     /// Down projection, `[hidden, bottleneck]`.
     pub down_weight: Param<Tensor<B, 2>>,
     /// Down projection bias, `[bottleneck]`.
@@ -487,7 +497,7 @@ pub struct BottleneckAdapter<B: Backend> {
     /// Up projection bias, `[hidden]`.
     pub up_bias: Param<Tensor<B, 1>>,
     /// `ln_after`: LayerNorm on the adapter output.
-    pub norm_after: Option<AdapterLayerNorm<B>>,
+    pub norm_after: Option<LayerNorm<B>>,
     /// Learned scaling (`"learned"`: `[1]`, `"channel"`: `[hidden]`).
     pub learned_scaling: Option<Param<Tensor<B, 1>>>,
     /// Fixed scaling (1 when learned).
@@ -554,14 +564,14 @@ impl<B: Backend> BottleneckAdapter<B> {
             name: name.to_string(),
             norm_before: config
                 .ln_before
-                .then(|| AdapterLayerNorm::new(hidden, device)),
+                .then(|| LayerNorm::new(hidden, ADAPTER_LN_EPS, device)),
             down_weight,
             down_bias: Initializer::Zeros.init([bn], device),
             up_weight,
             up_bias: Initializer::Zeros.init([hidden], device),
             norm_after: config
                 .ln_after
-                .then(|| AdapterLayerNorm::new(hidden, device)),
+                .then(|| LayerNorm::new(hidden, ADAPTER_LN_EPS, device)),
             learned_scaling,
             scaling,
             activation: Activation::parse(&config.non_linearity)?,
@@ -581,7 +591,7 @@ impl<B: Backend> BottleneckAdapter<B> {
 
     /// Number of parameters, without materialising lazy ones.
     pub fn num_params(&self) -> usize {
-        let ln = |n: &Option<AdapterLayerNorm<B>>| {
+        let ln = |n: &Option<LayerNorm<B>>| {
             n.as_ref().map_or(0, |n| {
                 n.weight.lazy_shape().num_elements() + n.bias.lazy_shape().num_elements()
             })

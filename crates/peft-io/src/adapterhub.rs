@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use peft_core::bottleneck::{AdapterLayerNorm, BottleneckAdapter};
+use peft_core::bottleneck::{BottleneckAdapter, LayerNorm};
 use peft_core::{AdapterConfig, AdapterHost, BnConfig, PeftModel};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -210,7 +210,7 @@ fn set2<B: Backend>(p: &mut Param<Tensor<B, 2>>, t: Tensor<B, 2>) {
 
 fn set_tensor<B: Backend>(a: &mut BottleneckAdapter<B>, rel: &str, (shape, v): F32Tensor) {
     let device = a.down_weight.lazy_device();
-    let norm = |n: &mut Option<AdapterLayerNorm<B>>, field: &str, t: Tensor<B, 1>| {
+    let norm = |n: &mut Option<LayerNorm<B>>, field: &str, t: Tensor<B, 1>| {
         if let Some(n) = n.as_mut() {
             if field == "weight" {
                 set1(&mut n.weight, t);

@@ -6,12 +6,13 @@
 //! are Hugging Face's: `bert.encoder.layer.0.attention.self.query`, `classifier`; a bare
 //! `BertModel` (e.g. all-MiniLM-L6-v2) has no `bert.` prefix, as in transformers.
 
-use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer};
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::Dropout;
+use peft_core::bottleneck::LayerNorm;
 use peft_core::{
     AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
 };
@@ -232,35 +233,8 @@ impl BertAct {
     }
 }
 
-/// LayerNorm with transformers' parameter names (`weight`, `bias`).
-#[derive(Module, Debug)]
-pub struct BertLayerNorm<B: Backend> {
-    /// Scale.
-    pub weight: Param<Tensor<B, 1>>,
-    /// Shift.
-    pub bias: Param<Tensor<B, 1>>,
-    /// Epsilon.
-    pub eps: f64,
-}
-
-impl<B: Backend> BertLayerNorm<B> {
-    fn new(d: usize, eps: f64, device: &B::Device) -> Self {
-        BertLayerNorm {
-            weight: Initializer::Ones.init([d], device),
-            bias: Initializer::Zeros.init([d], device),
-            eps,
-        }
-    }
-
-    /// Normalises the last dimension (biased variance, as PyTorch).
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let mean = x.clone().mean_dim(D - 1);
-        let centered = x - mean;
-        let var = centered.clone().powf_scalar(2.0).mean_dim(D - 1);
-        let normed = centered / (var + self.eps).sqrt();
-        normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
-    }
-}
+/// BERT's LayerNorm (`weight`, `bias`, `layer_norm_eps`): the shared [`LayerNorm`].
+pub type BertLayerNorm<B> = LayerNorm<B>;
 
 /// `embeddings`.
 #[derive(Module, Debug)]
