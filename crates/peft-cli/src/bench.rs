@@ -14,7 +14,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
-use peft_core::train::masked_cross_entropy;
+use peft_core::train::{SplitMix, masked_cross_entropy};
 use peft_core::{InitLoraWeights, LoraConfig, PeftModel, TargetModules, TaskType};
 use peft_models::{T5Config, T5ForConditionalGeneration};
 use serde_json::{Value, json};
@@ -138,18 +138,11 @@ fn lora_config(real_adapter: bool) -> LoraConfig {
     }
 }
 
-/// SplitMix64, for the inputs (uniform ids in `[2, vocab)`).
+/// Synthetic inputs: uniform ids in `[2, vocab)` from SplitMix64.
 fn ids(seed: u64, rows: usize, cols: usize, vocab: usize) -> Vec<i64> {
-    let mut x = seed;
+    let mut rng = SplitMix(seed);
     (0..rows * cols)
-        .map(|_| {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            2 + (z % (vocab as u64 - 2)) as i64
-        })
+        .map(|_| 2 + (rng.next_u64() % (vocab as u64 - 2)) as i64)
         .collect()
 }
 

@@ -172,30 +172,9 @@ pub fn seq2seq_batch(
     })
 }
 
-/// A small deterministic RNG (splitmix64) for shuffling, so that a resumed run sees the same
-/// order as an uninterrupted one.
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A Fisher-Yates permutation of `0..n`.
-    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-        v
-    }
-}
+/// The shuffling RNG (splitmix64), so that a resumed run sees the same order as an
+/// uninterrupted one.
+pub use peft_core::train::SplitMix;
 
 #[cfg(test)]
 mod tests {

@@ -15,19 +15,18 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 
+use crate::train::SplitMix;
+
 static STATE: AtomicU64 = AtomicU64::new(0x853c_49e6_748f_ea9b);
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// Seeds the CPU dropout masks (call it where `Backend::seed` is called).
 pub fn seed(seed: u64) {
-    STATE.store(splitmix(seed ^ 0x6a09_e667_f3bc_c908), Ordering::SeqCst);
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    STATE.store(
+        SplitMix::mix(seed ^ 0x6a09_e667_f3bc_c908),
+        Ordering::SeqCst,
+    );
 }
 
 /// Whether `B` computes on the host (burn-ndarray, burn-flex, and autodiff over them).
@@ -39,11 +38,10 @@ fn host_backend<B: Backend>() -> bool {
 /// A mask of `n` values, each `scale` with probability `keep` and 0 otherwise.
 fn host_mask(n: usize, keep: f64, scale: f32) -> Vec<f32> {
     let threshold = (keep * 4_294_967_296.0) as u64;
-    let mut state = STATE.fetch_add(GOLDEN.wrapping_mul(n as u64 | 1), Ordering::SeqCst);
+    let mut rng = SplitMix(STATE.fetch_add(GOLDEN.wrapping_mul(n as u64 | 1), Ordering::SeqCst));
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        state = state.wrapping_add(GOLDEN);
-        let z = splitmix(state);
+        let z = rng.next_u64();
         for half in [z & 0xffff_ffff, z >> 32] {
             if out.len() < n {
                 out.push(if half < threshold { scale } else { 0.0 });

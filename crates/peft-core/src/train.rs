@@ -1,5 +1,6 @@
 //! Model-agnostic training helpers with Hugging Face `Trainer` semantics: the linear warmup and
-//! decay schedule, global gradient-norm clipping, and the masked token cross-entropy.
+//! decay schedule, global gradient-norm clipping, and the masked token cross-entropy; and the
+//! small deterministic RNG that data order and CPU dropout masks draw from.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -94,4 +95,35 @@ pub fn masked_cross_entropy<B: Backend>(
     let nll = log_softmax(logits, 2).gather(2, idx).reshape([b, l]).neg();
     let total = nll.mask_fill(keep.bool_not(), 0.0).sum();
     (total.div_scalar(count.max(1) as f64), count)
+}
+
+/// SplitMix64: a small deterministic RNG for data order, dropout masks and synthetic inputs, so
+/// that a resumed run draws what an uninterrupted one does.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// SplitMix64's output function: a bijective mix of 64 bits.
+    pub fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(Self::GOLDEN);
+        Self::mix(self.0)
+    }
+
+    /// A Fisher-Yates permutation of `0..n`.
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+        v
+    }
 }
