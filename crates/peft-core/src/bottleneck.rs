@@ -28,7 +28,7 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::OrderedMap;
+use crate::config::{OrderedMap, default_true};
 use crate::error::{PeftError, Result};
 use crate::lora::linear;
 
@@ -141,9 +141,6 @@ fn default_rf() -> ReductionFactor {
 }
 fn default_nl() -> String {
     "relu".into()
-}
-fn default_true() -> bool {
-    true
 }
 fn default_init() -> String {
     "bert".into()

@@ -245,8 +245,16 @@ fn ser_num_map<S: Serializer>(m: &OrderedMap<f64>, s: S) -> std::result::Result<
     map.end()
 }
 
-fn de_null_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+/// A bool that PEFT may write as `null` (meaning false).
+pub(crate) fn de_null_false<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<bool, D::Error> {
     Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+/// Serde default `true`.
+pub(crate) fn default_true() -> bool {
+    true
 }
 
 fn default_r() -> usize {

@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{LoraConfig, TargetModules, TaskType};
+use crate::config::{LoraConfig, TargetModules, TaskType, de_null_false, default_true};
 use crate::error::{PeftError, Result};
 
 /// PEFT's default IA3 targets per `model_type` (`TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`).
@@ -44,14 +44,6 @@ pub fn default_ia3_feedforward(model_type: &str) -> Option<&'static [&'static st
 
 fn default_peft_type() -> Option<String> {
     Some("IA3".to_string())
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn de_null_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
-    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 /// Hugging Face PEFT's `IA3Config`, field for field; unknown fields kept in
