@@ -192,13 +192,7 @@ impl Ia3Config {
 /// matches when the path ends with it (a plain string suffix, no dot required).
 pub fn is_feedforward(feedforward: &TargetModules, path: &str) -> Result<bool> {
     Ok(match feedforward {
-        TargetModules::Regex(p) => regex::Regex::new(&format!(r"\A(?:{p})\z"))
-            .map_err(|e| PeftError::InvalidPattern {
-                field: "feedforward_modules",
-                pattern: p.clone(),
-                reason: e.to_string(),
-            })?
-            .is_match(path),
+        TargetModules::Regex(p) => crate::targeting::fullmatch("feedforward_modules", p, path)?,
         TargetModules::List(l) => l.iter().any(|m| path.ends_with(m.as_str())),
     })
 }

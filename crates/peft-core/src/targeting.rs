@@ -36,8 +36,9 @@ fn compile(field: &'static str, pattern: &str, anchored: String) -> Result<Regex
     })
 }
 
-/// Python's `re.fullmatch(pattern, key)`.
-fn fullmatch(field: &'static str, pattern: &str, key: &str) -> Result<bool> {
+/// Python's `re.fullmatch(pattern, key)`; a pattern that does not compile is an error naming
+/// `field`.
+pub(crate) fn fullmatch(field: &'static str, pattern: &str, key: &str) -> Result<bool> {
     Ok(compile(field, pattern, format!(r"\A(?:{pattern})\z"))?.is_match(key))
 }
 
