@@ -15,6 +15,7 @@ use peft_cli::LoraArgs;
 use peft_cli::train::TrainArgs;
 use peft_core::{AdapterConfig, AdapterHost, PeftModel};
 use peft_io::adapter::{ADAPTER_CONFIG, open_adapter_weights, read_adapter_config};
+use peft_io::tensors::to_f32;
 use peft_io::{TextTokenizer, from_pretrained, load_t5, save_hf_model};
 use peft_models::{T5Config, T5ForConditionalGeneration};
 
@@ -198,16 +199,6 @@ fn load_model<B: Backend>(
     let (model, report) = load_t5::<B>(dir, device)?;
     warn_unused(dir, &report);
     attach(model, adapter)
-}
-
-fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> peft_io::tensors::F32Tensor {
-    let shape = t.dims().to_vec();
-    let v = t
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 output");
-    (shape, v)
 }
 
 /// BERT forward: `logits` `[batch, labels]` for a classifier (config `architectures` or a

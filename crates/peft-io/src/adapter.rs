@@ -26,7 +26,7 @@ use crate::adapterhub::{self, AdapterHubConfig};
 
 use crate::error::{IoError, Result, io_err};
 use crate::hf_model::LoadReport;
-use crate::tensors::{F32Tensor, TensorSource, write_atomic, write_safetensors};
+use crate::tensors::{F32Tensor, TensorSource, to_f32, write_atomic, write_safetensors};
 
 /// `adapter_config.json`.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -377,19 +377,8 @@ pub fn adapter_state_dict<B: Backend, M: AdapterHost<B>>(
             if lp != p {
                 continue;
             }
-            let t2 = |t: Tensor<B, 2>| {
-                let t = t.transpose();
-                (
-                    t.dims().to_vec(),
-                    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
-                )
-            };
-            let t1 = |t: Tensor<B, 1>| {
-                (
-                    t.dims().to_vec(),
-                    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
-                )
-            };
+            let t2 = |t: Tensor<B, 2>| to_f32(t.transpose());
+            let t1 = to_f32::<B, 1>;
             let a = layer.adapter(name);
             let s = layer.saved_copy(name);
             let v = match slot {

@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{IoError, Result, io_err};
 use crate::hf_model::LoadReport;
-use crate::tensors::{F32Tensor, TensorSource, write_atomic, write_safetensors};
+use crate::tensors::{F32Tensor, TensorSource, to_f32, write_atomic, write_safetensors};
 
 /// `adapter_config.json` (the same name PEFT uses).
 pub const CONFIG: &str = "adapter_config.json";
@@ -421,19 +421,8 @@ pub fn state_dict<B: Backend, M: AdapterHost<B>>(
     name: &str,
 ) -> BTreeMap<String, F32Tensor> {
     let mut out = BTreeMap::new();
-    let v1 = |t: Tensor<B, 1>| {
-        (
-            t.dims().to_vec(),
-            t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
-        )
-    };
-    let v2 = |t: Tensor<B, 2>| {
-        let t = t.transpose();
-        (
-            t.dims().to_vec(),
-            t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
-        )
-    };
+    let v1 = to_f32::<B, 1>;
+    let v2 = |t: Tensor<B, 2>| to_f32(t.transpose());
     peft.base_model.visit_sublayers(&mut |site, adapters| {
         let Some(a) = adapters.adapter(name) else {
             return;

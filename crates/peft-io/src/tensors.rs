@@ -12,6 +12,19 @@ use crate::error::{IoError, Result, io_err};
 /// A tensor's shape and its values converted to f32.
 pub type F32Tensor = (Vec<usize>, Vec<f32>);
 
+/// A burn float tensor's shape and values, as f32 (what the writers here take).
+pub fn to_f32<B: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+) -> F32Tensor {
+    let shape = t.dims().to_vec();
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("float tensor");
+    (shape, values)
+}
+
 /// A safetensors file, memory-mapped; the header is validated once when opened.
 pub struct SafetensorsFile {
     path: PathBuf,
