@@ -582,7 +582,8 @@ fn ia3_seq_cls_trains_and_saves_the_head_as_peft() {
         peft::io::load_bert_classifier::<B>(&fixture_path("bert/bert_cls"), &Default::default())
             .unwrap();
     let config = Ia3Config {
-        task_type: Some(peft::core::TaskType::SeqCls),
+        header: peft::core::PeftConfigHeader::default()
+            .with_task_type(Some(peft::core::TaskType::SeqCls)),
         ..Default::default()
     };
     let peft = PeftModel::new(model, config, "default").unwrap();

@@ -75,6 +75,7 @@ fn init_statistics_match_peft() {
         let n = va.len() as f64;
         let mean = va.iter().map(|v| *v as f64).sum::<f64>() / n;
         let std = (va.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(va.iter().all(|v| v.is_finite()), "{key}: non-finite init");
         let absmax = va.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
         let their_std = theirs["a_std"].as_f64().unwrap();
         assert!(
@@ -124,10 +125,7 @@ fn unmerge_restores_weights_bit_exactly_and_disable_gives_base() {
     );
     // merged and unmerged outputs agree (to float rounding)
     let merged_y = to_vec(peft.base_model.forward(x.clone()));
-    let diff = merged_y
-        .iter()
-        .zip(&unmerged_y)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = peft::core::check::max_abs_diff(&merged_y, &unmerged_y);
     assert!(diff < 1e-5, "merged vs unmerged: {diff}");
     // changing the active set or deleting is refused while merged
     assert!(matches!(

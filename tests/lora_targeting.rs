@@ -104,7 +104,7 @@ fn targeting_matches_peft() {
                     strings(&case["modules_to_save"]),
                     "{what}: modules_to_save"
                 );
-                let cfg = peft.config("default").unwrap();
+                let cfg = peft.lora_config("default").unwrap();
                 let theirs = &case["saved_config_modules_to_save"];
                 if theirs.is_null() {
                     assert!(cfg.modules_to_save.is_none(), "{what}");

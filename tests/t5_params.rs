@@ -11,12 +11,12 @@ mod common;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use common::{B, read_json};
-use peft::core::{LoraConfig, PeftModel, TaskType};
+use peft::core::{LoraConfig, PeftConfigHeader, PeftModel, TaskType};
 use peft::models::{T5Config, T5ForConditionalGeneration};
 
 fn seed_config() -> LoraConfig {
     LoraConfig {
-        task_type: Some(TaskType::Seq2SeqLm),
+        header: PeftConfigHeader::default().with_task_type(Some(TaskType::Seq2SeqLm)),
         r: 8,
         lora_alpha: 32.0,
         lora_dropout: 0.1,

@@ -12,6 +12,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let linears = vec!["encoder.block.0.layer.0.SelfAttention.q".to_string(), "lm_head".to_string()];
     let model = peft_core::targeting::ModelLinears { linears: &linears, model_type: Some("t5"), output_heads: &[] };
-    let _ = peft_core::targeting::resolve_targets(&config, &model);
+    let _ = peft_core::targeting::resolve_targets(&config.targeting(), &model);
     let _ = config.to_json();
 });

@@ -114,7 +114,8 @@ pub fn to_vec<BK: Backend, const D: usize>(t: Tensor<BK, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
-/// Largest absolute difference; panics with `what` when above `tol` or when shapes differ.
+/// Largest absolute difference (infinite when either side has NaN/Inf, see
+/// `peft::core::check::max_abs_diff`); panics with `what` when above `tol` or when shapes differ.
 pub fn assert_close<BK: Backend, const D: usize>(
     ours: Tensor<BK, D>,
     theirs: Tensor<BK, D>,
@@ -122,15 +123,29 @@ pub fn assert_close<BK: Backend, const D: usize>(
     what: &str,
 ) -> f32 {
     assert_eq!(ours.dims(), theirs.dims(), "{what}: shapes differ");
-    let a = to_vec(ours);
-    let b = to_vec(theirs);
-    let max = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let max = peft::core::check::max_abs_diff(&to_vec(ours), &to_vec(theirs));
     assert!(max <= tol, "{what}: max |ours - PEFT| = {max:e} > {tol:e}");
     max
+}
+
+/// Like [`assert_close`], but records a failure in `fails` instead of panicking, so a test
+/// over many cases reports all of them.
+pub fn check_close<BK: Backend, const D: usize>(
+    fails: &mut peft::core::check::Failures,
+    ours: Tensor<BK, D>,
+    theirs: Tensor<BK, D>,
+    tol: f32,
+    what: &str,
+) -> f32 {
+    if ours.dims() != theirs.dims() {
+        fails.fail(format!(
+            "{what}: shape {:?} vs {:?}",
+            ours.dims(),
+            theirs.dims()
+        ));
+        return f32::INFINITY;
+    }
+    fails.check(what, &to_vec(ours), &to_vec(theirs), tol)
 }
 
 pub fn read_json(rel: &str) -> serde_json::Value {

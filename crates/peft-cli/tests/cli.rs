@@ -197,10 +197,7 @@ fn flatten(v: &serde_json::Value) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    peft_core::check::max_abs_diff(a, b)
 }
 
 #[test]

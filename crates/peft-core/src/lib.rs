@@ -4,16 +4,19 @@
 //! semantics of Hugging Face PEFT, generic over models and backends.
 //!
 //! This crate owns:
-//! - the adapter methods: LoRA ([`lora`]), computed in activation space
-//!   (`y = base(x) + B(A(dropout(x))) * scaling`, the base frozen); IA3 ([`ia3`], PEFT's
-//!   learned scaling vectors); bottleneck adapters ([`bottleneck`], AdapterHub's Houlsby,
-//!   Pfeiffer and every `BnConfig`, on sub-layer outputs);
-//! - their configs ([`LoraConfig`], [`Ia3Config`] field for field PEFT's
-//!   `adapter_config.json`; [`BnConfig`], AdapterHub's; one [`AdapterConfig`] per adapter);
-//! - target matching ([`targeting`]), exactly as PEFT's `check_target_module_exists`;
+//! - the adapter methods, one folder each under [`methods`] (`config`, `layer`, `model`):
+//!   LoRA ([`lora`]), computed in activation space (`y = base(x) + B(A(dropout(x))) * scaling`,
+//!   the base frozen); IA3 ([`ia3`], PEFT's learned scaling vectors); bottleneck adapters
+//!   ([`bottleneck`], AdapterHub's Houlsby, Pfeiffer and every `BnConfig`, on sub-layer
+//!   outputs);
+//! - their configs ([`LoraConfig`], [`Ia3Config`] field for field PEFT's `adapter_config.json`
+//!   with PEFT's shared [`PeftConfigHeader`]; [`BnConfig`], AdapterHub's; one
+//!   [`AdapterConfig`] per adapter), and each adapter's tensors listed once ([`params`]);
+//! - target matching ([`Targeting`], [`targeting`]), exactly as PEFT's
+//!   `check_target_module_exists`;
 //! - the model-facing contract ([`AdapterHost`]): a model yields its adaptable linear layers
 //!   ([`AdaptedLinear`]) and sub-layer sites ([`SublayerAdapters`]) with their Hugging Face
-//!   module paths, and everything else is generic;
+//!   module paths, and everything else is generic; shared layers in [`nn`];
 //! - training helpers with HF `Trainer` semantics ([`train`]): schedule, clipping, loss;
 //! - the user-facing operations ([`PeftModel`]): add, activate, disable, delete, merge,
 //!   unmerge, merge-and-unload, and PEFT's parameter counts.
@@ -53,24 +56,30 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod bottleneck;
+pub mod adapted_linear;
+pub mod check;
 pub mod config;
 pub mod dropout;
 mod error;
-pub mod ia3;
-pub mod lora;
-mod method;
+pub mod methods;
+pub mod nn;
+pub mod params;
 mod peft_model;
 pub mod site;
+pub mod sublayer;
 pub mod targeting;
 pub mod train;
 
-pub use bottleneck::{BnConfig, BottleneckAdapter, SublayerAdapters, SublayerKind, SublayerSite};
-pub use config::{Bias, InitLoraWeights, LoraConfig, TargetModules, TaskType, lora_scaling};
+pub use adapted_linear::{AdaptedLinear, MergeBackup, SavedLinear};
+pub use config::{PeftConfigHeader, PeftType, TargetModules, TaskType};
 pub use dropout::Dropout;
 pub use error::{PeftError, Result};
-pub use ia3::{Ia3Adapter, Ia3Config};
-pub use lora::{AdaptedLinear, LoraAdapter, LoraSpec};
-pub use method::AdapterConfig;
+pub use methods::bottleneck::{BnConfig, BottleneckAdapter};
+pub use methods::ia3::{Ia3Adapter, Ia3Config};
+pub use methods::lora::{Bias, InitLoraWeights, LoraAdapter, LoraConfig, LoraSpec, lora_scaling};
+pub use methods::{AdapterConfig, bottleneck, ia3, lora};
+pub use params::{AdapterParams, FileLayout, NamedParam, ParamMut, ParamRef};
 pub use peft_model::{ParamCounts, PeftModel, count_params, thousands};
-pub use site::{AdapterHost, join_path};
+pub use site::{AdapterHost, SublayerKind, SublayerSite, join_path};
+pub use sublayer::SublayerAdapters;
+pub use targeting::Targeting;

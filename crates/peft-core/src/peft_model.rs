@@ -1,4 +1,5 @@
-//! `PeftModel`: a base model with named LoRA adapters, PEFT's user-facing operations.
+//! `PeftModel`: a base model with named adapters, PEFT's user-facing operations, and the
+//! machinery every linear method shares (PEFT's `BaseTuner`).
 
 use std::collections::HashSet;
 use std::marker::PhantomData;
@@ -7,14 +8,14 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::bottleneck::{BottleneckAdapter, SublayerAdapters};
-use crate::config::{Bias, LoraConfig, TaskType};
+use crate::adapted_linear::AdaptedLinear;
 use crate::error::{PeftError, Result};
-use crate::ia3::{Ia3Adapter, is_feedforward};
-use crate::lora::{AdaptedLinear, LoraAdapter, LoraSpec};
-use crate::method::AdapterConfig;
+use crate::methods::lora::{Bias, LoraConfig};
+use crate::methods::{AdapterConfig, bottleneck, ia3, lora};
+use crate::params::{AdapterParams, NamedParam, ParamMut, ParamRef};
 use crate::site::AdapterHost;
-use crate::targeting::{ModelLinears, resolve_targets};
+use crate::sublayer::SublayerAdapters;
+use crate::targeting::{ModelLinears, Targeting, resolve_targets};
 
 /// Parameter counts as PEFT's `get_nb_trainable_parameters` reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,22 +93,6 @@ fn is_base_bias(stack: &[String]) -> bool {
             .any(|n| n == "lora" || n == "saved" || n == "backup" || n == "adapters")
 }
 
-/// PEFT's config preparation for linear methods: the heads of classification tasks
-/// (`classifier`, `score`) become `modules_to_save`.
-fn with_task_heads(mut config: LoraConfig) -> LoraConfig {
-    if matches!(
-        config.task_type,
-        Some(TaskType::SeqCls | TaskType::TokenCls)
-    ) {
-        let heads = ["classifier", "score"].map(String::from);
-        config
-            .modules_to_save
-            .get_or_insert_with(Vec::new)
-            .extend(heads);
-    }
-    config
-}
-
 /// Visits the parameters whose field name is `bias`, outside adapter internals.
 struct BiasVisitor {
     stack: Vec<String>,
@@ -161,33 +146,50 @@ impl<B: Backend> ModuleMapper<B> for BiasTrainable {
     }
 }
 
-fn set_grad<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, on: bool) {
-    *p = p.clone().set_require_grad(on);
-}
-
-fn set_adapter_grad<B: Backend>(a: &mut LoraAdapter<B>, on: bool) {
-    set_grad(&mut a.lora_a, on);
-    set_grad(&mut a.lora_b, on);
-    if let Some(b) = a.lora_bias.as_mut() {
-        set_grad(b, on);
+/// Attaches a linear method to every layer `targeting` selects (via `attach`) and trainable
+/// copies to its `modules_to_save`; returns the targeted paths. On error nothing is left.
+pub(crate) fn attach_linear<B: Backend, M: AdapterHost<B>>(
+    host: &mut M,
+    name: &str,
+    targeting: &Targeting,
+    mut attach: impl FnMut(&mut AdaptedLinear<B>, &str, &B::Device) -> Result<()>,
+) -> Result<Vec<String>> {
+    let linears = host.linear_paths();
+    let heads = host.output_heads(targeting.task_type);
+    let model = ModelLinears {
+        linears: &linears,
+        model_type: host.model_type(),
+        output_heads: &heads,
+    };
+    let targets = resolve_targets(targeting, &model)?;
+    let mut to_save = Vec::new();
+    if let Some(mts) = targeting.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
+        // PEFT's `_set_trainable`: a plain suffix match; names matching nothing are ignored.
+        for path in &linears {
+            if mts.iter().any(|m| path.ends_with(m.as_str())) {
+                to_save.push(path.clone());
+            }
+        }
     }
-}
-
-fn set_bottleneck_grad<B: Backend>(a: &mut BottleneckAdapter<B>, on: bool) {
-    set_grad(&mut a.down_weight, on);
-    set_grad(&mut a.down_bias, on);
-    set_grad(&mut a.up_weight, on);
-    set_grad(&mut a.up_bias, on);
-    for n in [a.norm_before.as_mut(), a.norm_after.as_mut()]
-        .into_iter()
-        .flatten()
-    {
-        set_grad(&mut n.weight, on);
-        set_grad(&mut n.bias, on);
+    let mut result = Ok(());
+    host.visit_linears_mut(&mut |path, layer| {
+        if result.is_err() {
+            return;
+        }
+        if targets.iter().any(|t| t == path) {
+            let device = layer.weight.lazy_device();
+            result = attach(layer, path, &device);
+        } else if to_save.iter().any(|t| t == path) {
+            result = layer.add_saved_copy(name);
+        }
+    });
+    if let Err(e) = result {
+        host.visit_linears_mut(&mut |_, layer| {
+            let _ = layer.delete(name);
+        });
+        return Err(e);
     }
-    if let Some(s) = a.learned_scaling.as_mut() {
-        set_grad(s, on);
-    }
+    Ok(targets)
 }
 
 /// A base model with named adapters (LoRA, IA3, bottleneck), as PEFT's `PeftModel` /
@@ -232,7 +234,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     }
 
     /// The LoRA config of adapter `name` (`None` for other methods).
-    pub fn config(&self, name: &str) -> Option<&LoraConfig> {
+    pub fn lora_config(&self, name: &str) -> Option<&LoraConfig> {
         self.adapter_config(name).and_then(AdapterConfig::as_lora)
     }
 
@@ -281,130 +283,26 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             return Err(PeftError::Merged("add an adapter"));
         }
         let config = config.into();
-        let targets = match &config {
+        let (targets, config) = match config {
             AdapterConfig::Lora(c) => {
-                let c = with_task_heads(c.clone());
-                let t = self.attach_linear(name, &c, |layer, path, device| {
-                    let spec = LoraSpec {
-                        r: c.rank_for(path)?,
-                        alpha: c.alpha_for(path)?,
-                        dropout: c.lora_dropout,
-                        use_rslora: c.use_rslora,
-                        init: c.init_lora_weights.clone(),
-                        lora_bias: c.lora_bias,
-                    };
-                    let a =
-                        LoraAdapter::new(name, layer.d_input(), layer.d_output(), &spec, device);
-                    layer.add_lora(a)
-                })?;
-                self.configs
-                    .push((name.to_string(), AdapterConfig::Lora(c)));
-                t
+                let (t, c) = lora::model::attach(&mut self.base_model, name, &c)?;
+                (t, AdapterConfig::Lora(c))
             }
             AdapterConfig::Ia3(c) => {
-                c.validate()?;
-                let model_type = self.base_model.model_type().map(str::to_string);
-                let view = with_task_heads(c.targeting_view(model_type.as_deref())?);
-                let ff = c.effective_feedforward(model_type.as_deref())?;
-                let init_ones = c.init_ia3_weights;
-                let t = self.attach_linear(name, &view, |layer, path, device| {
-                    let feedforward = is_feedforward(&ff, path)?;
-                    let len = if feedforward {
-                        layer.d_input()
-                    } else {
-                        layer.d_output()
-                    };
-                    layer.add_ia3(Ia3Adapter::new(name, len, feedforward, init_ones, device))
-                })?;
-                // As PEFT: the heads a classification task adds are in the saved config.
-                let mut c = c.clone();
-                c.modules_to_save = view.modules_to_save.clone();
-                self.configs.push((name.to_string(), AdapterConfig::Ia3(c)));
-                t
+                let (t, c) = ia3::model::attach(&mut self.base_model, name, &c)?;
+                (t, AdapterConfig::Ia3(c))
             }
             AdapterConfig::Bottleneck(c) => {
-                c.validate()?;
-                let mut result = Ok(());
-                let mut sites = Vec::new();
-                let mut device = None;
-                self.base_model.visit_linears(&mut |_, l| {
-                    device.get_or_insert_with(|| l.weight.lazy_device());
-                });
-                let device = device.unwrap_or_default();
-                self.base_model.visit_sublayers_mut(&mut |site, adapters| {
-                    if result.is_err() || !c.applies_to(site) {
-                        return;
-                    }
-                    result = BottleneckAdapter::new(name, c, site, &device)
-                        .and_then(|a| adapters.add(a));
-                    sites.push(site.path.clone());
-                });
-                if let Err(e) = result {
-                    self.base_model
-                        .visit_sublayers_mut(&mut |_, adapters| adapters.delete(name));
-                    return Err(e);
-                }
-                if sites.is_empty() {
-                    return Err(PeftError::InvalidConfig(format!(
-                        "bottleneck adapter `{name}` has no site in this model (mh_adapter, \
-                         output_adapter, cross_adapter and leave_out leave none)"
-                    )));
-                }
-                self.configs.push((name.to_string(), config.clone()));
-                sites
+                let t = bottleneck::model::attach(&mut self.base_model, name, &c)?;
+                (t, AdapterConfig::Bottleneck(c))
             }
         };
+        self.configs.push((name.to_string(), config));
         self.targeted.push((name.to_string(), targets));
         // Re-apply the active set so the new adapter starts frozen unless active.
         let active = self.active.clone();
         self.apply_active(&active);
         Ok(())
-    }
-
-    /// Attaches a linear method to every layer `config` targets (via `attach`) and trainable
-    /// copies to its `modules_to_save`; returns the targeted paths. On error nothing is left.
-    fn attach_linear(
-        &mut self,
-        name: &str,
-        config: &LoraConfig,
-        mut attach: impl FnMut(&mut AdaptedLinear<B>, &str, &B::Device) -> Result<()>,
-    ) -> Result<Vec<String>> {
-        let linears = self.base_model.linear_paths();
-        let heads = self.base_model.output_heads(config.task_type);
-        let model = ModelLinears {
-            linears: &linears,
-            model_type: self.base_model.model_type(),
-            output_heads: &heads,
-        };
-        let targets = resolve_targets(config, &model)?;
-        let mut to_save = Vec::new();
-        if let Some(mts) = config.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
-            // PEFT's `_set_trainable`: a plain suffix match; names matching nothing are ignored.
-            for path in &linears {
-                if mts.iter().any(|m| path.ends_with(m.as_str())) {
-                    to_save.push(path.clone());
-                }
-            }
-        }
-        let mut result = Ok(());
-        self.base_model.visit_linears_mut(&mut |path, layer| {
-            if result.is_err() {
-                return;
-            }
-            if targets.iter().any(|t| t == path) {
-                let device = layer.weight.lazy_device();
-                result = attach(layer, path, &device);
-            } else if to_save.iter().any(|t| t == path) {
-                result = layer.add_saved_copy(name);
-            }
-        });
-        if let Err(e) = result {
-            self.base_model.visit_linears_mut(&mut |_, layer| {
-                let _ = layer.delete(name);
-            });
-            return Err(e);
-        }
-        Ok(targets)
     }
 
     fn apply_active(&mut self, active: &[String]) {
@@ -426,24 +324,18 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             layer.set_active(active);
             layer.disabled = disabled;
             for a in layer.lora.iter_mut() {
-                let on = trainable.contains(&a.name);
-                set_adapter_grad(a, on);
+                a.set_require_grad(trainable.contains(&a.name));
             }
             for a in layer.ia3.iter_mut() {
-                let on = trainable.contains(&a.name);
-                set_grad(&mut a.ia3_l, on);
+                a.set_require_grad(trainable.contains(&a.name));
             }
             for s in layer.saved.iter_mut() {
-                let on = trainable.contains(&s.name);
-                set_grad(&mut s.weight, on);
-                if let Some(b) = s.bias.as_mut() {
-                    set_grad(b, on);
-                }
+                s.set_require_grad(trainable.contains(&s.name));
             }
             if !bias_all {
                 let on = layer.lora.iter().any(|a| lora_only.contains(&a.name));
                 if let Some(b) = layer.bias.as_mut() {
-                    set_grad(b, on);
+                    *b = b.clone().set_require_grad(on);
                 }
             }
         });
@@ -451,8 +343,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             site.active = active.to_vec();
             site.disabled = disabled;
             for a in site.adapters.iter_mut() {
-                let on = trainable.contains(&a.name);
-                set_bottleneck_grad(a, on);
+                a.set_require_grad(trainable.contains(&a.name));
             }
         });
         if bias_all {
@@ -638,26 +529,13 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         let mut trainable = 0;
         self.base_model
             .visit_linears(&mut |_, layer: &AdaptedLinear<B>| {
-                for a in &layer.lora {
-                    if trainable_names.contains(&a.name) {
-                        trainable += a.num_params();
-                    }
-                }
-                for a in &layer.ia3 {
-                    if trainable_names.contains(&a.name) {
-                        trainable += a.num_params();
-                    }
-                }
-                for s in &layer.saved {
-                    if trainable_names.contains(&s.name) {
-                        trainable += s.weight.lazy_shape().num_elements()
-                            + s.bias.as_ref().map_or(0, |b| b.lazy_shape().num_elements());
-                    }
+                for n in &trainable_names {
+                    layer.visit_adapter_params(n, &mut |p| trainable += p.param.num_elements());
                 }
                 let lora_only = layer.lora.iter().any(|a| {
                     trainable_names.contains(&a.name)
                         && self
-                            .config(&a.name)
+                            .lora_config(&a.name)
                             .is_some_and(|c| c.bias == Bias::LoraOnly)
                 });
                 if lora_only
@@ -668,10 +546,12 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 }
             });
         self.base_model.visit_sublayers(&mut |_, site| {
-            for a in &site.adapters {
-                if trainable_names.contains(&a.name) {
-                    trainable += a.num_params();
-                }
+            for a in site
+                .adapters
+                .iter()
+                .filter(|a| trainable_names.contains(&a.name))
+            {
+                trainable += a.param_count();
             }
         });
         if bias_all {
@@ -684,6 +564,41 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             trainable += v.total;
         }
         ParamCounts { trainable, all }
+    }
+
+    /// Every tensor adapter `name` owns, with the path of its site, in model order: on linear
+    /// sites (LoRA, IA3, `modules_to_save` copies; keys relative to the layer) and on sub-layer
+    /// sites (bottleneck; keys relative to `<path>.adapters.<name>`). Saving, the trainer's
+    /// stable ids and gradient switching all walk this one list.
+    pub fn visit_adapter_params(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut(&str, NamedParam<ParamRef<'_, B>>),
+    ) {
+        self.base_model.visit_linears(&mut |path, layer| {
+            layer.visit_adapter_params(name, &mut |p| f(path, p));
+        });
+        self.base_model.visit_sublayers(&mut |site, adapters| {
+            if let Some(a) = adapters.adapter(name) {
+                a.visit_params(&mut |p| f(&site.path, p));
+            }
+        });
+    }
+
+    /// Like [`visit_adapter_params`](Self::visit_adapter_params), mutably.
+    pub fn visit_adapter_params_mut(
+        &mut self,
+        name: &str,
+        f: &mut dyn FnMut(&str, NamedParam<ParamMut<'_, B>>),
+    ) {
+        self.base_model.visit_linears_mut(&mut |path, layer| {
+            layer.visit_adapter_params_mut(name, &mut |p| f(path, p));
+        });
+        self.base_model.visit_sublayers_mut(&mut |site, adapters| {
+            if let Some(a) = adapters.adapter_mut(name) {
+                a.visit_params_mut(&mut |p| f(&site.path, p));
+            }
+        });
     }
 
     /// PEFT's `print_trainable_parameters` line.

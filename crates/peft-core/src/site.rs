@@ -7,9 +7,35 @@
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 
-use crate::bottleneck::{SublayerAdapters, SublayerSite};
+use crate::adapted_linear::AdaptedLinear;
 use crate::config::TaskType;
-use crate::lora::AdaptedLinear;
+use crate::sublayer::SublayerAdapters;
+
+/// Where in a transformer layer a bottleneck site sits (AdapterHub's `location_key`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SublayerKind {
+    /// After the (self-)attention output: `mh_adapter`.
+    Attention,
+    /// After the decoder's cross-attention output: `cross_adapter`.
+    CrossAttention,
+    /// After the feed-forward output: `output_adapter`.
+    Output,
+}
+
+/// One bottleneck site of a model: its Hugging Face module path, kind, and AdapterHub layer
+/// index (decoder layers of encoder-decoder models count on from the encoder's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SublayerSite {
+    /// HF module path of the sub-layer (`encoder.layer.0.output`,
+    /// `decoder.block.1.layer.2`): AdapterHub keys are `<path>.adapters.<name>.<tensor>`.
+    pub path: String,
+    /// Placement.
+    pub kind: SublayerKind,
+    /// AdapterHub's layer index (for `leave_out` and per-layer `reduction_factor`).
+    pub layer: usize,
+    /// Hidden size at this site.
+    pub hidden: usize,
+}
 
 /// A model whose layers can carry adapters.
 pub trait AdapterHost<B: Backend>: Module<B> {

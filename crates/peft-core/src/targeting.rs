@@ -13,8 +13,95 @@
 
 use regex::Regex;
 
-use crate::config::{LoraConfig, TargetModules};
+use crate::config::{LayersToTransform, StringOrList, TargetModules, TaskType};
 use crate::error::{PeftError, Result};
+
+/// Where a method attaches: the targeting fields every PEFT method's config shares, resolved
+/// against a model by [`resolve_targets`]. Each method's config hands one out
+/// (`LoraConfig::targeting`, `Ia3Config::targeting`); the rules are PEFT's for all of them.
+#[derive(Clone, Debug)]
+pub struct Targeting {
+    /// Modules to adapt; `None` takes the method's default for the model type.
+    pub target_modules: Option<TargetModules>,
+    /// Modules never adapted.
+    pub exclude_modules: Option<TargetModules>,
+    /// Modules that get a trainable, saved copy instead of an adapter.
+    pub modules_to_save: Option<Vec<String>>,
+    /// Only these layer indices are adapted (with a list `target_modules`).
+    pub layers_to_transform: Option<LayersToTransform>,
+    /// The name of the layer list (`layer`, `block`, ...) for `layers_to_transform`.
+    pub layers_pattern: Option<StringOrList>,
+    /// The task: `all-linear` leaves out its output head, and classification tasks save their
+    /// head ([`with_task_heads`](Self::with_task_heads)).
+    pub task_type: Option<TaskType>,
+    /// The method's default targets per `model_type`, used when `target_modules` is `None`.
+    pub default_targets: fn(&str) -> Option<&'static [&'static str]>,
+    /// The method's name, for error messages (`LoRA`, `IA3`).
+    pub method: &'static str,
+}
+
+impl Targeting {
+    /// Targeting for `target_modules` with PEFT's defaults elsewhere (`method` names the
+    /// method in errors, `default_targets` fills `None` targets).
+    pub fn new(
+        method: &'static str,
+        target_modules: Option<TargetModules>,
+        default_targets: fn(&str) -> Option<&'static [&'static str]>,
+    ) -> Self {
+        Targeting {
+            target_modules,
+            exclude_modules: None,
+            modules_to_save: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            task_type: None,
+            default_targets,
+            method,
+        }
+    }
+
+    /// PEFT's checks on the targeting fields (`__post_init__`).
+    pub fn validate(&self) -> Result<()> {
+        if self.layers_pattern.is_some()
+            && !self
+                .layers_to_transform
+                .as_ref()
+                .is_some_and(|l| l.is_active())
+        {
+            return Err(PeftError::InvalidConfig(
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
+                    .into(),
+            ));
+        }
+        if matches!(self.target_modules, Some(TargetModules::Regex(_)))
+            && self.layers_to_transform.is_some()
+        {
+            return Err(PeftError::InvalidConfig(
+                "`layers_to_transform` cannot be used when `target_modules` is a str.".into(),
+            ));
+        }
+        if matches!(self.target_modules, Some(TargetModules::Regex(_)))
+            && self.layers_pattern.is_some()
+        {
+            return Err(PeftError::InvalidConfig(
+                "`layers_pattern` cannot be used when `target_modules` is a str.".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// PEFT's config preparation for classification tasks: the heads (`classifier`, `score`)
+    /// become `modules_to_save`, so they are trained and saved with the adapter.
+    pub fn with_task_heads(mut self) -> Self {
+        if matches!(self.task_type, Some(TaskType::SeqCls | TaskType::TokenCls)) {
+            let heads = ["classifier", "score"].map(String::from);
+            self.modules_to_save
+                .get_or_insert_with(Vec::new)
+                .extend(heads);
+        }
+        self
+    }
+}
 
 /// PEFT's default LoRA targets per `model_type`
 /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`), for the model types this project has.
@@ -89,11 +176,7 @@ pub enum TargetMatch {
 }
 
 /// PEFT's `check_target_module_exists` for one resolved target list.
-pub fn check_target(
-    config: &LoraConfig,
-    targets: &TargetModules,
-    key: &str,
-) -> Result<TargetMatch> {
+pub fn check_target(config: &Targeting, targets: &TargetModules, key: &str) -> Result<TargetMatch> {
     if let Some(ex) = &config.exclude_modules {
         let excluded = match ex {
             TargetModules::Regex(p) => fullmatch("exclude_modules", p, key)?,
@@ -137,7 +220,7 @@ pub fn check_target(
 
 /// The layer index PEFT reads from a module path for `layers_to_transform`: the first numbered
 /// segment, after a `layers_pattern` entry when one is given.
-pub fn layer_index(config: &LoraConfig, key: &str) -> Result<Option<usize>> {
+pub fn layer_index(config: &Targeting, key: &str) -> Result<Option<usize>> {
     let patterns = config
         .layers_pattern
         .as_ref()
@@ -173,7 +256,7 @@ pub struct ModelLinears<'a> {
 
 /// The resolved `target_modules` of `config` for this model (default targets filled in from the
 /// model type, `all-linear` expanded).
-pub fn effective_targets(config: &LoraConfig, model: &ModelLinears<'_>) -> Result<TargetModules> {
+pub fn effective_targets(config: &Targeting, model: &ModelLinears<'_>) -> Result<TargetModules> {
     match &config.target_modules {
         Some(t) if t.is_all_linear() => Ok(TargetModules::List(
             model
@@ -186,11 +269,12 @@ pub fn effective_targets(config: &LoraConfig, model: &ModelLinears<'_>) -> Resul
         Some(t) => Ok(t.clone()),
         None => {
             let mt = model.model_type.unwrap_or("<unknown>");
-            match default_lora_targets(mt) {
+            match (config.default_targets)(mt) {
                 Some(d) => Ok(TargetModules::list(d.iter().copied())),
                 None => Err(PeftError::InvalidConfig(format!(
-                    "target_modules is not set and model type {mt:?} has no default targets; \
-                     please specify target_modules"
+                    "target_modules is not set and model type {mt:?} has no default {} \
+                     targets; please specify target_modules",
+                    config.method
                 ))),
             }
         }
@@ -199,7 +283,7 @@ pub fn effective_targets(config: &LoraConfig, model: &ModelLinears<'_>) -> Resul
 
 /// The paths `config` attaches LoRA to, in model order. No match is an error naming the config's
 /// targets and the model's linear layers, as PEFT raises.
-pub fn resolve_targets(config: &LoraConfig, model: &ModelLinears<'_>) -> Result<Vec<String>> {
+pub fn resolve_targets(config: &Targeting, model: &ModelLinears<'_>) -> Result<Vec<String>> {
     config.validate()?;
     let targets = effective_targets(config, model)?;
     let mut out = Vec::new();

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use peft_core::params::file_shape;
 use peft_core::targeting::{ModelLinears, effective_targets};
 use peft_core::{
     AdaptedLinear, AdapterConfig, AdapterHost, Bias, Ia3Config, LoraConfig, PeftError, PeftModel,
@@ -112,79 +113,34 @@ pub(crate) fn open_first(dir: &Path, safetensors: &str, bin: &str) -> Result<Ten
     })
 }
 
-/// Where a tensor of an adapter lives on one layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
-    LoraA,
-    LoraB,
-    LoraBias,
-    SavedWeight,
-    SavedBias,
-    BaseBias,
-    Ia3,
-}
-
-/// Every tensor adapter `name` owns in `peft`, as (PEFT key, layer path, slot).
-fn adapter_keys<B: Backend, M: AdapterHost<B>>(
+/// The biases `bias = "all" | "lora_only"` makes adapter `name` train and save, as
+/// (PEFT key, layer path): the base layer's own `bias` (`base_layer.bias` on LoRA layers). They
+/// belong to the base model, not to an adapter, so they are not in the adapters' tensor lists.
+fn base_bias_keys<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
     name: &str,
-) -> Vec<(String, String, Slot)> {
+) -> Vec<(String, String)> {
     let bias = peft.adapter_config(name).map_or(Bias::None, |c| c.bias());
     let mut out = Vec::new();
+    if bias == Bias::None {
+        return out;
+    }
     peft.base_model
         .visit_linears(&mut |path, layer: &AdaptedLinear<B>| {
-            let key = |s: &str| format!("{PREFIX}{path}.{s}");
-            let lora = layer.adapter(name);
-            if let Some(a) = lora {
-                out.push((key("lora_A.weight"), path.to_string(), Slot::LoraA));
-                out.push((key("lora_B.weight"), path.to_string(), Slot::LoraB));
-                if a.lora_bias.is_some() {
-                    out.push((key("lora_B.bias"), path.to_string(), Slot::LoraBias));
-                }
-            }
-            if layer.ia3_adapter(name).is_some() {
-                out.push((key("ia3_l"), path.to_string(), Slot::Ia3));
-            }
-            if let Some(s) = layer.saved_copy(name) {
-                out.push((key("weight"), path.to_string(), Slot::SavedWeight));
-                if s.bias.is_some() {
-                    out.push((key("bias"), path.to_string(), Slot::SavedBias));
-                }
-            } else if layer.bias.is_some()
-                && (bias == Bias::All || (bias == Bias::LoraOnly && lora.is_some()))
+            let has_lora = layer.adapter(name).is_some();
+            if layer.saved_copy(name).is_none()
+                && layer.bias.is_some()
+                && (bias == Bias::All || has_lora)
             {
                 let k = if layer.lora.is_empty() {
-                    key("bias")
+                    "bias"
                 } else {
-                    key("base_layer.bias")
+                    "base_layer.bias"
                 };
-                out.push((k, path.to_string(), Slot::BaseBias));
+                out.push((format!("{PREFIX}{path}.{k}"), path.to_string()));
             }
         });
     out
-}
-
-fn tensor2<B: Backend>(shape: Vec<usize>, values: Vec<f32>, device: &B::Device) -> Tensor<B, 2> {
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-fn tensor1<B: Backend>(shape: Vec<usize>, values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-/// Expected PEFT-layout shape of a slot on a layer.
-fn expected_shape<B: Backend>(layer: &AdaptedLinear<B>, name: &str, slot: Slot) -> Vec<usize> {
-    let (i, o) = (layer.d_input(), layer.d_output());
-    let r = layer.adapter(name).map_or(0, |a| a.r);
-    match slot {
-        Slot::LoraA => vec![r, i],
-        Slot::LoraB => vec![o, r],
-        Slot::LoraBias | Slot::SavedBias | Slot::BaseBias => vec![o],
-        Slot::SavedWeight => vec![o, i],
-        Slot::Ia3 => layer
-            .ia3_adapter(name)
-            .map_or_else(Vec::new, |a| a.peft_shape()),
-    }
 }
 
 /// Loads adapter `name` from `dir` into `peft` (PEFT's `load_adapter`): reads the config,
@@ -248,34 +204,37 @@ fn fill_adapter<B: Backend, M: AdapterHost<B>>(
 ) -> Result<LoadReport> {
     let source = open_adapter_weights(dir)?;
     let path = source.path();
-    let keys = adapter_keys(peft, name);
-    let mut by_layer: HashMap<String, Vec<(Slot, F32Tensor)>> = HashMap::new();
-    let mut missing = Vec::new();
-    let mut expected: HashMap<String, Vec<usize>> = HashMap::new();
+    // Read and check every tensor before touching the model, so a bad file changes nothing.
+    let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
+    peft.visit_adapter_params(name, &mut |site, p| {
+        let shape = file_shape(&p.param.shape(), &p.layout);
+        wanted.push((format!("{PREFIX}{site}.{}", p.key), shape));
+    });
+    let bias_keys = base_bias_keys(peft, name);
+    let mut biases: HashMap<String, Vec<usize>> = HashMap::new();
     peft.base_model.visit_linears(&mut |p, layer| {
-        for (key, lp, slot) in &keys {
-            if lp == p {
-                expected.insert(key.clone(), expected_shape(layer, name, *slot));
-            }
+        if let Some(b) = &layer.bias {
+            biases.insert(p.to_string(), b.lazy_shape().to_vec());
         }
     });
-    for (key, layer, slot) in &keys {
+    for (key, layer) in &bias_keys {
+        wanted.push((key.clone(), biases[layer].clone()));
+    }
+    let mut values: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut missing = Vec::new();
+    for (key, want) in &wanted {
         match source.get_f32(key)? {
             None => missing.push(key.clone()),
-            Some((shape, values)) => {
-                let want = &expected[key];
-                if &shape != want {
-                    return Err(IoError::ShapeMismatch {
-                        path,
-                        key: key.clone(),
-                        expected: want.clone(),
-                        found: shape,
-                    });
-                }
-                by_layer
-                    .entry(layer.clone())
-                    .or_default()
-                    .push((*slot, (shape, values)));
+            Some((shape, v)) if &shape == want => {
+                values.insert(key.clone(), v);
+            }
+            Some((shape, _)) => {
+                return Err(IoError::ShapeMismatch {
+                    path,
+                    key: key.clone(),
+                    expected: want.clone(),
+                    found: shape,
+                });
             }
         }
     }
@@ -285,55 +244,23 @@ fn fill_adapter<B: Backend, M: AdapterHost<B>>(
             keys: missing,
         });
     }
-    peft.base_model.visit_linears_mut(&mut |p, layer| {
-        let Some(items) = by_layer.remove(p) else {
-            return;
-        };
-        let device = layer.weight.lazy_device();
-        for (slot, (shape, values)) in items {
-            match slot {
-                Slot::LoraA | Slot::LoraB => {
-                    let t = tensor2::<B>(shape, values, &device).transpose();
-                    let a = layer.adapter_mut(name).expect("listed above");
-                    let p = if slot == Slot::LoraA {
-                        &mut a.lora_a
-                    } else {
-                        &mut a.lora_b
-                    };
-                    *p = Param::initialized(p.id, t);
-                }
-                Slot::LoraBias => {
-                    let a = layer.adapter_mut(name).expect("listed above");
-                    let t = tensor1::<B>(shape, values, &device);
-                    a.lora_bias = Some(Param::from_tensor(t).set_require_grad(false));
-                }
-                Slot::SavedWeight | Slot::SavedBias => {
-                    let s = layer
-                        .saved
-                        .iter_mut()
-                        .find(|s| s.name == name)
-                        .expect("listed above");
-                    if slot == Slot::SavedWeight {
-                        let t = tensor2::<B>(shape, values, &device).transpose();
-                        s.weight = Param::initialized(s.weight.id, t);
-                    } else {
-                        s.bias = Some(Param::from_tensor(tensor1::<B>(shape, values, &device)));
-                    }
-                }
-                Slot::BaseBias => {
-                    let t = tensor1::<B>(shape, values, &device);
-                    layer.bias = Some(Param::from_tensor(t).set_require_grad(false));
-                }
-                Slot::Ia3 => {
-                    let n = values.len();
-                    let t = tensor1::<B>(vec![n], values, &device);
-                    let a = layer.ia3_adapter_mut(name).expect("listed above");
-                    a.ia3_l = Param::initialized(a.ia3_l.id, t);
-                }
-            }
+    peft.visit_adapter_params_mut(name, &mut |site, mut p| {
+        let key = format!("{PREFIX}{site}.{}", p.key);
+        if let Some(v) = values.remove(&key) {
+            let device = p.param.device();
+            p.param.assign_file(v, &p.layout, &device);
         }
     });
-    let known: HashSet<String> = keys.into_iter().map(|(k, _, _)| k).collect();
+    let bias_layers: HashMap<String, String> = bias_keys.into_iter().map(|(k, l)| (l, k)).collect();
+    peft.base_model.visit_linears_mut(&mut |p, layer| {
+        if let Some(v) = bias_layers.get(p).and_then(|k| values.remove(k)) {
+            let device = layer.weight.lazy_device();
+            let n = v.len();
+            let t = Tensor::<B, 1>::from_data(TensorData::new(v, vec![n]), &device);
+            layer.bias = Some(Param::from_tensor(t).set_require_grad(false));
+        }
+    });
+    let known: HashSet<String> = wanted.into_iter().map(|(k, _)| k).collect();
     let unused = source
         .names()
         .into_iter()
@@ -369,32 +296,21 @@ pub fn from_pretrained<B: Backend, M: AdapterHost<B>>(
 pub fn adapter_state_dict<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
     name: &str,
-) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let keys = adapter_keys(peft, name);
+) -> BTreeMap<String, F32Tensor> {
     let mut out = BTreeMap::new();
+    peft.visit_adapter_params(name, &mut |site, p| {
+        out.insert(
+            format!("{PREFIX}{site}.{}", p.key),
+            p.param.to_file(&p.layout),
+        );
+    });
+    let bias_keys = base_bias_keys(peft, name);
     peft.base_model.visit_linears(&mut |p, layer| {
-        for (key, lp, slot) in &keys {
-            if lp != p {
-                continue;
+        for (key, layer_path) in &bias_keys {
+            if layer_path == p {
+                let b = layer.bias.as_ref().expect("listed with a bias");
+                out.insert(key.clone(), to_f32::<B, 1>(b.val()));
             }
-            let t2 = |t: Tensor<B, 2>| to_f32(t.transpose());
-            let t1 = to_f32::<B, 1>;
-            let a = layer.adapter(name);
-            let s = layer.saved_copy(name);
-            let v = match slot {
-                Slot::LoraA => t2(a.expect("lora").lora_a.val()),
-                Slot::LoraB => t2(a.expect("lora").lora_b.val()),
-                Slot::LoraBias => t1(a.and_then(|a| a.lora_bias.as_ref()).expect("bias").val()),
-                Slot::SavedWeight => t2(s.expect("copy").weight.val()),
-                Slot::SavedBias => t1(s.and_then(|s| s.bias.as_ref()).expect("bias").val()),
-                Slot::BaseBias => t1(layer.bias.as_ref().expect("bias").val()),
-                Slot::Ia3 => {
-                    let a = layer.ia3_adapter(name).expect("ia3");
-                    let (_, v) = t1(a.ia3_l.val());
-                    (a.peft_shape(), v)
-                }
-            };
-            out.insert(key.clone(), v);
         }
     });
     out
@@ -405,17 +321,17 @@ pub fn saved_config<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
     name: &str,
 ) -> Option<LoraConfig> {
-    let mut config = peft.config(name)?.clone();
-    config.inference_mode = true;
+    let mut config = peft.lora_config(name)?.clone();
+    config.header.inference_mode = true;
     if config.target_modules.is_none() {
         let linears = peft.base_model.linear_paths();
-        let heads = peft.base_model.output_heads(config.task_type);
+        let heads = peft.base_model.output_heads(config.header.task_type);
         let model = ModelLinears {
             linears: &linears,
             model_type: peft.base_model.model_type(),
             output_heads: &heads,
         };
-        if let Ok(TargetModules::List(l)) = effective_targets(&config, &model) {
+        if let Ok(TargetModules::List(l)) = effective_targets(&config.targeting(), &model) {
             config.target_modules = Some(TargetModules::List(l));
         }
     }
@@ -432,12 +348,12 @@ pub fn saved_ia3_config<B: Backend, M: AdapterHost<B>>(
         return None;
     };
     let mut config = c.clone();
-    config.inference_mode = true;
+    config.header.inference_mode = true;
     let model_type = peft.base_model.model_type();
     if config.target_modules.is_none()
-        && let Ok(view) = config.targeting_view(model_type)
+        && let Some(d) = model_type.and_then(peft_core::ia3::default_ia3_targets)
     {
-        config.target_modules = view.target_modules;
+        config.target_modules = Some(TargetModules::list(d.iter().copied()));
     }
     if config.feedforward_modules.is_none() {
         config.feedforward_modules = config.effective_feedforward(model_type).ok();

@@ -16,17 +16,16 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
-use peft_core::bottleneck::{BottleneckAdapter, LayerNorm};
+
+use peft_core::params::file_shape;
 use peft_core::{AdapterConfig, AdapterHost, BnConfig, PeftModel};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{IoError, Result, io_err};
 use crate::hf_model::LoadReport;
-use crate::tensors::{F32Tensor, TensorSource, to_f32, write_atomic, write_safetensors};
+use crate::tensors::{F32Tensor, TensorSource, write_atomic, write_safetensors};
 
 /// `adapter_config.json` (the same name PEFT uses).
 pub const CONFIG: &str = "adapter_config.json";
@@ -145,33 +144,6 @@ pub fn open_weights(dir: &Path) -> Result<TensorSource> {
     crate::adapter::open_first(dir, SAFETENSORS, BIN)
 }
 
-/// Tensor names of one adapter at one site, relative to `<path>.adapters.<name>.`, with the
-/// AdapterHub layout shape of each.
-fn site_tensors<B: Backend>(a: &BottleneckAdapter<B>) -> Vec<(String, Vec<usize>)> {
-    let hidden = a.down_weight.lazy_shape().dims::<2>()[0];
-    let bn = a.bottleneck();
-    let mut out = Vec::new();
-    let lin = if a.norm_before.is_some() {
-        out.push(("adapter_norm_before.weight".into(), vec![hidden]));
-        out.push(("adapter_norm_before.bias".into(), vec![hidden]));
-        "adapter_down.1"
-    } else {
-        "adapter_down.0"
-    };
-    out.push((format!("{lin}.weight"), vec![bn, hidden]));
-    out.push((format!("{lin}.bias"), vec![bn]));
-    out.push(("adapter_up.weight".into(), vec![hidden, bn]));
-    out.push(("adapter_up.bias".into(), vec![hidden]));
-    if a.norm_after.is_some() {
-        out.push(("adapter_norm_after.weight".into(), vec![hidden]));
-        out.push(("adapter_norm_after.bias".into(), vec![hidden]));
-    }
-    if let Some(s) = &a.learned_scaling {
-        out.push(("scaling".into(), s.lazy_shape().dims::<1>().to_vec()));
-    }
-    out
-}
-
 /// Finds `key` in a file whose keys may carry (or lack) the model's base-model prefix.
 fn resolve_key(names: &HashSet<String>, key: &str) -> Option<String> {
     if names.contains(key) {
@@ -192,55 +164,6 @@ fn resolve_key(names: &HashSet<String>, key: &str) -> Option<String> {
     }
 }
 
-fn t1<B: Backend>(values: Vec<f32>, shape: Vec<usize>, device: &B::Device) -> Tensor<B, 1> {
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-fn t2<B: Backend>(values: Vec<f32>, shape: Vec<usize>, device: &B::Device) -> Tensor<B, 2> {
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-fn set1<B: Backend>(p: &mut Param<Tensor<B, 1>>, t: Tensor<B, 1>) {
-    *p = Param::initialized(p.id, t);
-}
-
-fn set2<B: Backend>(p: &mut Param<Tensor<B, 2>>, t: Tensor<B, 2>) {
-    *p = Param::initialized(p.id, t);
-}
-
-fn set_tensor<B: Backend>(a: &mut BottleneckAdapter<B>, rel: &str, (shape, v): F32Tensor) {
-    let device = a.down_weight.lazy_device();
-    let norm = |n: &mut Option<LayerNorm<B>>, field: &str, t: Tensor<B, 1>| {
-        if let Some(n) = n.as_mut() {
-            if field == "weight" {
-                set1(&mut n.weight, t);
-            } else {
-                set1(&mut n.bias, t);
-            }
-        }
-    };
-    match rel {
-        "adapter_norm_before.weight" => norm(&mut a.norm_before, "weight", t1(v, shape, &device)),
-        "adapter_norm_before.bias" => norm(&mut a.norm_before, "bias", t1(v, shape, &device)),
-        "adapter_norm_after.weight" => norm(&mut a.norm_after, "weight", t1(v, shape, &device)),
-        "adapter_norm_after.bias" => norm(&mut a.norm_after, "bias", t1(v, shape, &device)),
-        "adapter_down.0.weight" | "adapter_down.1.weight" => {
-            set2(&mut a.down_weight, t2(v, shape, &device).transpose())
-        }
-        "adapter_down.0.bias" | "adapter_down.1.bias" => {
-            set1(&mut a.down_bias, t1(v, shape, &device))
-        }
-        "adapter_up.weight" => set2(&mut a.up_weight, t2(v, shape, &device).transpose()),
-        "adapter_up.bias" => set1(&mut a.up_bias, t1(v, shape, &device)),
-        "scaling" => {
-            if let Some(s) = a.learned_scaling.as_mut() {
-                set1(s, t1(v, shape, &device));
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Fills the tensors of the existing bottleneck adapter `name` from `dir`, whose keys use
 /// `file_name`. Missing tensors and shape mismatches are errors naming the file and key.
 fn fill<B: Backend, M: AdapterHost<B>>(
@@ -252,24 +175,21 @@ fn fill<B: Backend, M: AdapterHost<B>>(
     let source = open_weights(dir)?;
     let path = source.path();
     let names: HashSet<String> = source.names().into_iter().collect();
-    let mut wanted: Vec<(String, String, String, Vec<usize>)> = Vec::new();
-    peft.base_model.visit_sublayers(&mut |site, adapters| {
-        if let Some(a) = adapters.adapter(name) {
-            for (rel, shape) in site_tensors(a) {
-                let key = format!("{}.adapters.{file_name}.{rel}", site.path);
-                wanted.push((site.path.clone(), rel, key, shape));
-            }
-        }
+    // Read and check every tensor before touching the model, so a bad file changes nothing.
+    let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
+    peft.visit_adapter_params(name, &mut |site, p| {
+        let key = format!("{site}.adapters.{file_name}.{}", p.key);
+        wanted.push((key, file_shape(&p.param.shape(), &p.layout)));
     });
-    let mut by_site: HashMap<String, Vec<(String, F32Tensor)>> = HashMap::new();
+    let mut values: HashMap<String, Vec<f32>> = HashMap::new();
     let mut missing = Vec::new();
     let mut used = HashSet::new();
-    for (site, rel, key, shape) in wanted {
+    for (key, shape) in wanted {
         let Some(found) = resolve_key(&names, &key) else {
             missing.push(key);
             continue;
         };
-        let Some((got, values)) = source.get_f32(&found)? else {
+        let Some((got, v)) = source.get_f32(&found)? else {
             missing.push(key);
             continue;
         };
@@ -282,11 +202,11 @@ fn fill<B: Backend, M: AdapterHost<B>>(
             });
         }
         // `adapter_down.0.*` duplicates `adapter_norm_before.*` when `ln_before` is set.
-        if rel.starts_with("adapter_norm_before") {
+        if key.contains(".adapter_norm_before.") {
             used.insert(found.replace("adapter_norm_before", "adapter_down.0"));
         }
         used.insert(found);
-        by_site.entry(site).or_default().push((rel, (got, values)));
+        values.insert(key, v);
     }
     if !missing.is_empty() {
         return Err(IoError::MissingKeys {
@@ -294,11 +214,11 @@ fn fill<B: Backend, M: AdapterHost<B>>(
             keys: missing,
         });
     }
-    peft.base_model.visit_sublayers_mut(&mut |site, adapters| {
-        if let (Some(items), Some(a)) = (by_site.remove(&site.path), adapters.adapter_mut(name)) {
-            for (rel, t) in items {
-                set_tensor(a, &rel, t);
-            }
+    peft.visit_adapter_params_mut(name, &mut |site, mut p| {
+        let key = format!("{site}.adapters.{file_name}.{}", p.key);
+        if let Some(v) = values.remove(&key) {
+            let device = p.param.device();
+            p.param.assign_file(v, &p.layout, &device);
         }
     });
     let unused = names.into_iter().filter(|n| !used.contains(n)).collect();
@@ -415,39 +335,23 @@ pub fn load_adapter_weights<B: Backend, M: AdapterHost<B>>(
     fill(peft, dir, name, &config.name)
 }
 
-/// The tensors of bottleneck adapter `name` as AdapterHub saves them (keys use `name`).
+/// The tensors of bottleneck adapter `name` as AdapterHub saves them (keys use `name`; an
+/// `ln_before` LayerNorm also under `adapter_down.0.*`, as AdapterHub's `Sequential` names it).
 pub fn state_dict<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
     name: &str,
 ) -> BTreeMap<String, F32Tensor> {
     let mut out = BTreeMap::new();
-    let v1 = to_f32::<B, 1>;
-    let v2 = |t: Tensor<B, 2>| to_f32(t.transpose());
-    peft.base_model.visit_sublayers(&mut |site, adapters| {
-        let Some(a) = adapters.adapter(name) else {
-            return;
-        };
-        let key = |rel: &str| format!("{}.adapters.{name}.{rel}", site.path);
-        let lin = if let Some(n) = &a.norm_before {
-            for k in ["adapter_norm_before", "adapter_down.0"] {
-                out.insert(key(&format!("{k}.weight")), v1(n.weight.val()));
-                out.insert(key(&format!("{k}.bias")), v1(n.bias.val()));
-            }
-            "adapter_down.1"
-        } else {
-            "adapter_down.0"
-        };
-        out.insert(key(&format!("{lin}.weight")), v2(a.down_weight.val()));
-        out.insert(key(&format!("{lin}.bias")), v1(a.down_bias.val()));
-        out.insert(key("adapter_up.weight"), v2(a.up_weight.val()));
-        out.insert(key("adapter_up.bias"), v1(a.up_bias.val()));
-        if let Some(n) = &a.norm_after {
-            out.insert(key("adapter_norm_after.weight"), v1(n.weight.val()));
-            out.insert(key("adapter_norm_after.bias"), v1(n.bias.val()));
+    peft.visit_adapter_params(name, &mut |site, p| {
+        let key = format!("{site}.adapters.{name}.{}", p.key);
+        let value = p.param.to_file(&p.layout);
+        if key.contains(".adapter_norm_before.") {
+            out.insert(
+                key.replace("adapter_norm_before", "adapter_down.0"),
+                value.clone(),
+            );
         }
-        if let Some(s) = &a.learned_scaling {
-            out.insert(key("scaling"), v1(s.val()));
-        }
+        out.insert(key, value);
     });
     out
 }

@@ -12,7 +12,7 @@ use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::Dropout;
-use peft_core::bottleneck::LayerNorm;
+use peft_core::nn::LayerNorm;
 use peft_core::{
     AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
 };
@@ -226,7 +226,7 @@ impl BertAct {
     fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             BertAct::Gelu => gelu(x),
-            BertAct::GeluTanh => peft_core::bottleneck::gelu_tanh(x),
+            BertAct::GeluTanh => peft_core::nn::gelu_tanh(x),
             BertAct::Relu => relu(x),
             BertAct::Silu => silu(x),
         }

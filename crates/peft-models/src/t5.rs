@@ -146,7 +146,7 @@ impl T5Act {
         match self {
             T5Act::Relu => relu(x),
             T5Act::Gelu => gelu(x),
-            T5Act::GeluNew => peft_core::bottleneck::gelu_tanh(x),
+            T5Act::GeluNew => peft_core::nn::gelu_tanh(x),
             T5Act::Silu => silu(x),
         }
     }

@@ -1,169 +1,15 @@
-//! The linear adapter site: a frozen linear layer plus named LoRA adapters and trainable copies.
+//! The linear adapter site: a frozen linear layer plus named LoRA adapters, IA3 vectors and
+//! trainable copies.
 
-use crate::dropout::Dropout;
 use burn::module::{Initializer, Module, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::module;
 use burn::tensor::{ElementConversion, Tensor};
 
-use crate::config::{InitLoraWeights, lora_scaling};
 use crate::error::{PeftError, Result};
-use crate::ia3::Ia3Adapter;
-
-/// `x W + b` over the last dimension of `x`. Leading dimensions are flattened first, so a
-/// `[batch, len, in]` input is one `[batch * len, in] x [in, out]` product instead of `batch`
-/// small ones (and the weight gradient comes out `[in, out]` directly, not summed over a batch
-/// of per-sample gradients).
-pub fn linear<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    weight: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
-) -> Tensor<B, D> {
-    if D <= 2 {
-        return module::linear(x, weight, bias);
-    }
-    let dims = x.dims();
-    let d_in = dims[D - 1];
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let y = module::linear(x.reshape([rows, d_in]), weight, bias);
-    let mut out = dims;
-    out[D - 1] = y.dims()[1];
-    y.reshape(out)
-}
-
-/// One LoRA adapter on one linear layer: `B(A(dropout(x))) * scaling`.
-///
-/// Weights are stored in burn's `[d_input, d_output]` layout, the transpose of PEFT's:
-/// `lora_a` is `[in, r]` (PEFT `lora_A.weight` is `[r, in]`) and `lora_b` is `[r, out]`
-/// (PEFT `lora_B.weight` is `[out, r]`).
-#[derive(Module, Debug)]
-pub struct LoraAdapter<B: Backend> {
-    /// The adapter's name (`default` unless named).
-    pub name: String,
-    /// Down projection, `[in, r]`.
-    pub lora_a: Param<Tensor<B, 2>>,
-    /// Up projection, `[r, out]`.
-    pub lora_b: Param<Tensor<B, 2>>,
-    /// Bias of `lora_B` (`lora_bias = true`), `[out]`.
-    pub lora_bias: Option<Param<Tensor<B, 1>>>,
-    /// Dropout on the adapter's input (identity outside training).
-    pub dropout: Dropout,
-    /// Rank.
-    pub r: usize,
-    /// Alpha.
-    pub alpha: f64,
-    /// `alpha / r` or, with rsLoRA, `alpha / sqrt(r)`.
-    pub scaling: f64,
-}
-
-/// Hyper-parameters of one LoRA adapter on one layer, resolved from a [`crate::LoraConfig`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoraSpec {
-    /// Rank.
-    pub r: usize,
-    /// Alpha.
-    pub alpha: f64,
-    /// Dropout probability.
-    pub dropout: f64,
-    /// rsLoRA scaling.
-    pub use_rslora: bool,
-    /// Initialisation.
-    pub init: InitLoraWeights,
-    /// Trainable bias on `lora_B`.
-    pub lora_bias: bool,
-}
-
-impl<B: Backend> LoraAdapter<B> {
-    /// Creates an adapter for a `d_input -> d_output` layer, initialised as PEFT does.
-    /// Parameters are lazy: nothing is allocated until first use.
-    pub fn new(
-        name: &str,
-        d_input: usize,
-        d_output: usize,
-        spec: &LoraSpec,
-        device: &B::Device,
-    ) -> Self {
-        let r = spec.r;
-        // PyTorch's nn.Linear default (and PEFT's `kaiming_uniform_(a=sqrt(5))`):
-        // U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        let kaiming = Initializer::KaimingUniform {
-            gain: 1.0 / 3.0f64.sqrt(),
-            fan_out_only: false,
-        };
-        let lora_a = match spec.init {
-            InitLoraWeights::Gaussian => Initializer::Normal {
-                mean: 0.0,
-                std: 1.0 / r as f64,
-            }
-            .init_with([d_input, r], Some(d_input), Some(r), device),
-            _ => kaiming.init_with([d_input, r], Some(d_input), Some(r), device),
-        };
-        let random = spec.init == InitLoraWeights::Random;
-        let lora_b = if random {
-            kaiming.init_with([r, d_output], Some(r), Some(d_output), device)
-        } else {
-            Initializer::Zeros.init_with([r, d_output], Some(r), Some(d_output), device)
-        };
-        let lora_bias = spec.lora_bias.then(|| {
-            if random {
-                let bound = 1.0 / (r as f64).sqrt();
-                Initializer::Uniform {
-                    min: -bound,
-                    max: bound,
-                }
-                .init([d_output], device)
-            } else {
-                Initializer::Zeros.init([d_output], device)
-            }
-        });
-        LoraAdapter {
-            name: name.to_string(),
-            lora_a,
-            lora_b,
-            lora_bias,
-            dropout: Dropout::new(spec.dropout),
-            r,
-            alpha: spec.alpha,
-            scaling: lora_scaling(spec.alpha, r, spec.use_rslora),
-        }
-    }
-
-    /// The adapter's contribution `B(A(dropout(x))) * scaling`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = linear(self.dropout.forward(x), self.lora_a.val(), None);
-        linear(
-            h,
-            self.lora_b.val(),
-            self.lora_bias.as_ref().map(|b| b.val()),
-        )
-        .mul_scalar(self.scaling)
-    }
-
-    /// `scaling * A @ B` in `[in, out]` layout: what merging adds to the base weight.
-    pub fn delta_weight(&self) -> Tensor<B, 2> {
-        self.lora_a
-            .val()
-            .matmul(self.lora_b.val())
-            .mul_scalar(self.scaling)
-    }
-
-    /// `scaling * lora_bias`: what merging adds to the base bias.
-    pub fn delta_bias(&self) -> Option<Tensor<B, 1>> {
-        self.lora_bias
-            .as_ref()
-            .map(|b| b.val().mul_scalar(self.scaling))
-    }
-
-    /// Number of parameters, without materialising lazy ones.
-    pub fn num_params(&self) -> usize {
-        self.lora_a.lazy_shape().num_elements()
-            + self.lora_b.lazy_shape().num_elements()
-            + self
-                .lora_bias
-                .as_ref()
-                .map_or(0, |b| b.lazy_shape().num_elements())
-    }
-}
+use crate::methods::ia3::Ia3Adapter;
+use crate::methods::lora::LoraAdapter;
+use crate::nn::linear;
+use crate::params::{AdapterParams, FileLayout, NamedParam, ParamMut, ParamRef};
 
 /// A trainable copy of a linear layer for one adapter (PEFT's `modules_to_save`).
 #[derive(Module, Debug)]
@@ -321,6 +167,37 @@ impl<B: Backend> AdaptedLinear<B> {
             }
         }
         names
+    }
+
+    /// Every tensor adapter `name` owns on this layer (LoRA, IA3, its `modules_to_save` copy),
+    /// keys relative to the layer's path.
+    pub fn visit_adapter_params(&self, name: &str, f: &mut dyn FnMut(NamedParam<ParamRef<'_, B>>)) {
+        for a in self.lora.iter().filter(|a| a.name == name) {
+            a.visit_params(f);
+        }
+        for a in self.ia3.iter().filter(|a| a.name == name) {
+            a.visit_params(f);
+        }
+        for s in self.saved.iter().filter(|s| s.name == name) {
+            s.visit_params(f);
+        }
+    }
+
+    /// Like [`visit_adapter_params`](Self::visit_adapter_params), mutably.
+    pub fn visit_adapter_params_mut(
+        &mut self,
+        name: &str,
+        f: &mut dyn FnMut(NamedParam<ParamMut<'_, B>>),
+    ) {
+        for a in self.lora.iter_mut().filter(|a| a.name == name) {
+            a.visit_params_mut(f);
+        }
+        for a in self.ia3.iter_mut().filter(|a| a.name == name) {
+            a.visit_params_mut(f);
+        }
+        for s in self.saved.iter_mut().filter(|s| s.name == name) {
+            s.visit_params_mut(f);
+        }
     }
 
     /// Adds a LoRA adapter (active only if [`set_active`](Self::set_active) says so).
@@ -517,5 +394,38 @@ impl<B: Backend> AdaptedLinear<B> {
         self.active.clear();
         self.merged.clear();
         self.disabled = false;
+    }
+}
+
+/// PEFT saves a `modules_to_save` copy under the layer's own names, in PyTorch's layout.
+impl<B: Backend> AdapterParams<B> for SavedLinear<B> {
+    fn visit_params(&self, f: &mut dyn FnMut(NamedParam<ParamRef<'_, B>>)) {
+        f(NamedParam {
+            key: "weight",
+            layout: FileLayout::Transposed,
+            param: ParamRef::D2(&self.weight),
+        });
+        if let Some(b) = &self.bias {
+            f(NamedParam {
+                key: "bias",
+                layout: FileLayout::AsIs,
+                param: ParamRef::D1(b),
+            });
+        }
+    }
+
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(NamedParam<ParamMut<'_, B>>)) {
+        f(NamedParam {
+            key: "weight",
+            layout: FileLayout::Transposed,
+            param: ParamMut::D2(&mut self.weight),
+        });
+        if let Some(b) = &mut self.bias {
+            f(NamedParam {
+                key: "bias",
+                layout: FileLayout::AsIs,
+                param: ParamMut::D1(b),
+            });
+        }
     }
 }

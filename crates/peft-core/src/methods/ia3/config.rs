@@ -1,21 +1,11 @@
-//! IA3 ("Infused Adapter by Inhibiting and Amplifying Inner Activations"), with PEFT's semantics.
-//!
-//! Each targeted linear layer gets a learned vector `ia3_l`, initialised to ones:
-//! - on an ordinary target the layer's output is scaled, `y = base(x) * l` (`l` is `[out]`, the
-//!   bias scaled with it);
-//! - on a feed-forward target the layer's input is scaled, `y = base(x * l)` (`l` is `[in]`).
-//!
-//! Several active IA3 adapters multiply their vectors. Merging folds `l` into the weight (rows for
-//! feed-forward targets, columns otherwise, and the bias of ordinary targets).
+//! PEFT's `IA3Config`, field for field, with PEFT's default targets per model type.
 
-use burn::module::{Initializer, Module, Param};
-use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{LoraConfig, TargetModules, TaskType, de_null_false, default_true};
+use crate::config::{PeftConfigHeader, PeftType, TargetModules, de_null_false, default_true};
 use crate::error::{PeftError, Result};
+use crate::targeting::Targeting;
 
 /// PEFT's default IA3 targets per `model_type` (`TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`).
 pub fn default_ia3_targets(model_type: &str) -> Option<&'static [&'static str]> {
@@ -42,29 +32,21 @@ pub fn default_ia3_feedforward(model_type: &str) -> Option<&'static [&'static st
     })
 }
 
-fn default_peft_type() -> Option<String> {
-    Some("IA3".to_string())
+/// IA3's `peft_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ia3;
+
+impl PeftType for Ia3 {
+    const NAME: &'static str = "IA3";
 }
 
 /// Hugging Face PEFT's `IA3Config`, field for field; unknown fields kept in
 /// [`extra`](Self::extra).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Ia3Config {
-    /// Always `"IA3"`.
-    #[serde(default = "default_peft_type")]
-    pub peft_type: Option<String>,
-    /// The task (decides the default head handling).
-    #[serde(default)]
-    pub task_type: Option<TaskType>,
-    /// The base model this adapter was trained on.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// The base model's revision.
-    #[serde(default)]
-    pub revision: Option<String>,
-    /// `true` in saved configs: adapters load frozen.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared header (`peft_type = "IA3"`, `task_type`, `inference_mode`, ...).
+    #[serde(flatten)]
+    pub header: PeftConfigHeader<Ia3>,
     /// Modules to adapt; `None` takes PEFT's default for the model type.
     #[serde(default)]
     pub target_modules: Option<TargetModules>,
@@ -91,11 +73,7 @@ pub struct Ia3Config {
 impl Default for Ia3Config {
     fn default() -> Self {
         Ia3Config {
-            peft_type: default_peft_type(),
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
+            header: PeftConfigHeader::default(),
             target_modules: None,
             exclude_modules: None,
             feedforward_modules: None,
@@ -120,13 +98,7 @@ impl Ia3Config {
 
     /// PEFT's `IA3Config.__post_init__` checks.
     pub fn validate(&self) -> Result<()> {
-        if let Some(t) = &self.peft_type
-            && t != "IA3"
-        {
-            return Err(PeftError::InvalidConfig(format!(
-                "peft_type is {t:?}, expected \"IA3\""
-            )));
-        }
+        self.header.check()?;
         if self.fan_in_fan_out {
             return Err(PeftError::Unsupported(
                 "fan_in_fan_out = true (Conv1D layers)".into(),
@@ -143,31 +115,14 @@ impl Ia3Config {
         Ok(())
     }
 
-    /// The targeting fields as a [`LoraConfig`], so IA3 and LoRA resolve targets with the same
-    /// code (PEFT's `check_target_module_exists` is shared too). Default targets are filled in.
-    pub fn targeting_view(&self, model_type: Option<&str>) -> Result<LoraConfig> {
-        let target_modules = match &self.target_modules {
-            Some(t) => t.clone(),
-            None => {
-                let mt = model_type.unwrap_or("<unknown>");
-                match default_ia3_targets(mt) {
-                    Some(d) => TargetModules::list(d.iter().copied()),
-                    None => {
-                        return Err(PeftError::InvalidConfig(format!(
-                            "target_modules is not set and model type {mt:?} has no default IA3 \
-                             targets; please specify target_modules"
-                        )));
-                    }
-                }
-            }
-        };
-        Ok(LoraConfig {
-            task_type: self.task_type,
-            target_modules: Some(target_modules),
+    /// Where this adapter attaches (PEFT's default IA3 targets when `target_modules` is unset).
+    pub fn targeting(&self) -> Targeting {
+        Targeting {
             exclude_modules: self.exclude_modules.clone(),
             modules_to_save: self.modules_to_save.clone(),
-            ..LoraConfig::default()
-        })
+            task_type: self.header.task_type,
+            ..Targeting::new("IA3", self.target_modules.clone(), default_ia3_targets)
+        }
     }
 
     /// The resolved `feedforward_modules` (PEFT's default for the model type when unset).
@@ -195,57 +150,4 @@ pub fn is_feedforward(feedforward: &TargetModules, path: &str) -> Result<bool> {
         TargetModules::Regex(p) => crate::targeting::fullmatch("feedforward_modules", p, path)?,
         TargetModules::List(l) => l.iter().any(|m| path.ends_with(m.as_str())),
     })
-}
-
-/// One IA3 vector on one linear layer.
-#[derive(Module, Debug)]
-pub struct Ia3Adapter<B: Backend> {
-    /// The adapter's name.
-    pub name: String,
-    /// The learned scaling vector: `[in]` on feed-forward targets, `[out]` otherwise. PEFT
-    /// stores it as `[1, in]` or `[out, 1]`.
-    pub ia3_l: Param<Tensor<B, 1>>,
-    /// Whether the input (true) or the output (false) is scaled.
-    pub feedforward: bool,
-}
-
-impl<B: Backend> Ia3Adapter<B> {
-    /// A vector of ones (`init_ia3_weights = true`) or, as PEFT's `torch.randn`, N(0, 1)
-    /// values (`false`).
-    pub fn new(
-        name: &str,
-        len: usize,
-        feedforward: bool,
-        init_ones: bool,
-        device: &B::Device,
-    ) -> Self {
-        let init = if init_ones {
-            Initializer::Ones
-        } else {
-            Initializer::Normal {
-                mean: 0.0,
-                std: 1.0,
-            }
-        };
-        Ia3Adapter {
-            name: name.to_string(),
-            ia3_l: init.init([len], device),
-            feedforward,
-        }
-    }
-
-    /// Number of parameters.
-    pub fn num_params(&self) -> usize {
-        self.ia3_l.lazy_shape().num_elements()
-    }
-
-    /// PEFT's stored shape of `ia3_l`: `[1, in]` (feed-forward) or `[out, 1]`.
-    pub fn peft_shape(&self) -> Vec<usize> {
-        let n = self.num_params();
-        if self.feedforward {
-            vec![1, n]
-        } else {
-            vec![n, 1]
-        }
-    }
 }

@@ -1,8 +1,19 @@
-//! The adapter methods a [`crate::PeftModel`] can hold, one config type each.
+//! The adapter methods, one folder each (`config`: the reference library's config, field for
+//! field; `layer`: the adapter on one site, with its named tensors; `model`: attaching it to a
+//! model), and [`AdapterConfig`], the one enum over them that a [`crate::PeftModel`] holds.
+//!
+//! Adding a method: a folder here, a variant of [`AdapterConfig`], its tensors listed once
+//! through [`crate::params::AdapterParams`], and its file keys in peft-io. No model changes.
 
-use crate::bottleneck::BnConfig;
-use crate::config::{Bias, LoraConfig, TaskType};
-use crate::ia3::Ia3Config;
+pub mod bottleneck;
+pub mod ia3;
+pub mod lora;
+
+use bottleneck::BnConfig;
+use ia3::Ia3Config;
+use lora::{Bias, LoraConfig};
+
+use crate::config::TaskType;
 
 /// The config of one named adapter: which method, with its hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,8 +30,8 @@ impl AdapterConfig {
     /// Loaded for inference only: its parameters never require gradients.
     pub fn inference_mode(&self) -> bool {
         match self {
-            AdapterConfig::Lora(c) => c.inference_mode,
-            AdapterConfig::Ia3(c) => c.inference_mode,
+            AdapterConfig::Lora(c) => c.header.inference_mode,
+            AdapterConfig::Ia3(c) => c.header.inference_mode,
             AdapterConfig::Bottleneck(_) => false,
         }
     }
@@ -29,8 +40,8 @@ impl AdapterConfig {
     /// [`crate::PeftModel`] instead; AdapterHub has no such field).
     pub fn set_inference_mode(&mut self, on: bool) {
         match self {
-            AdapterConfig::Lora(c) => c.inference_mode = on,
-            AdapterConfig::Ia3(c) => c.inference_mode = on,
+            AdapterConfig::Lora(c) => c.header.inference_mode = on,
+            AdapterConfig::Ia3(c) => c.header.inference_mode = on,
             AdapterConfig::Bottleneck(_) => {}
         }
     }
@@ -38,8 +49,8 @@ impl AdapterConfig {
     /// PEFT's `task_type`.
     pub fn task_type(&self) -> Option<TaskType> {
         match self {
-            AdapterConfig::Lora(c) => c.task_type,
-            AdapterConfig::Ia3(c) => c.task_type,
+            AdapterConfig::Lora(c) => c.header.task_type,
+            AdapterConfig::Ia3(c) => c.header.task_type,
             AdapterConfig::Bottleneck(_) => None,
         }
     }

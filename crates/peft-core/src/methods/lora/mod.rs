@@ -1,0 +1,13 @@
+//! LoRA with PEFT's semantics, computed in activation space:
+//! `y = base(x) + B(A(dropout(x))) * scaling`, the base weight frozen and never rebuilt.
+//!
+//! - [`config`]: `LoraConfig`, field for field PEFT's;
+//! - [`layer`]: `LoraAdapter`, one adapter on one linear layer;
+//! - [`model`]: attaching an adapter to every targeted layer of a model.
+
+pub mod config;
+pub mod layer;
+pub mod model;
+
+pub use config::{Bias, InitLoraWeights, Lora, LoraConfig, lora_scaling};
+pub use layer::{LoraAdapter, LoraSpec};
