@@ -5,13 +5,15 @@
 //!
 //! - [`core`] (`peft-core`): adapter methods (LoRA), configs, targeting, `PeftModel`;
 //! - [`models`] (`peft-models`): model architectures with adapter sites;
-//! - [`io`] (`peft-io`): PEFT and Hugging Face file formats.
+//! - [`io`] (`peft-io`): PEFT and Hugging Face file formats;
+//! - [`train`] (`peft-train`): `TrainingArguments`, tasks, collators, the training loop.
 //!
 //! The backend is chosen by features: `ndarray` (default, CPU), `wgpu`, `cuda`.
 
 pub use peft_core as core;
 pub use peft_io as io;
 pub use peft_models as models;
+pub use peft_train as train;
 
 pub use peft_core::{
     AdaptedLinear, AdapterHost, LoraConfig, PeftError, PeftModel, TargetModules, TaskType,

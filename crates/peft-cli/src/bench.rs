@@ -127,7 +127,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 fn lora_config(real_adapter: bool) -> LoraConfig {
     LoraConfig {
-        task_type: Some(TaskType::Seq2SeqLm),
+        header: peft_core::PeftConfigHeader::default().with_task_type(Some(TaskType::Seq2SeqLm)),
         lora_dropout: 0.1,
         init_lora_weights: if real_adapter {
             InitLoraWeights::Random

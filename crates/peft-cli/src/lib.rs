@@ -1,9 +1,8 @@
-//! The `peft` command-line tool's library: argument types, the trainer and its data pipeline,
-//! the benchmark workloads (`peft bench`), usable from tests and other binaries (xtask runs the
-//! `peft` binary).
+//! The `peft` command-line tool's library: its argument types, the mapping of `peft train`'s
+//! flags onto `peft_train` with its progress display, the loss plot, and the benchmark
+//! workloads (`peft bench`), usable from tests (xtask runs the `peft` binary).
 
 pub mod bench;
-pub mod data;
 pub mod plot;
 pub mod train;
 
@@ -11,7 +10,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::bottleneck::ReductionFactor;
 use peft_core::config::{LayersToTransform, TargetModules};
-use peft_core::{AdapterConfig, Bias, BnConfig, Ia3Config, InitLoraWeights, LoraConfig, TaskType};
+use peft_core::{
+    AdapterConfig, Bias, BnConfig, Ia3Config, InitLoraWeights, LoraConfig, PeftConfigHeader,
+    TaskType,
+};
 
 /// Adapter options, named as PEFT's `LoraConfig` / `IA3Config` fields and AdapterHub's
 /// `BnConfig` fields; `--method` picks the method.
@@ -72,7 +74,7 @@ pub struct LoraArgs {
 impl LoraArgs {
     /// The task type given, if any.
     pub fn task(&self) -> Result<Option<TaskType>> {
-        Ok(self.config()?.task_type)
+        Ok(self.config()?.header.task_type)
     }
 
     /// The adapter config these options describe, for `--method`.
@@ -81,7 +83,7 @@ impl LoraArgs {
         match self.method.to_ascii_lowercase().as_str() {
             "lora" => Ok(AdapterConfig::Lora(lora)),
             "ia3" => Ok(AdapterConfig::Ia3(Ia3Config {
-                task_type: lora.task_type,
+                header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
                 target_modules: lora.target_modules,
                 exclude_modules: lora.exclude_modules,
                 feedforward_modules: self.feedforward_modules.clone().map(TargetModules::List),
@@ -124,7 +126,7 @@ impl LoraArgs {
             (None, None) => None,
         };
         Ok(LoraConfig {
-            task_type,
+            header: PeftConfigHeader::default().with_task_type(task_type),
             r: self.lora_r,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,

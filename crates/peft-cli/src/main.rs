@@ -429,8 +429,8 @@ fn inspect(dir: &Path) -> Result<()> {
         AdapterConfig::Lora(c) => {
             peft_common(
                 "LORA",
-                c.task_type,
-                c.base_model_name_or_path.as_deref(),
+                c.header.task_type,
+                c.header.base_model_name_or_path.as_deref(),
                 c.target_modules.as_ref(),
             );
             println!("r:              {}  (layers by rank: {ranks:?})", c.r);
@@ -443,8 +443,8 @@ fn inspect(dir: &Path) -> Result<()> {
         AdapterConfig::Ia3(c) => {
             peft_common(
                 "IA3",
-                c.task_type,
-                c.base_model_name_or_path.as_deref(),
+                c.header.task_type,
+                c.header.base_model_name_or_path.as_deref(),
                 c.target_modules.as_ref(),
             );
             println!(
@@ -550,10 +550,21 @@ macro_rules! on_backend {
 
 fn dispatch(cli: Cli) -> Result<()> {
     if let Cmd::Train(args) = &cli.cmd {
-        return on_backend!(cli.device, |Bk| {
-            peft_cli::train::train::<burn::backend::Autodiff<Bk>>(args, &Default::default())
-                .map(|_| ())
+        // Ctrl-C asks the trainer to save a checkpoint and stop; a second one exits at once.
+        let cancel = peft_train::CancellationToken::new();
+        let token = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if token.cancel() {
+                std::process::exit(130);
+            }
         });
+        let summary = on_backend!(cli.device, |Bk| {
+            peft_cli::train::train::<burn::backend::Autodiff<Bk>>(args, &Default::default(), cancel)
+        })?;
+        if summary.interrupted {
+            std::process::exit(130);
+        }
+        return Ok(());
     }
     if let Cmd::Bench(args) = &cli.cmd {
         let name = format!("{:?}", cli.device).to_lowercase();
