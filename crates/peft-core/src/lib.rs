@@ -56,6 +56,10 @@
 //! ```
 #![deny(missing_docs)]
 
+// Links the CBLAS symbols (`cblas_sgemm`, ...) that ndarray calls with its `blas` feature into
+// every binary that uses this crate; see peft-gemm's docs.
+use peft_gemm as _;
+
 pub mod adapted_linear;
 pub mod check;
 pub mod config;

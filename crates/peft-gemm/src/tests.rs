@@ -1,0 +1,801 @@
+//! Every exported function against a naive `f64` reference.
+
+use super::*;
+
+/// SplitMix64: a tiny deterministic generator, enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// The real element types, with their CBLAS entry points.
+trait Real: Copy + PartialEq + core::fmt::Debug {
+    const EPS: f64;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        layout: c_int,
+        ta: c_int,
+        tb: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        alpha: Self,
+        a: *const Self,
+        lda: c_int,
+        b: *const Self,
+        ldb: c_int,
+        beta: Self,
+        c: *mut Self,
+        ldc: c_int,
+    );
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemv(
+        layout: c_int,
+        ta: c_int,
+        m: c_int,
+        n: c_int,
+        alpha: Self,
+        a: *const Self,
+        lda: c_int,
+        x: *const Self,
+        incx: c_int,
+        beta: Self,
+        y: *mut Self,
+        incy: c_int,
+    );
+    unsafe fn dot(n: c_int, x: *const Self, incx: c_int, y: *const Self, incy: c_int) -> Self;
+}
+
+impl Real for f32 {
+    const EPS: f64 = f32::EPSILON as f64;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    unsafe fn gemm(
+        layout: c_int,
+        ta: c_int,
+        tb: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        alpha: Self,
+        a: *const Self,
+        lda: c_int,
+        b: *const Self,
+        ldb: c_int,
+        beta: Self,
+        c: *mut Self,
+        ldc: c_int,
+    ) {
+        unsafe { cblas_sgemm(layout, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) }
+    }
+    unsafe fn gemv(
+        layout: c_int,
+        ta: c_int,
+        m: c_int,
+        n: c_int,
+        alpha: Self,
+        a: *const Self,
+        lda: c_int,
+        x: *const Self,
+        incx: c_int,
+        beta: Self,
+        y: *mut Self,
+        incy: c_int,
+    ) {
+        unsafe { cblas_sgemv(layout, ta, m, n, alpha, a, lda, x, incx, beta, y, incy) }
+    }
+    unsafe fn dot(n: c_int, x: *const Self, incx: c_int, y: *const Self, incy: c_int) -> Self {
+        unsafe { cblas_sdot(n, x, incx, y, incy) }
+    }
+}
+
+impl Real for f64 {
+    const EPS: f64 = f64::EPSILON;
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    unsafe fn gemm(
+        layout: c_int,
+        ta: c_int,
+        tb: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        alpha: Self,
+        a: *const Self,
+        lda: c_int,
+        b: *const Self,
+        ldb: c_int,
+        beta: Self,
+        c: *mut Self,
+        ldc: c_int,
+    ) {
+        unsafe { cblas_dgemm(layout, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) }
+    }
+    unsafe fn gemv(
+        layout: c_int,
+        ta: c_int,
+        m: c_int,
+        n: c_int,
+        alpha: Self,
+        a: *const Self,
+        lda: c_int,
+        x: *const Self,
+        incx: c_int,
+        beta: Self,
+        y: *mut Self,
+        incy: c_int,
+    ) {
+        unsafe { cblas_dgemv(layout, ta, m, n, alpha, a, lda, x, incx, beta, y, incy) }
+    }
+    unsafe fn dot(n: c_int, x: *const Self, incx: c_int, y: *const Self, incy: c_int) -> Self {
+        unsafe { cblas_ddot(n, x, incx, y, incy) }
+    }
+}
+
+/// Passes only for a finite `got` within `tol` of `want`; NaN and infinity always fail
+/// (every comparison with NaN is false, so `ok` is false for a NaN `err`).
+fn assert_close(got: f64, want: f64, tol: f64, what: &dyn Fn() -> String) {
+    let err = (got - want).abs();
+    let ok = got.is_finite() && err <= tol;
+    if !ok {
+        panic!(
+            "{}: got {got}, want {want}, |err| {err:e} > tol {tol:e}",
+            what()
+        );
+    }
+}
+
+/// The sentinel stored in padding that no call may touch.
+const PAD: f64 = 12345.0;
+
+/// Storage of a `rows x cols` matrix in the given layout with leading dimension `ld`;
+/// returns the buffer length and the index function.
+fn storage(
+    row_major: bool,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> (usize, impl Fn(usize, usize) -> usize) {
+    let len = if row_major { rows * ld } else { cols * ld };
+    (
+        len,
+        move |r: usize, c: usize| if row_major { r * ld + c } else { r + c * ld },
+    )
+}
+
+struct GemmCase {
+    row_major: bool,
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Extra leading-dimension padding for A, B, C.
+    pad: [usize; 3],
+    alpha: f64,
+    beta: f64,
+}
+
+/// Runs one real gemm case against the `f64` reference; returns the number of checked
+/// elements.
+fn check_gemm<T: Real>(case: &GemmCase, rng: &mut Rng) -> usize {
+    let GemmCase {
+        row_major,
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        pad,
+        alpha,
+        beta,
+    } = *case;
+    // Stored shapes.
+    let (ar, ac) = if ta { (k, m) } else { (m, k) };
+    let (br, bc) = if tb { (n, k) } else { (k, n) };
+    let contiguous = |rows: usize, cols: usize| if row_major { cols } else { rows };
+    let lda = contiguous(ar, ac).max(1) + pad[0];
+    let ldb = contiguous(br, bc).max(1) + pad[1];
+    let ldc = contiguous(m, n).max(1) + pad[2];
+    let (alen, aidx) = storage(row_major, ar, ac, lda);
+    let (blen, bidx) = storage(row_major, br, bc, ldb);
+    let (clen, cidx) = storage(row_major, m, n, ldc);
+
+    let a: Vec<T> = (0..alen).map(|_| T::from_f64(rng.uniform())).collect();
+    let b: Vec<T> = (0..blen).map(|_| T::from_f64(rng.uniform())).collect();
+    // C: padding holds a sentinel; the block holds NaN when beta is zero (it must be
+    // overwritten, not scaled) and random values otherwise.
+    let mut c: Vec<T> = vec![T::from_f64(PAD); clen];
+    for i in 0..m {
+        for j in 0..n {
+            c[cidx(i, j)] = T::from_f64(if beta == 0.0 { f64::NAN } else { rng.uniform() });
+        }
+    }
+    let c0 = c.clone();
+    let op_a = |i: usize, p: usize| a[if ta { aidx(p, i) } else { aidx(i, p) }].to_f64();
+    let op_b = |p: usize, j: usize| b[if tb { bidx(j, p) } else { bidx(p, j) }].to_f64();
+
+    let layout = if row_major {
+        CBLAS_ROW_MAJOR
+    } else {
+        CBLAS_COL_MAJOR
+    };
+    let tr = |t: bool| if t { CBLAS_TRANS } else { CBLAS_NO_TRANS };
+    unsafe {
+        T::gemm(
+            layout,
+            tr(ta),
+            tr(tb),
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            T::from_f64(alpha),
+            a.as_ptr(),
+            lda as c_int,
+            b.as_ptr(),
+            ldb as c_int,
+            T::from_f64(beta),
+            c.as_mut_ptr(),
+            ldc as c_int,
+        );
+    }
+
+    let describe = |i: usize, j: usize| {
+        move || {
+            format!(
+                "{} row_major={row_major} ta={ta} tb={tb} m={m} n={n} k={k} lda={lda} ldb={ldb} \
+                 ldc={ldc} alpha={alpha} beta={beta} at ({i}, {j})",
+                core::any::type_name::<T>()
+            )
+        }
+    };
+    let mut in_block = vec![false; clen];
+    for i in 0..m {
+        for j in 0..n {
+            let mut want = 0.0;
+            let mut magnitude = 0.0;
+            for p in 0..k {
+                want += op_a(i, p) * op_b(p, j);
+                magnitude += (op_a(i, p) * op_b(p, j)).abs();
+            }
+            want *= alpha;
+            magnitude *= alpha.abs();
+            if beta != 0.0 {
+                want += beta * c0[cidx(i, j)].to_f64();
+                magnitude += (beta * c0[cidx(i, j)].to_f64()).abs();
+            }
+            let tol = 4.0 * T::EPS * (k as f64 + 2.0) * magnitude + 1e-30;
+            assert_close(c[cidx(i, j)].to_f64(), want, tol, &describe(i, j));
+            in_block[cidx(i, j)] = true;
+        }
+    }
+    for (idx, &inside) in in_block.iter().enumerate() {
+        if !inside {
+            assert_eq!(
+                c[idx],
+                c0[idx],
+                "padding of C changed at {idx}: {}",
+                describe(0, 0)()
+            );
+        }
+    }
+    m * n
+}
+
+const DIMS: [usize; 9] = [0, 1, 2, 7, 8, 9, 16, 33, 100];
+const ALPHA_BETA: [(f64, f64); 8] = [
+    (1.0, 0.0),
+    (1.0, 1.0),
+    (0.5, -2.0),
+    (-1.5, 0.0),
+    (0.0, 0.5),
+    (0.0, 0.0),
+    (2.0, 1.0),
+    (0.0, 1.0),
+];
+
+/// All layouts, transpositions and dimensions in `DIMS`, cycling through the
+/// alpha/beta pairs and random leading-dimension padding.
+fn sweep_gemm<T: Real>(seed: u64) {
+    let mut rng = Rng(seed);
+    let mut cases = 0;
+    let mut elements = 0;
+    for row_major in [true, false] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for &m in &DIMS {
+                    for &n in &DIMS {
+                        for &k in &DIMS {
+                            let (alpha, beta) = ALPHA_BETA[cases % ALPHA_BETA.len()];
+                            let pad = [0, 1, 2].map(|_| [0, 0, 1, 3][rng.below(4)]);
+                            let case = GemmCase {
+                                row_major,
+                                ta,
+                                tb,
+                                m,
+                                n,
+                                k,
+                                pad,
+                                alpha,
+                                beta,
+                            };
+                            elements += check_gemm::<T>(&case, &mut rng);
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 8 * DIMS.len().pow(3));
+    assert!(elements > 0);
+}
+
+#[test]
+fn sgemm_matches_reference_on_all_layouts_and_small_shapes() {
+    sweep_gemm::<f32>(1);
+}
+
+#[test]
+fn dgemm_matches_reference_on_all_layouts_and_small_shapes() {
+    sweep_gemm::<f64>(2);
+}
+
+/// Large enough for the multi-threaded path (above `PARALLEL_THRESHOLD`), plus a
+/// decode-like shape (M = 8, wide N).
+#[test]
+fn large_gemm_matches_reference() {
+    let mut rng = Rng(3);
+    let shapes = [
+        (300, 257, 513),
+        (8, 2000, 512),
+        (1000, 8, 300),
+        (130, 140, 150),
+    ];
+    for (idx, &(m, n, k)) in shapes.iter().enumerate() {
+        for (variant, (row_major, ta, tb)) in [
+            (true, false, false),
+            (true, true, true),
+            (false, false, true),
+            (false, true, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (alpha, beta) = ALPHA_BETA[(idx + variant) % ALPHA_BETA.len()];
+            let pad = [variant, 2 * variant, 5 - variant];
+            let case = GemmCase {
+                row_major,
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                pad,
+                alpha,
+                beta,
+            };
+            check_gemm::<f32>(&case, &mut rng);
+        }
+    }
+    let case = GemmCase {
+        row_major: true,
+        ta: false,
+        tb: true,
+        m: 200,
+        n: 150,
+        k: 300,
+        pad: [1, 0, 2],
+        alpha: 0.75,
+        beta: 0.0,
+    };
+    check_gemm::<f64>(&case, &mut rng);
+}
+
+#[test]
+fn decode_shape_with_huge_n_matches_reference() {
+    // The decode LM-head shape, narrowed in K to keep the f64 reference quick.
+    let mut rng = Rng(4);
+    let case = GemmCase {
+        row_major: true,
+        ta: false,
+        tb: false,
+        m: 8,
+        n: 32128,
+        k: 64,
+        pad: [0; 3],
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    check_gemm::<f32>(&case, &mut rng);
+}
+
+#[test]
+fn invalid_arguments_leave_c_untouched() {
+    let a = [1.0f32; 64];
+    let b = [1.0f32; 64];
+    let fresh = [7.0f32; 64];
+    // layout, ta, tb, m, n, k, lda, ldb, ldc
+    let calls: [[c_int; 9]; 8] = [
+        [100, 111, 111, 4, 4, 4, 4, 4, 4],
+        [101, 114, 111, 4, 4, 4, 4, 4, 4],
+        [101, 111, 0, 4, 4, 4, 4, 4, 4],
+        [101, 111, 111, -1, 4, 4, 4, 4, 4],
+        [101, 111, 111, 4, 4, 4, 3, 4, 4],
+        [101, 111, 111, 4, 4, 4, 4, 3, 4],
+        [101, 111, 111, 4, 4, 4, 4, 4, 3],
+        [102, 112, 111, 4, 4, 5, 4, 5, 4],
+    ];
+    for call in calls {
+        let [layout, ta, tb, m, n, k, lda, ldb, ldc] = call;
+        let mut c = fresh;
+        unsafe {
+            cblas_sgemm(
+                layout,
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                1.0,
+                a.as_ptr(),
+                lda,
+                b.as_ptr(),
+                ldb,
+                0.0,
+                c.as_mut_ptr(),
+                ldc,
+            );
+        }
+        assert_eq!(c, fresh, "call {call:?} wrote C");
+    }
+    let mut y = [7.0f32; 8];
+    unsafe {
+        cblas_sgemv(
+            101,
+            111,
+            2,
+            2,
+            1.0,
+            a.as_ptr(),
+            2,
+            b.as_ptr(),
+            0,
+            0.0,
+            y.as_mut_ptr(),
+            1,
+        )
+    };
+    assert_eq!(y, [7.0; 8]);
+    unsafe {
+        cblas_sgemv(
+            101,
+            111,
+            2,
+            2,
+            1.0,
+            a.as_ptr(),
+            1,
+            b.as_ptr(),
+            1,
+            0.0,
+            y.as_mut_ptr(),
+            1,
+        )
+    };
+    assert_eq!(y, [7.0; 8]);
+}
+
+/// Strided vector storage: `len` logical elements at increment `inc` (BLAS order, so a
+/// negative increment stores element 0 last). Returns the buffer and the index function.
+fn strided(len: usize, inc: c_int) -> (usize, impl Fn(usize) -> usize) {
+    let step = inc.unsigned_abs() as usize;
+    let buf = if len == 0 { 1 } else { (len - 1) * step + 1 };
+    (buf, move |i: usize| {
+        if inc > 0 {
+            i * step
+        } else {
+            (len - 1 - i) * step
+        }
+    })
+}
+
+fn sweep_gemv<T: Real>(seed: u64) {
+    let mut rng = Rng(seed);
+    let mut case = 0;
+    for row_major in [true, false] {
+        for trans in [false, true] {
+            for m in [0, 1, 7, 9, 33, 100] {
+                for n in [0, 1, 8, 33, 100] {
+                    for (incx, incy) in [(1, 1), (2, 1), (1, 3), (-1, 1), (1, -2), (-3, -1)] {
+                        let (alpha, beta) = ALPHA_BETA[case % ALPHA_BETA.len()];
+                        case += 1;
+                        let lda = (if row_major { n } else { m }).max(1) + rng.below(3);
+                        let (alen, aidx) = storage(row_major, m, n, lda);
+                        let a: Vec<T> = (0..alen).map(|_| T::from_f64(rng.uniform())).collect();
+                        let (rows, cols) = if trans { (n, m) } else { (m, n) };
+                        let (xlen, xidx) = strided(cols, incx);
+                        let (ylen, yidx) = strided(rows, incy);
+                        let x: Vec<T> = (0..xlen).map(|_| T::from_f64(rng.uniform())).collect();
+                        let mut y = vec![T::from_f64(PAD); ylen];
+                        for i in 0..rows {
+                            y[yidx(i)] =
+                                T::from_f64(if beta == 0.0 { f64::NAN } else { rng.uniform() });
+                        }
+                        let y0 = y.clone();
+                        unsafe {
+                            T::gemv(
+                                if row_major {
+                                    CBLAS_ROW_MAJOR
+                                } else {
+                                    CBLAS_COL_MAJOR
+                                },
+                                if trans { CBLAS_TRANS } else { CBLAS_NO_TRANS },
+                                m as c_int,
+                                n as c_int,
+                                T::from_f64(alpha),
+                                a.as_ptr(),
+                                lda as c_int,
+                                x.as_ptr(),
+                                incx,
+                                T::from_f64(beta),
+                                y.as_mut_ptr(),
+                                incy,
+                            );
+                        }
+                        let mut touched = vec![false; ylen];
+                        for i in 0..rows {
+                            let (mut want, mut magnitude) = (0.0, 0.0);
+                            for p in 0..cols {
+                                let av = if trans { a[aidx(p, i)] } else { a[aidx(i, p)] };
+                                let term = av.to_f64() * x[xidx(p)].to_f64();
+                                want += term;
+                                magnitude += term.abs();
+                            }
+                            want *= alpha;
+                            magnitude *= alpha.abs();
+                            if beta != 0.0 {
+                                want += beta * y0[yidx(i)].to_f64();
+                                magnitude += (beta * y0[yidx(i)].to_f64()).abs();
+                            }
+                            let tol = 4.0 * T::EPS * (cols as f64 + 2.0) * magnitude + 1e-30;
+                            assert_close(y[yidx(i)].to_f64(), want, tol, &|| {
+                                format!(
+                                    "gemv row_major={row_major} trans={trans} m={m} n={n} \
+                                     incx={incx} incy={incy} alpha={alpha} beta={beta} i={i}"
+                                )
+                            });
+                            touched[yidx(i)] = true;
+                        }
+                        for idx in 0..ylen {
+                            if !touched[idx] {
+                                assert_eq!(y[idx], y0[idx], "gemv wrote between elements of y");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sgemv_matches_reference() {
+    sweep_gemv::<f32>(5);
+}
+
+#[test]
+fn dgemv_matches_reference() {
+    sweep_gemv::<f64>(6);
+}
+
+fn sweep_dot<T: Real>(seed: u64) {
+    let mut rng = Rng(seed);
+    for n in [0, 1, 7, 8, 9, 33, 100, 1000] {
+        for (incx, incy) in [(1, 1), (2, 1), (1, -1), (-2, 3), (-1, -1)] {
+            let (xlen, xidx) = strided(n, incx);
+            let (ylen, yidx) = strided(n, incy);
+            let x: Vec<T> = (0..xlen).map(|_| T::from_f64(rng.uniform())).collect();
+            let y: Vec<T> = (0..ylen).map(|_| T::from_f64(rng.uniform())).collect();
+            let (mut want, mut magnitude) = (0.0, 0.0);
+            for i in 0..n {
+                let term = x[xidx(i)].to_f64() * y[yidx(i)].to_f64();
+                want += term;
+                magnitude += term.abs();
+            }
+            let got = unsafe { T::dot(n as c_int, x.as_ptr(), incx, y.as_ptr(), incy) };
+            let tol = 4.0 * T::EPS * (n as f64 + 2.0) * magnitude + 1e-30;
+            assert_close(got.to_f64(), want, tol, &|| {
+                format!("dot n={n} incx={incx} incy={incy}")
+            });
+        }
+    }
+}
+
+#[test]
+fn sdot_and_ddot_match_reference() {
+    sweep_dot::<f32>(7);
+    sweep_dot::<f64>(8);
+}
+
+#[test]
+fn dot_propagates_nan() {
+    let x = [1.0f32, f32::NAN, 2.0];
+    let y = [1.0f32; 3];
+    assert!(unsafe { cblas_sdot(3, x.as_ptr(), 1, y.as_ptr(), 1) }.is_nan());
+}
+
+/// Complex gemm against a reference in `f64` pairs, with conjugate transposition.
+fn check_complex<T: Real>(
+    cgemm: unsafe extern "C" fn(
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        *const c_void,
+        *const c_void,
+        c_int,
+        *const c_void,
+        c_int,
+        *const c_void,
+        *mut c_void,
+        c_int,
+    ),
+    seed: u64,
+) {
+    let mut rng = Rng(seed);
+    let mut case = 0;
+    let trans_codes = [CBLAS_NO_TRANS, CBLAS_TRANS, CBLAS_CONJ_TRANS];
+    for row_major in [true, false] {
+        for ta in trans_codes {
+            for tb in trans_codes {
+                for (m, n, k) in [
+                    (0, 3, 4),
+                    (3, 0, 2),
+                    (4, 5, 0),
+                    (1, 1, 1),
+                    (9, 8, 7),
+                    (33, 17, 40),
+                ] {
+                    let alphas = [(1.0, 0.0), (0.5, -1.0), (0.0, 0.0), (-1.0, 2.0)];
+                    let betas = [(0.0, 0.0), (1.0, 0.0), (0.25, 0.5), (-2.0, 0.0)];
+                    let alpha = alphas[case % alphas.len()];
+                    let beta = betas[(case / 2) % betas.len()];
+                    case += 1;
+                    let (ar, ac) = if ta == CBLAS_NO_TRANS { (m, k) } else { (k, m) };
+                    let (br, bc) = if tb == CBLAS_NO_TRANS { (k, n) } else { (n, k) };
+                    let contiguous = |rows: usize, cols: usize| if row_major { cols } else { rows };
+                    let lda = contiguous(ar, ac).max(1) + rng.below(2);
+                    let ldb = contiguous(br, bc).max(1) + rng.below(2);
+                    let ldc = contiguous(m, n).max(1) + rng.below(2);
+                    let (alen, aidx) = storage(row_major, ar, ac, lda);
+                    let (blen, bidx) = storage(row_major, br, bc, ldb);
+                    let (clen, cidx) = storage(row_major, m, n, ldc);
+                    let fill = |len: usize, rng: &mut Rng| -> Vec<[T; 2]> {
+                        (0..len)
+                            .map(|_| [T::from_f64(rng.uniform()), T::from_f64(rng.uniform())])
+                            .collect()
+                    };
+                    let a = fill(alen, &mut rng);
+                    let b = fill(blen, &mut rng);
+                    let mut c = fill(clen, &mut rng);
+                    if beta == (0.0, 0.0) {
+                        for i in 0..m {
+                            for j in 0..n {
+                                c[cidx(i, j)] = [T::from_f64(f64::NAN); 2];
+                            }
+                        }
+                    }
+                    let c0 = c.clone();
+                    let get = |v: [T; 2], conj: bool| {
+                        (
+                            v[0].to_f64(),
+                            if conj { -v[1].to_f64() } else { v[1].to_f64() },
+                        )
+                    };
+                    let op_a = |i: usize, p: usize| match ta {
+                        CBLAS_NO_TRANS => get(a[aidx(i, p)], false),
+                        _ => get(a[aidx(p, i)], ta == CBLAS_CONJ_TRANS),
+                    };
+                    let op_b = |p: usize, j: usize| match tb {
+                        CBLAS_NO_TRANS => get(b[bidx(p, j)], false),
+                        _ => get(b[bidx(j, p)], tb == CBLAS_CONJ_TRANS),
+                    };
+                    let mul = |x: (f64, f64), y: (f64, f64)| {
+                        (x.0 * y.0 - x.1 * y.1, x.0 * y.1 + x.1 * y.0)
+                    };
+                    let alpha_t = [T::from_f64(alpha.0), T::from_f64(alpha.1)];
+                    let beta_t = [T::from_f64(beta.0), T::from_f64(beta.1)];
+                    unsafe {
+                        cgemm(
+                            if row_major {
+                                CBLAS_ROW_MAJOR
+                            } else {
+                                CBLAS_COL_MAJOR
+                            },
+                            ta,
+                            tb,
+                            m as c_int,
+                            n as c_int,
+                            k as c_int,
+                            alpha_t.as_ptr().cast(),
+                            a.as_ptr().cast(),
+                            lda as c_int,
+                            b.as_ptr().cast(),
+                            ldb as c_int,
+                            beta_t.as_ptr().cast(),
+                            c.as_mut_ptr().cast(),
+                            ldc as c_int,
+                        );
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut acc, mut magnitude) = ((0.0, 0.0), 0.0);
+                            for p in 0..k {
+                                let t = mul(op_a(i, p), op_b(p, j));
+                                acc = (acc.0 + t.0, acc.1 + t.1);
+                                magnitude += t.0.abs() + t.1.abs();
+                            }
+                            let mut want = mul(alpha, acc);
+                            magnitude *= alpha.0.abs() + alpha.1.abs();
+                            if beta != (0.0, 0.0) {
+                                let t = mul(beta, get(c0[cidx(i, j)], false));
+                                want = (want.0 + t.0, want.1 + t.1);
+                                magnitude += t.0.abs() + t.1.abs();
+                            }
+                            let tol = 8.0 * T::EPS * (k as f64 + 2.0) * magnitude + 1e-30;
+                            let got = get(c[cidx(i, j)], false);
+                            let what = || {
+                                format!(
+                                    "{} row_major={row_major} ta={ta} tb={tb} m={m} n={n} \
+                                     k={k} alpha={alpha:?} beta={beta:?} at ({i}, {j})",
+                                    core::any::type_name::<T>()
+                                )
+                            };
+                            assert_close(got.0, want.0, tol, &what);
+                            assert_close(got.1, want.1, tol, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cgemm_matches_reference() {
+    check_complex::<f32>(cblas_cgemm, 9);
+}
+
+#[test]
+fn zgemm_matches_reference() {
+    check_complex::<f64>(cblas_zgemm, 10);
+}
