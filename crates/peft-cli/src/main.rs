@@ -7,11 +7,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
-use peft_cli::LoraArgs;
+use peft_cli::AdapterArgs;
 use peft_cli::train::TrainArgs;
 use peft_core::{AdapterConfig, AdapterHost, PeftModel};
 use peft_io::adapter::{ADAPTER_CONFIG, open_adapter_weights, read_adapter_config};
@@ -54,7 +54,7 @@ enum Cmd {
         #[arg(long)]
         model: String,
         #[command(flatten)]
-        lora: Box<LoraArgs>,
+        lora: Box<AdapterArgs>,
     },
     /// Run a forward pass and write the outputs with transformers' names to a safetensors file.
     Forward {
@@ -92,7 +92,7 @@ enum Cmd {
         #[arg(required = true)]
         text: Vec<String>,
     },
-    /// Fine-tune LoRA adapters on a seq2seq model (the seed's workflow).
+    /// Fine-tune an adapter (LoRA, IA3, Houlsby, Pfeiffer) on a seq2seq or classification model.
     Train(Box<TrainArgs>),
     /// Describe an adapter directory.
     Inspect {
@@ -112,6 +112,10 @@ enum Cmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing model in --out (even the input model's own directory): the
+        /// merged model is written aside and swapped in only when complete.
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -142,7 +146,7 @@ fn arch(model: &str) -> Result<Arch> {
     )
 }
 
-fn params_line<B: Backend, M: AdapterHost<B>>(model: M, lora: &LoraArgs) -> Result<String> {
+fn params_line<B: Backend, M: AdapterHost<B>>(model: M, lora: &AdapterArgs) -> Result<String> {
     Ok(PeftModel::new(model, lora.adapter_config()?, "default")?.trainable_parameters_line())
 }
 
@@ -334,31 +338,154 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             model,
             adapter,
             out,
+            overwrite,
         } => {
-            let config = peft_io::hf_model::read_json(&model.join("config.json"))?;
-            if peft_io::hf_model::model_type(&model)? == "bert" {
-                let seq_cls =
-                    read_adapter_config(&adapter)?.task_type() == Some(peft_core::TaskType::SeqCls);
-                if seq_cls {
-                    let (base, _) = peft_io::load_bert_classifier::<B>(&model, device)?;
-                    merge_into(base, &adapter, &config, &out, &model)?;
-                } else {
-                    let (base, _) = peft_io::load_bert::<B>(&model, device)?;
-                    merge_into(base, &adapter, &config, &out, &model)?;
-                }
-            } else {
-                let base = load_model::<B>(&model, None, device)?;
-                merge_into(base, &adapter, &config, &out, &model)?;
+            check_merge_out(&model, &adapter, &out, overwrite)?;
+            // Written aside, then swapped in: a failure never leaves a half-written model, and
+            // the input's files stay readable (memory-mapped) until the swap.
+            let staging = staging_dir(&out);
+            if let Err(e) = merge_model::<B>(&model, &adapter, &staging, device) {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(e);
             }
+            let final_out = out;
+            swap_in(&staging, &final_out)?;
             println!(
                 "merged {} into {} -> {}",
                 adapter.display(),
                 model.display(),
-                out.display()
+                final_out.display()
             );
         }
     }
     Ok(())
+}
+
+/// Merges `adapter` into the model in `model` and writes the merged HF model into `out`.
+fn merge_model<B: Backend>(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    device: &B::Device,
+) -> Result<()> {
+    let config = peft_io::hf_model::read_json(&model.join("config.json"))?;
+    if peft_io::hf_model::model_type(model)? == "bert" {
+        let seq_cls =
+            read_adapter_config(adapter)?.task_type() == Some(peft_core::TaskType::SeqCls);
+        if seq_cls {
+            let (base, _) = peft_io::load_bert_classifier::<B>(model, device)?;
+            merge_into(base, adapter, &config, out, model)?;
+        } else {
+            let (base, _) = peft_io::load_bert::<B>(model, device)?;
+            merge_into(base, adapter, &config, out, model)?;
+        }
+    } else {
+        let base = load_model::<B>(model, None, device)?;
+        merge_into(base, adapter, &config, out, model)?;
+    }
+    Ok(())
+}
+
+/// `path` made absolute and normalised through its nearest existing ancestor (it may not exist).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    let mut existing = std::path::absolute(path)?;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = existing.canonicalize().unwrap_or(existing);
+    out.extend(rest.iter().rev());
+    Ok(out)
+}
+
+/// Refuses an `--out` that would overwrite what the user made (the base model, the adapter, or
+/// an existing model) unless `--overwrite` is given; `--out` inside the base or the adapter is
+/// always refused.
+fn check_merge_out(model: &Path, adapter: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    let (m, a, o) = (absolute(model)?, absolute(adapter)?, absolute(out)?);
+    for (what, input) in [("the base model", &m), ("the adapter", &a)] {
+        if o != *input && o.starts_with(input) {
+            bail!(
+                "--out {} is inside {what} directory {}: choose a directory outside it",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    if o == a {
+        bail!(
+            "--out {} is the adapter directory: choose another directory",
+            out.display()
+        );
+    }
+    if overwrite {
+        return Ok(());
+    }
+    if o == m {
+        bail!(
+            "--out {} is the base model's directory: merging would overwrite its weights; choose \
+             another --out, or pass --overwrite to replace it",
+            out.display()
+        );
+    }
+    let existing: Vec<&str> = [
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+    ]
+    .into_iter()
+    .filter(|f| o.join(f).exists())
+    .collect();
+    if !existing.is_empty() {
+        bail!(
+            "--out {} already holds a model ({}); pass --overwrite to replace it",
+            out.display(),
+            existing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A fresh temporary directory next to `out` (same file system, so the swap is a rename).
+fn staging_dir(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map_or("merged".into(), |n| n.to_string_lossy().into_owned());
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parent.join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Moves the complete `staging` directory to `out`, replacing what was there.
+fn swap_in(staging: &Path, out: &Path) -> Result<()> {
+    let old = staging.with_extension("old");
+    let result = (|| -> Result<()> {
+        if out.exists() {
+            std::fs::rename(out, &old)
+                .with_context(|| format!("moving {} aside", out.display()))?;
+        }
+        std::fs::rename(staging, out)
+            .with_context(|| format!("moving the merged model to {}", out.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(staging);
+        if old.exists() && !out.exists() {
+            let _ = std::fs::rename(&old, out);
+        }
+    }
+    result
 }
 
 /// Merge-and-unload the adapter into `base` and write a plain HF model directory.

@@ -136,7 +136,7 @@ fn bench_prints_one_json_line_with_the_torch_scripts_fields() {
         ] {
             assert!(!v[k].is_null(), "{w}: {k} in {v}");
         }
-        assert_eq!(v["impl"], "peft-rs");
+        assert_eq!(v["impl"], "peft");
         // The same model as bench_torch.py builds: 76,961,152 base parameters, 344,064 LoRA.
         let lora = if w == "infer-base" { 0 } else { 344_064 };
         assert_eq!(v["params"], 76_961_152 + lora, "{w}");
@@ -332,4 +332,216 @@ fn forward_on_real_minilm_matches_transformers() {
     let d = max_diff(&f(ours.data()), &f(exp.data()));
     assert!(d < 1e-4, "MiniLM last_hidden_state vs transformers: {d}");
     std::fs::remove_file(&tmp).ok();
+}
+
+/// Copies a directory's files (one level) into `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn merge_never_overwrites_the_base_or_a_model_unasked() {
+    let tmp = std::env::temp_dir().join(format!("peft-cli-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let model = tmp.join("mt5");
+    copy_dir(&fixtures().join("mt5"), &model);
+    let adapter = fixtures().join("mt5_lora");
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let (m, a) = (model.display().to_string(), adapter.display().to_string());
+
+    // Into the base's own directory: refused, the base untouched.
+    let (ok, _, err) = peft(&["merge", "--model", &m, "--adapter", &a, "--out", &m]);
+    assert!(!ok);
+    assert!(
+        err.contains("is the base model's directory") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    // Inside the base or the adapter: refused even with --overwrite.
+    let inside = model.join("sub").display().to_string();
+    let (ok, _, err) = peft(&[
+        "merge",
+        "--model",
+        &m,
+        "--adapter",
+        &a,
+        "--out",
+        &inside,
+        "--overwrite",
+    ]);
+    assert!(
+        !ok && err.contains("inside the base model directory"),
+        "{err}"
+    );
+    let (ok, _, err) = peft(&[
+        "merge",
+        "--model",
+        &m,
+        "--adapter",
+        &a,
+        "--out",
+        &a,
+        "--overwrite",
+    ]);
+    assert!(!ok && err.contains("is the adapter directory"), "{err}");
+
+    // A new directory works; a second merge into it is refused without --overwrite.
+    let out = tmp.join("merged").display().to_string();
+    let (ok, _, err) = peft(&["merge", "--model", &m, "--adapter", &a, "--out", &out]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = peft(&["merge", "--model", &m, "--adapter", &a, "--out", &out]);
+    assert!(!ok && err.contains("already holds a model"), "{err}");
+
+    // --overwrite into the base's directory: swapped in complete, nothing left behind.
+    let (ok, _, err) = peft(&[
+        "merge",
+        "--model",
+        &m,
+        "--adapter",
+        &a,
+        "--out",
+        &m,
+        "--overwrite",
+    ]);
+    assert!(ok, "{err}");
+    assert_ne!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        std::fs::read(tmp.join("merged/model.safetensors")).unwrap(),
+        "the swapped-in model is the merged one"
+    );
+    assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+fn train_args<'a>(out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let data = root().join("examples/data/complaints");
+    let mut v: Vec<String> = [
+        "train",
+        "--model",
+        "mt0-tiny",
+        "--tokenizer",
+        &data.join("tokenizer.json").display().to_string(),
+        "--data",
+        &data.join("train.jsonl").display().to_string(),
+        "--output-dir",
+        out,
+        "--max-steps",
+        steps,
+        "--quiet",
+        "--show-examples",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn peft_owned(args: &[String]) -> (bool, String, String) {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    peft(&refs)
+}
+
+#[test]
+fn bad_training_flags_are_refused_by_name() {
+    let out = std::env::temp_dir().join(format!("peft-cli-flags-{}", std::process::id()));
+    let o = out.display().to_string();
+    for (flag, value, expect) in [
+        ("--batch-size", "0", "--batch-size"),
+        (
+            "--gradient-accumulation-steps",
+            "0",
+            "--gradient-accumulation-steps",
+        ),
+        ("--epochs", "0", "--epochs"),
+        ("--max-source-length", "0", "--max-source-length"),
+        ("--max-target-length", "0", "--max-target-length"),
+        ("--learning-rate=-1", "", "--learning-rate"),
+        ("--max-grad-norm", "NaN", "--max-grad-norm"),
+    ] {
+        let mut extra = vec![flag];
+        if !value.is_empty() {
+            extra.push(value);
+        }
+        let (ok, _, err) = peft_owned(&train_args(&o, "2", &extra));
+        assert!(!ok, "{flag} {value} accepted");
+        assert!(err.contains(expect), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = peft_owned(&train_args(&o, "0", &[]));
+    assert!(!ok && err.contains("--max-steps"), "{err}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn a_second_run_into_a_locked_output_dir_is_refused_and_a_killed_runs_lock_is_not_stale() {
+    let out = std::env::temp_dir().join(format!("peft-cli-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.display().to_string();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(train_args(&o, "400", &["--save-steps", "1"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first run holds the lock and has checkpointed once.
+    let t0 = std::time::Instant::now();
+    while !out.join("latest").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "the first run never checkpointed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (ok, _, err) = peft_owned(&train_args(&o, "2", &[]));
+    assert!(!ok, "a second run into a locked directory must fail");
+    assert!(
+        err.contains("in use by process") && err.contains(&first.id().to_string()),
+        "{err}"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The killed run's lock went with it: resuming works and finishes.
+    let (ok, stdout, err) = peft_owned(&train_args(
+        &o,
+        "3",
+        &["--resume", "latest", "--save-steps", "1"],
+    ));
+    assert!(ok, "{err}");
+    assert!(out.join("adapter_model.safetensors").exists(), "{stdout}");
+    let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    // Resuming the finished run trains nothing and leaves the adapter alone.
+    let (ok, stdout, err) = peft_owned(&train_args(&o, "3", &["--resume", "latest"]));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("nothing to train"), "{stdout}");
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        adapter
+    );
+    // A checkpoint named relative to the output directory resumes too.
+    let (ok, _, err) = peft_owned(&train_args(&o, "3", &["--resume", "checkpoint-2"]));
+    assert!(ok, "{err}");
+    std::fs::remove_dir_all(&out).ok();
 }

@@ -139,7 +139,11 @@ pub fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
 /// reason returned.
 pub fn resolve(out: &Path, resume: &str) -> Result<(PathBuf, Option<String>)> {
     if resume != LATEST {
-        let dir = PathBuf::from(resume);
+        // A path, or a checkpoint name inside the output directory.
+        let dir = match PathBuf::from(resume) {
+            d if !d.exists() && out.join(resume).exists() => out.join(resume),
+            d => d,
+        };
         if !dir.join(STATE).is_file() {
             return Err(TrainError::Resume {
                 path: dir,
