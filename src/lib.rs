@@ -3,7 +3,7 @@
 //! Parameter-efficient fine-tuning for [Burn](https://burn.dev), file-compatible with Hugging
 //! Face PEFT. This facade re-exports the workspace crates:
 //!
-//! - [`core`] (`peft-core`): adapter methods (LoRA), configs, targeting, `PeftModel`;
+//! - [`core`] (`peft-core`): adapter methods (LoRA, IA3, bottleneck adapters), configs, targeting, `PeftModel`;
 //! - [`models`] (`peft-models`): model architectures with adapter sites;
 //! - [`io`] (`peft-io`): PEFT and Hugging Face file formats;
 //! - [`train`] (`peft-train`): `TrainingArguments`, tasks, collators, the training loop.
@@ -18,3 +18,8 @@ pub use peft_train as train;
 pub use peft_core::{
     AdaptedLinear, AdapterHost, LoraConfig, PeftError, PeftModel, TargetModules, TaskType,
 };
+
+/// The README's Rust snippet, compiled as a doctest so that it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -147,7 +147,7 @@ impl Probe for Toy<B> {
         use peft::core::AdapterHost;
         self.visit_linears(&mut |p, l| {
             assert!(
-                l.lora.is_empty() && l.saved.is_empty() && l.backup.is_none(),
+                l.lora.is_empty() && l.modules_to_save.is_empty() && l.backup.is_none(),
                 "{case}: {p} still adapted"
             );
         });

@@ -116,7 +116,7 @@ pub fn load_peft_tensors<B: Backend, M: AdapterHost<B>>(
                 set += 1;
             }
         }
-        if let Some(s) = layer.saved.iter_mut().find(|s| s.name == name) {
+        if let Some(s) = layer.modules_to_save.iter_mut().find(|s| s.name == name) {
             s.weight = param2(fx.get(&key("weight"), device));
             set += 1;
             if fx.has(&key("bias")) {

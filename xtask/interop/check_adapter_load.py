@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Loads an adapter directory written by peft-rs in Python and compares outputs.
+"""Loads an adapter directory written by peft in Python and compares outputs.
 
     python xtask/interop/check_adapter_load.py BASE_DIR ADAPTER_DIR OURS.safetensors TEXT [TEXT ...]
 
@@ -45,7 +45,7 @@ def load_adapterhub(base_dir, adapter_dir, cfg):
 
     model = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
     adapters.init(model)
-    # peft-rs writes safetensors (never pickles); AdapterHub reads them with use_safetensors=True.
+    # peft writes safetensors (never pickles); AdapterHub reads them with use_safetensors=True.
     name = model.load_adapter(adapter_dir, set_active=True, use_safetensors=True)
     model.eval()
     fresh = AutoModelForSeq2SeqLM.from_pretrained(base_dir)

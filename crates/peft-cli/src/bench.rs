@@ -1,8 +1,8 @@
-//! `peft bench`: the peft-rs side of `cargo xtask bench`. Times one workload in this process and
+//! `peft bench`: the peft side of `cargo xtask bench`. Times one workload in this process and
 //! prints one JSON line, the same schema as `xtask/bench/bench_torch.py` (the PyTorch + PEFT
 //! side), so the two can be run interleaved, one process per workload (peak RSS does not mix).
 //!
-//! The workload is the issue's: an mT5-small-shaped model (vocab 32128, d_model 512, d_kv 64,
+//! The workload: an mT5-small-shaped model (vocab 32128, d_model 512, d_kv 64,
 //! 6 heads, d_ff 1024 gated-gelu, 8 + 8 layers, untied head) with random weights from `--seed`,
 //! batch 8, source 128, target 16 tokens, LoRA r=8 alpha=32 dropout 0.1 on q and v, AdamW.
 
@@ -281,7 +281,7 @@ pub fn run<B: AutodiffBackend>(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(json!({
         "workload": w,
-        "impl": "peft-rs",
+        "impl": "peft",
         "median_s": med,
         "tokens_per_s": tokens as f64 / med,
         "peak_rss_mib": peak_rss_mib(),
@@ -301,7 +301,7 @@ pub fn run<B: AutodiffBackend>(
         "src_len": a.src_len,
         "tgt_len": a.tgt_len,
         "new_tokens": (w == "generate").then_some(a.new_tokens),
-        "versions": {"peft-rs": env!("CARGO_PKG_VERSION"), "burn": "0.21.0"},
+        "versions": {"peft": env!("CARGO_PKG_VERSION"), "burn": "0.21.0"},
     }))
 }
 

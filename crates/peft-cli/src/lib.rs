@@ -18,7 +18,7 @@ use peft_core::{
 /// Adapter options, named as PEFT's `LoraConfig` / `IA3Config` fields and AdapterHub's
 /// `BnConfig` fields; `--method` picks the method.
 #[derive(Args, Debug, Clone)]
-pub struct LoraArgs {
+pub struct AdapterArgs {
     /// Adapter method: lora, ia3 (PEFT), houlsby, pfeiffer (AdapterHub bottleneck adapters).
     #[arg(long, default_value = "lora")]
     pub method: String,
@@ -71,7 +71,7 @@ pub struct LoraArgs {
     pub task_type: Option<String>,
 }
 
-impl LoraArgs {
+impl AdapterArgs {
     /// The task type given, if any.
     pub fn task(&self) -> Result<Option<TaskType>> {
         Ok(self.config()?.header.task_type)

@@ -19,7 +19,7 @@ use peft_train::{
     TrainerEvent, TrainingArgs, read_examples,
 };
 
-use crate::LoraArgs;
+use crate::AdapterArgs;
 
 /// `peft train` options (HF `Seq2SeqTrainingArguments` names).
 #[derive(Args, Debug, Clone)]
@@ -40,7 +40,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub output_dir: PathBuf,
     #[command(flatten)]
-    pub lora: LoraArgs,
+    pub lora: AdapterArgs,
     /// Epochs.
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
@@ -219,7 +219,7 @@ fn read_data(args: &TrainArgs) -> Result<(Vec<Example>, Option<Vec<Example>>)> {
     Ok((train_data, eval_data))
 }
 
-/// Seq2seq LoRA training (the seed's workflow) on a T5-family model.
+/// Seq2seq adapter training on a T5-family model (mt0-style LoRA fine-tuning).
 pub fn train_seq2seq<B: AutodiffBackend>(
     args: &TrainArgs,
     device: &B::Device,

@@ -196,7 +196,7 @@ fn resumed_run_ends_where_an_uninterrupted_one_does() {
     for ((k1, s1, v1), (k2, s2, v2)) in x.iter().zip(&y) {
         assert_eq!((k1, s1), (k2, s2));
         let d = peft_core::check::max_abs_diff(v1, v2);
-        if !(d <= max) {
+        if d > max {
             max = d;
         }
     }

@@ -48,7 +48,7 @@ pub struct AdaptedLinear<B: Backend> {
     /// IA3 vectors, by name.
     pub ia3: Vec<Ia3Adapter<B>>,
     /// Trainable copies (`modules_to_save`), by adapter name.
-    pub saved: Vec<SavedLinear<B>>,
+    pub modules_to_save: Vec<SavedLinear<B>>,
     /// Original weights while merged.
     pub backup: Option<MergeBackup<B>>,
     /// Names of the active adapters (their deltas are summed).
@@ -86,7 +86,7 @@ impl<B: Backend> AdaptedLinear<B> {
             bias,
             lora: Vec::new(),
             ia3: Vec::new(),
-            saved: Vec::new(),
+            modules_to_save: Vec::new(),
             backup: None,
             active: Vec::new(),
             merged: Vec::new(),
@@ -154,14 +154,14 @@ impl<B: Backend> AdaptedLinear<B> {
 
     /// The trainable copy for adapter `name`, if this layer is one of its `modules_to_save`.
     pub fn saved_copy(&self, name: &str) -> Option<&SavedLinear<B>> {
-        self.saved.iter().find(|s| s.name == name)
+        self.modules_to_save.iter().find(|s| s.name == name)
     }
 
     /// Names of all adapters on this layer (LoRA and saved copies).
     pub fn adapter_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lora.iter().map(|a| a.name.clone()).collect();
         names.extend(self.ia3.iter().map(|a| a.name.clone()));
-        for s in &self.saved {
+        for s in &self.modules_to_save {
             if !names.contains(&s.name) {
                 names.push(s.name.clone());
             }
@@ -178,7 +178,7 @@ impl<B: Backend> AdaptedLinear<B> {
         for a in self.ia3.iter().filter(|a| a.name == name) {
             a.visit_params(f);
         }
-        for s in self.saved.iter().filter(|s| s.name == name) {
+        for s in self.modules_to_save.iter().filter(|s| s.name == name) {
             s.visit_params(f);
         }
     }
@@ -195,7 +195,7 @@ impl<B: Backend> AdaptedLinear<B> {
         for a in self.ia3.iter_mut().filter(|a| a.name == name) {
             a.visit_params_mut(f);
         }
-        for s in self.saved.iter_mut().filter(|s| s.name == name) {
+        for s in self.modules_to_save.iter_mut().filter(|s| s.name == name) {
             s.visit_params_mut(f);
         }
     }
@@ -220,7 +220,7 @@ impl<B: Backend> AdaptedLinear<B> {
             .bias
             .as_ref()
             .map(|b| Param::initialized(ParamId::new(), b.val().detach().require_grad()));
-        self.saved.push(SavedLinear {
+        self.modules_to_save.push(SavedLinear {
             name: name.to_string(),
             weight,
             bias,
@@ -235,7 +235,7 @@ impl<B: Backend> AdaptedLinear<B> {
         }
         self.lora.retain(|a| a.name != name);
         self.ia3.retain(|a| a.name != name);
-        self.saved.retain(|s| s.name != name);
+        self.modules_to_save.retain(|s| s.name != name);
         self.active.retain(|a| a != name);
         Ok(())
     }
@@ -389,7 +389,7 @@ impl<B: Backend> AdaptedLinear<B> {
         }
         self.lora.clear();
         self.ia3.clear();
-        self.saved.clear();
+        self.modules_to_save.clear();
         self.backup = None;
         self.active.clear();
         self.merged.clear();

@@ -85,12 +85,12 @@ pub fn count_params<B: Backend, M: Module<B>>(module: &M) -> usize {
 
 /// Whether the parameter at module path `stack` is a base model `bias`: its field name is `bias`
 /// and it is not inside an adapter (`lora`, bottleneck `adapters`), a `modules_to_save` copy
-/// (`saved`) or a merge backup.
+/// (`modules_to_save`) or a merge backup.
 fn is_base_bias(stack: &[String]) -> bool {
     stack.last().is_some_and(|n| n == "bias")
         && !stack
             .iter()
-            .any(|n| n == "lora" || n == "saved" || n == "backup" || n == "adapters")
+            .any(|n| n == "lora" || n == "modules_to_save" || n == "backup" || n == "adapters")
 }
 
 /// Visits the parameters whose field name is `bias`, outside adapter internals.
@@ -213,6 +213,24 @@ pub struct PeftModel<B: Backend, M: AdapterHost<B>> {
 impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     /// PEFT's `get_peft_model`: freezes the base, attaches adapter `adapter_name` as `config`
     /// says, and makes it active.
+    ///
+    /// ```
+    /// # use burn::backend::NdArray;
+    /// # use peft_core::{AdaptedLinear, AdapterHost};
+    /// # #[derive(burn::module::Module, Debug)]
+    /// # struct Tiny<B: burn::tensor::backend::Backend> { proj: AdaptedLinear<B> }
+    /// # impl<B: burn::tensor::backend::Backend> AdapterHost<B> for Tiny<B> {
+    /// #     fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) { f("proj", &self.proj) }
+    /// #     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) { f("proj", &mut self.proj) }
+    /// # }
+    /// # let device = Default::default();
+    /// use peft_core::{LoraConfig, PeftModel, TargetModules};
+    /// let model = Tiny::<NdArray> { proj: AdaptedLinear::new(16, 16, true, &device) };
+    /// let config = LoraConfig::new(4, 8.0, TargetModules::list(["proj"]));
+    /// let peft = PeftModel::new(model, config, "default").unwrap();
+    /// assert_eq!(peft.targeted_modules("default"), ["proj"]);
+    /// assert_eq!(peft.parameter_counts().trainable, 4 * 16 + 4 * 16);
+    /// ```
     pub fn new(model: M, config: impl Into<AdapterConfig>, adapter_name: &str) -> Result<Self> {
         let mut this = PeftModel {
             base_model: model.map(&mut Freeze),
@@ -329,7 +347,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             for a in layer.ia3.iter_mut() {
                 a.set_require_grad(trainable.contains(&a.name));
             }
-            for s in layer.saved.iter_mut() {
+            for s in layer.modules_to_save.iter_mut() {
                 s.set_require_grad(trainable.contains(&s.name));
             }
             if !bias_all {
@@ -500,6 +518,34 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     }
 
     /// PEFT's `merge_and_unload`: merges the active adapters and returns the plain model.
+    ///
+    /// ```
+    /// # use burn::backend::NdArray;
+    /// # use peft_core::{AdaptedLinear, AdapterHost};
+    /// # #[derive(burn::module::Module, Debug)]
+    /// # struct Tiny<B: burn::tensor::backend::Backend> { proj: AdaptedLinear<B> }
+    /// # impl<B: burn::tensor::backend::Backend> AdapterHost<B> for Tiny<B> {
+    /// #     fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) { f("proj", &self.proj) }
+    /// #     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) { f("proj", &mut self.proj) }
+    /// # }
+    /// # let device = Default::default();
+    /// use burn::tensor::Tensor;
+    /// use peft_core::{InitLoraWeights, LoraConfig, PeftModel, TargetModules};
+    /// let model = Tiny::<NdArray> { proj: AdaptedLinear::new(8, 8, true, &device) };
+    /// let config = LoraConfig {
+    ///     init_lora_weights: InitLoraWeights::Random, // a non-zero delta
+    ///     ..LoraConfig::new(2, 4.0, TargetModules::list(["proj"]))
+    /// };
+    /// let peft = PeftModel::new(model, config, "default").unwrap();
+    /// let x = Tensor::<NdArray, 2>::ones([1, 8], &device);
+    /// let adapted = peft.base_model.proj.forward(x.clone());
+    /// let plain: Tiny<NdArray> = peft.merge_and_unload(true).unwrap();
+    /// assert!(plain.proj.lora.is_empty());
+    /// let merged = plain.proj.forward(x);
+    /// let v = |t: Tensor<NdArray, 2>| t.into_data().to_vec::<f32>().unwrap();
+    /// let d = peft_core::check::max_abs_diff(&v(adapted), &v(merged));
+    /// assert!(d < 1e-5, "{d}");
+    /// ```
     pub fn merge_and_unload(mut self, safe: bool) -> Result<M> {
         self.merge_adapter(None, safe)?;
         self.base_model

@@ -274,6 +274,18 @@ fn fill_adapter<B: Backend, M: AdapterHost<B>>(
 
 /// PEFT's `PeftModel.from_pretrained(model, dir)`: the model with the adapter of `dir` attached
 /// under `name`, active and frozen (inference mode).
+///
+/// ```
+/// use burn::backend::NdArray;
+/// let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/t5");
+/// let device = Default::default();
+/// let (base, _) = peft_io::load_t5::<NdArray>(&fixtures.join("mt5"), &device)?;
+/// let (peft, report) = peft_io::from_pretrained(base, &fixtures.join("mt5_lora"), "default")?;
+/// assert!(report.unused.is_empty());
+/// assert_eq!(peft.active_adapters(), ["default"]);
+/// assert_eq!(peft.parameter_counts().trainable, 0); // loaded for inference
+/// # Ok::<(), peft_io::IoError>(())
+/// ```
 pub fn from_pretrained<B: Backend, M: AdapterHost<B>>(
     model: M,
     dir: &Path,
@@ -365,6 +377,21 @@ pub fn saved_ia3_config<B: Backend, M: AdapterHost<B>>(
 /// `adapter_config.json` + `adapter_model.safetensors` (metadata `format: pt`); bottleneck
 /// adapters in AdapterHub's format (`adapter_config.json` + `adapter.safetensors`). Files are
 /// written to a temporary name and renamed, so a crash never leaves a half-written adapter.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use peft_core::{LoraConfig, PeftModel, TargetModules};
+/// let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/t5");
+/// let (base, _) = peft_io::load_t5::<NdArray>(&fixtures.join("mt5"), &Default::default())?;
+/// let peft = PeftModel::new(base, LoraConfig::new(4, 8.0, TargetModules::list(["q", "v"])), "default")
+///     .expect("targets exist");
+/// let dir = std::env::temp_dir().join(format!("peft-io-doc-{}", std::process::id()));
+/// let written = peft_io::save_pretrained(&peft, &dir)?;
+/// assert_eq!(written, [dir.clone()]);
+/// assert!(dir.join("adapter_config.json").exists() && dir.join("adapter_model.safetensors").exists());
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), peft_io::IoError>(())
+/// ```
 pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
     dir: &Path,

@@ -174,6 +174,15 @@ pub fn read_bert_config(dir: &Path) -> Result<peft_models::BertConfig> {
 }
 
 /// Loads a BERT directory as `BertModel` (with its pooler when the checkpoint has one).
+///
+/// ```
+/// use burn::backend::NdArray;
+/// let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bert/bert_cls");
+/// let (bert, report) = peft_io::load_bert::<NdArray>(&dir, &Default::default())?;
+/// assert!(report.newly_initialized.is_empty());
+/// assert_eq!(bert.config.hidden_size, 32);
+/// # Ok::<(), peft_io::IoError>(())
+/// ```
 pub fn load_bert<B: Backend>(
     dir: &Path,
     device: &B::Device,
@@ -219,6 +228,15 @@ fn build_and_load<B: Backend, M: HfParams<B>>(
 }
 
 /// Loads a T5/mT5/mt0 directory as transformers would.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/t5/mt5");
+/// let (t5, report) = peft_io::load_t5::<NdArray>(&dir, &Default::default())?;
+/// assert!(report.unused.is_empty() && report.newly_initialized.is_empty());
+/// assert_eq!(t5.config.model_type, "mt5");
+/// # Ok::<(), peft_io::IoError>(())
+/// ```
 pub fn load_t5<B: Backend>(
     dir: &Path,
     device: &B::Device,

@@ -1,6 +1,6 @@
 //! # peft-io
 //!
-//! Every file format of peft-rs lives here and only here:
+//! Every file format of peft lives here and only here:
 //! - PEFT adapter directories ([`adapter`]): `adapter_config.json` with
 //!   `adapter_model.safetensors` (or the legacy `adapter_model.bin`), keys and shapes exactly as
 //!   PEFT writes them, in both directions (LoRA and IA3);

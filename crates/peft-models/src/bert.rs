@@ -21,40 +21,40 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 use crate::hf::{HfParamMut, HfParams};
 
-fn d_vocab() -> usize {
+fn default_vocab() -> usize {
     30522
 }
-fn d_hidden() -> usize {
+fn default_hidden() -> usize {
     768
 }
-fn d_layers() -> usize {
+fn default_layers() -> usize {
     12
 }
-fn d_heads() -> usize {
+fn default_heads() -> usize {
     12
 }
-fn d_inter() -> usize {
+fn default_inter() -> usize {
     3072
 }
-fn d_act() -> String {
+fn default_act() -> String {
     "gelu".into()
 }
-fn d_drop() -> f64 {
+fn default_drop() -> f64 {
     0.1
 }
-fn d_pos() -> usize {
+fn default_pos() -> usize {
     512
 }
-fn d_types() -> usize {
+fn default_types() -> usize {
     2
 }
-fn d_eps() -> f64 {
+fn default_eps() -> f64 {
     1e-12
 }
-fn d_type() -> String {
+fn default_type() -> String {
     "bert".into()
 }
-fn d_pet() -> String {
+fn default_pet() -> String {
     "absolute".into()
 }
 
@@ -62,43 +62,43 @@ fn d_pet() -> String {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
     /// `bert`.
-    #[serde(default = "d_type")]
+    #[serde(default = "default_type")]
     pub model_type: String,
     /// Vocabulary size.
-    #[serde(default = "d_vocab")]
+    #[serde(default = "default_vocab")]
     pub vocab_size: usize,
     /// Hidden size.
-    #[serde(default = "d_hidden")]
+    #[serde(default = "default_hidden")]
     pub hidden_size: usize,
     /// Encoder layers.
-    #[serde(default = "d_layers")]
+    #[serde(default = "default_layers")]
     pub num_hidden_layers: usize,
     /// Attention heads.
-    #[serde(default = "d_heads")]
+    #[serde(default = "default_heads")]
     pub num_attention_heads: usize,
     /// Feed-forward inner size.
-    #[serde(default = "d_inter")]
+    #[serde(default = "default_inter")]
     pub intermediate_size: usize,
     /// `gelu` (exact), `gelu_new`, `relu`, `silu`.
-    #[serde(default = "d_act")]
+    #[serde(default = "default_act")]
     pub hidden_act: String,
     /// Residual and embedding dropout.
-    #[serde(default = "d_drop")]
+    #[serde(default = "default_drop")]
     pub hidden_dropout_prob: f64,
     /// Attention-probability dropout.
-    #[serde(default = "d_drop")]
+    #[serde(default = "default_drop")]
     pub attention_probs_dropout_prob: f64,
     /// Positions.
-    #[serde(default = "d_pos")]
+    #[serde(default = "default_pos")]
     pub max_position_embeddings: usize,
     /// Token types.
-    #[serde(default = "d_types")]
+    #[serde(default = "default_types")]
     pub type_vocab_size: usize,
     /// LayerNorm epsilon.
-    #[serde(default = "d_eps")]
+    #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     /// Only `absolute` is implemented.
-    #[serde(default = "d_pet")]
+    #[serde(default = "default_pet")]
     pub position_embedding_type: String,
     /// Classifier dropout (default: `hidden_dropout_prob`).
     #[serde(default)]
