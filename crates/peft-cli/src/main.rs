@@ -175,6 +175,26 @@ fn warn_unused(what: &Path, report: &peft_io::LoadReport) {
     }
 }
 
+/// Warns about every adapter tensor holding NaN or infinite values (the outputs would be
+/// garbage), naming the tensor; `merge` refuses such an adapter outright.
+fn warn_non_finite<B: Backend, M: AdapterHost<B>>(dir: &Path, peft: &PeftModel<B, M>) {
+    for name in peft.adapter_names() {
+        peft.visit_adapter_params(&name, &mut |site, p| {
+            let (_, values) = p.param.to_file(&p.layout);
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                eprintln!(
+                    "warning: {}: tensor {site}.{} has {bad} NaN/infinite value(s) of {}; outputs \
+                     will not be meaningful",
+                    dir.display(),
+                    p.key,
+                    values.len()
+                );
+            }
+        });
+    }
+}
+
 /// `model` with the adapter of `adapter` attached and active (inference mode).
 fn attach<B: Backend, M: AdapterHost<B>>(model: M, adapter: Option<&Path>) -> Result<M> {
     match adapter {
@@ -182,6 +202,7 @@ fn attach<B: Backend, M: AdapterHost<B>>(model: M, adapter: Option<&Path>) -> Re
         Some(a) => {
             let (peft, report) = from_pretrained(model, a, "default")?;
             warn_unused(a, &report);
+            warn_non_finite(a, &peft);
             Ok(peft.base_model)
         }
     }
@@ -369,21 +390,14 @@ fn merge_model<B: Backend>(
     device: &B::Device,
 ) -> Result<()> {
     let config = peft_io::hf_model::read_json(&model.join("config.json"))?;
-    if peft_io::hf_model::model_type(model)? == "bert" {
-        let seq_cls =
-            read_adapter_config(adapter)?.task_type() == Some(peft_core::TaskType::SeqCls);
-        if seq_cls {
-            let (base, _) = peft_io::load_bert_classifier::<B>(model, device)?;
-            merge_into(base, adapter, &config, out, model)?;
-        } else {
-            let (base, _) = peft_io::load_bert::<B>(model, device)?;
-            merge_into(base, adapter, &config, out, model)?;
+    let task = read_adapter_config(adapter)?.task_type();
+    match peft_io::AutoModel::<B>::from_pretrained(model, task, device)?.0 {
+        peft_io::AutoModel::T5(m) => merge_into(m, adapter, &config, out, model),
+        peft_io::AutoModel::Bert(m) => merge_into(m, adapter, &config, out, model),
+        peft_io::AutoModel::BertForSequenceClassification(m) => {
+            merge_into(m, adapter, &config, out, model)
         }
-    } else {
-        let base = load_model::<B>(model, None, device)?;
-        merge_into(base, adapter, &config, out, model)?;
     }
-    Ok(())
 }
 
 /// `path` made absolute and normalised through its nearest existing ancestor (it may not exist).
@@ -624,9 +638,23 @@ fn inspect(dir: &Path) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_message(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each said once: library errors already put their cause in their
+/// own message (`{path}: {source}`), so a cause whose text is already there is not repeated.
+fn error_message(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 /// Runs `$body` with `$B` bound to the backend `--device` names, or says which feature is

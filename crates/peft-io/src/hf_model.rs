@@ -187,18 +187,7 @@ pub fn load_bert<B: Backend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<(peft_models::BertModel<B>, LoadReport)> {
-    let config = read_bert_config(dir)?;
-    let source = open_weights(dir)?;
-    let names = source.names();
-    let has_pooler = names.iter().any(|n| n.ends_with("pooler.dense.weight"));
-    let mut model = peft_models::BertModel::new(&config, has_pooler, device).map_err(|source| {
-        IoError::Model {
-            path: dir.join("config.json"),
-            source,
-        }
-    })?;
-    let report = load_hf_weights(&mut model, &source)?;
-    Ok((model, report))
+    crate::auto::load_pretrained(dir, device)
 }
 
 /// Loads a BERT directory as `BertForSequenceClassification`; a checkpoint without a classifier
@@ -207,24 +196,7 @@ pub fn load_bert_classifier<B: Backend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<(peft_models::BertForSequenceClassification<B>, LoadReport)> {
-    let config = read_bert_config(dir)?;
-    build_and_load(dir, || {
-        peft_models::BertForSequenceClassification::new(&config, device)
-    })
-}
-
-/// Builds a model (lazily) and fills it from the directory's weights.
-fn build_and_load<B: Backend, M: HfParams<B>>(
-    dir: &Path,
-    build: impl FnOnce() -> peft_models::Result<M>,
-) -> Result<(M, LoadReport)> {
-    let mut model = build().map_err(|source| IoError::Model {
-        path: dir.join("config.json"),
-        source,
-    })?;
-    let source = open_weights(dir)?;
-    let report = load_hf_weights(&mut model, &source)?;
-    Ok((model, report))
+    crate::auto::load_pretrained(dir, device)
 }
 
 /// Loads a T5/mT5/mt0 directory as transformers would.
@@ -241,8 +213,7 @@ pub fn load_t5<B: Backend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<(T5ForConditionalGeneration<B>, LoadReport)> {
-    let config = read_t5_config(dir)?;
-    build_and_load(dir, || T5ForConditionalGeneration::new(&config, device))
+    crate::auto::load_pretrained(dir, device)
 }
 
 /// Files of a model directory that describe its tokenizer, copied along with merged models.

@@ -19,6 +19,7 @@
 
 pub mod adapter;
 pub mod adapterhub;
+pub mod auto;
 pub mod checkpoint;
 mod error;
 pub mod hf_model;
@@ -27,6 +28,7 @@ pub mod tensors;
 pub mod tokenizer;
 
 pub use adapter::{from_pretrained, load_adapter, read_adapter_config, save_pretrained};
+pub use auto::{AutoModel, FromPretrained, load_pretrained};
 pub use error::{IoError, Result};
 pub use hf_model::{
     LoadReport, load_bert, load_bert_classifier, load_hf_weights, load_t5, open_weights,

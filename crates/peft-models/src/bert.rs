@@ -357,6 +357,40 @@ pub struct BertOutput<B: Backend> {
     pub pooler_output: Option<Tensor<B, 2>>,
 }
 
+/// Writes BertModel's two site walks once for `&self` and once for `&mut self` from the same
+/// text (`$m` is empty or `mut`), so the shared and mutable walks cannot drift apart.
+macro_rules! bert_walks {
+    ($linears:ident, $sublayers:ident $(, $m:tt)?) => {
+        fn $linears(& $($m)? self, prefix: &str, f: &mut dyn FnMut(&str, & $($m)? AdaptedLinear<B>)) {
+            for (i, l) in (& $($m)? self.layer).into_iter().enumerate() {
+                let p = format!("{prefix}encoder.layer.{i}");
+                f(&format!("{p}.attention.self.query"), & $($m)? l.query);
+                f(&format!("{p}.attention.self.key"), & $($m)? l.key);
+                f(&format!("{p}.attention.self.value"), & $($m)? l.value);
+                f(&format!("{p}.attention.output.dense"), & $($m)? l.attention_output);
+                f(&format!("{p}.intermediate.dense"), & $($m)? l.intermediate);
+                f(&format!("{p}.output.dense"), & $($m)? l.output);
+            }
+            if let Some(p) = & $($m)? self.pooler {
+                f(&format!("{prefix}pooler.dense"), p);
+            }
+        }
+
+        fn $sublayers(
+            & $($m)? self,
+            prefix: &str,
+            f: &mut dyn FnMut(&SublayerSite, & $($m)? SublayerAdapters<B>),
+        ) {
+            for i in 0..self.layer.len() {
+                let [a, o] = self.sites(prefix, i);
+                let l = & $($m)? self.layer[i];
+                f(&a, & $($m)? l.attention_adapters);
+                f(&o, & $($m)? l.output_adapters);
+            }
+        }
+    };
+}
+
 impl<B: Backend> BertModel<B> {
     /// A randomly initialised model (lazily).
     pub fn new(config: &BertConfig, with_pooler: bool, device: &B::Device) -> Result<Self> {
@@ -419,38 +453,8 @@ impl<B: Backend> BertModel<B> {
         }
     }
 
-    fn walk(&self, prefix: &str, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
-        for (i, l) in self.layer.iter().enumerate() {
-            let p = format!("{prefix}encoder.layer.{i}");
-            f(&format!("{p}.attention.self.query"), &l.query);
-            f(&format!("{p}.attention.self.key"), &l.key);
-            f(&format!("{p}.attention.self.value"), &l.value);
-            f(&format!("{p}.attention.output.dense"), &l.attention_output);
-            f(&format!("{p}.intermediate.dense"), &l.intermediate);
-            f(&format!("{p}.output.dense"), &l.output);
-        }
-        if let Some(p) = &self.pooler {
-            f(&format!("{prefix}pooler.dense"), p);
-        }
-    }
-
-    fn walk_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
-        for (i, l) in self.layer.iter_mut().enumerate() {
-            let p = format!("{prefix}encoder.layer.{i}");
-            f(&format!("{p}.attention.self.query"), &mut l.query);
-            f(&format!("{p}.attention.self.key"), &mut l.key);
-            f(&format!("{p}.attention.self.value"), &mut l.value);
-            f(
-                &format!("{p}.attention.output.dense"),
-                &mut l.attention_output,
-            );
-            f(&format!("{p}.intermediate.dense"), &mut l.intermediate);
-            f(&format!("{p}.output.dense"), &mut l.output);
-        }
-        if let Some(p) = &mut self.pooler {
-            f(&format!("{prefix}pooler.dense"), p);
-        }
-    }
+    bert_walks!(walk, walk_sublayers);
+    bert_walks!(walk_mut, walk_sublayers_mut, mut);
 
     fn sites(&self, prefix: &str, i: usize) -> [SublayerSite; 2] {
         let p = format!("{prefix}encoder.layer.{i}");
@@ -469,27 +473,6 @@ impl<B: Backend> BertModel<B> {
                 hidden,
             },
         ]
-    }
-
-    fn walk_sublayers(&self, prefix: &str, f: &mut dyn FnMut(&SublayerSite, &SublayerAdapters<B>)) {
-        for (i, l) in self.layer.iter().enumerate() {
-            let [a, o] = self.sites(prefix, i);
-            f(&a, &l.attention_adapters);
-            f(&o, &l.output_adapters);
-        }
-    }
-
-    fn walk_sublayers_mut(
-        &mut self,
-        prefix: &str,
-        f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>),
-    ) {
-        for i in 0..self.layer.len() {
-            let [a, o] = self.sites(prefix, i);
-            let l = &mut self.layer[i];
-            f(&a, &mut l.attention_adapters);
-            f(&o, &mut l.output_adapters);
-        }
     }
 
     fn hf_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, HfParamMut<'_, B>)) {

@@ -7,12 +7,14 @@
 //! up without per-model glue.
 //!
 //! This crate owns the architectures (one file each: [`t5`], [`bert`]) and their
-//! [`peft_core::AdapterHost`] walks and [`hf::HfParams`] name tables. It knows no adapter method
+//! [`peft_core::AdapterHost`] walks and [`hf::HfParams`] name tables; generation (greedy, beam)
+//! lives apart from them in [`generation`], over any [`generation::Seq2SeqGenerate`] model. It knows no adapter method
 //! and reads no file (peft-io does).
 #![deny(missing_docs)]
 
 pub mod bert;
 mod error;
+pub mod generation;
 pub mod hf;
 pub mod t5;
 

@@ -833,54 +833,17 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
         }
     }
 
-    /// Greedy decoding with a KV cache, as transformers' `generate(do_sample=False,
-    /// num_beams=1, max_new_tokens=n)`: starts from the decoder start token, stops when every
-    /// sequence has produced EOS, pads finished sequences with the pad token. Returns the
-    /// generated ids including the start token, `[batch, <= 1 + max_new_tokens]`.
+    /// Greedy decoding ([`crate::generation::greedy`]).
     pub fn generate_greedy(
         &self,
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
         max_new_tokens: usize,
     ) -> Vec<Vec<usize>> {
-        let device = input_ids.device();
-        let b = input_ids.dims()[0];
-        let enc = self.encode(input_ids, attention_mask.clone());
-        let start = self.config.decoder_start();
-        let eos = self.config.eos_token_id;
-        let pad = self.config.pad_token_id.unwrap_or(0);
-        let mut out: Vec<Vec<usize>> = vec![vec![start]; b];
-        let mut done = vec![false; b];
-        let mut cache = DecoderCache::default();
-        let mut next: Vec<i64> = vec![start as i64; b];
-        for _ in 0..max_new_tokens {
-            let ids =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [b, 1]), &device);
-            let logits = self.decode(ids, enc.clone(), attention_mask.clone(), Some(&mut cache));
-            let best = logits.argmax(2).reshape([b]).into_data().convert::<i64>();
-            let best: Vec<i64> = best.to_vec().expect("argmax ids");
-            for i in 0..b {
-                let tok = if done[i] { pad } else { best[i] as usize };
-                out[i].push(tok);
-                if Some(tok) == eos {
-                    done[i] = true;
-                }
-                next[i] = tok as i64;
-            }
-            if done.iter().all(|d| *d) {
-                break;
-            }
-        }
-        out
+        crate::generation::greedy(self, input_ids, attention_mask, max_new_tokens)
     }
-}
 
-/// Beam search exactly as transformers 4.57's `generate(num_beams=K, do_sample=False)` with
-/// its defaults (`length_penalty = 1.0`, `early_stopping = False`, one returned sequence).
-impl<B: Backend> T5ForConditionalGeneration<B> {
-    /// Beam search with `num_beams` beams and at most `max_new_tokens` new tokens. Returns, per
-    /// input, the best finished hypothesis (start token included), right-padded to the longest returned hypothesis as transformers pads them
-    /// (`pad_token_id or eos_token_id`, so EOS for T5).
+    /// Beam search ([`crate::generation::beam`]).
     pub fn generate_beam(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -888,146 +851,48 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
         max_new_tokens: usize,
         num_beams: usize,
     ) -> Vec<Vec<usize>> {
-        if num_beams <= 1 {
-            return self.generate_greedy(input_ids, attention_mask, max_new_tokens);
-        }
-        const NEG: f32 = -1.0e9;
-        let device = input_ids.device();
-        let (batch, k) = (input_ids.dims()[0], num_beams);
-        // Every input repeated once per beam: rows b*K .. b*K+K-1.
-        let expand: Vec<i64> = (0..batch)
-            .flat_map(|b| std::iter::repeat_n(b as i64, k))
-            .collect();
-        let expand = Tensor::<B, 1, Int>::from_data(TensorData::new(expand, [batch * k]), &device);
-        let enc = self.encode(input_ids, attention_mask.clone());
-        let enc = enc.select(0, expand.clone());
-        let mask = attention_mask.map(|m| m.select(0, expand));
-        let start = self.config.decoder_start();
-        let eos = self.config.eos_token_id;
-        let pad = self.config.pad_token_id.unwrap_or(0);
-        let max_length = 1 + max_new_tokens;
-        let keep = 2 * k; // max(2, 1 + #eos) * num_beams
-        let vocab = self.config.vocab_size;
+        crate::generation::beam(self, input_ids, attention_mask, max_new_tokens, num_beams)
+    }
+}
 
-        let mut running: Vec<Vec<Vec<usize>>> = vec![vec![vec![start]; k]; batch];
-        let mut running_scores: Vec<Vec<f32>> =
-            vec![(0..k).map(|i| if i == 0 { 0.0 } else { NEG }).collect(); batch];
-        let mut finished: Vec<Vec<(f32, Vec<usize>, bool)>> =
-            vec![vec![(NEG, vec![start], false); k]; batch];
-        let mut unsatisfied = vec![true; batch];
-        let mut cache = DecoderCache::default();
-        let mut cur_len = 1usize;
-        let mut next: Vec<i64> = vec![start as i64; batch * k];
-        loop {
-            let ids = Tensor::<B, 2, Int>::from_data(
-                TensorData::new(next.clone(), [batch * k, 1]),
-                &device,
-            );
-            let logits = self.decode(ids, enc.clone(), mask.clone(), Some(&mut cache));
-            let lp = burn::tensor::activation::log_softmax(logits.reshape([batch * k, vocab]), 1);
-            let lp: Vec<f32> = lp
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .expect("f32 log-probs");
-            let mut all_hit = true;
-            let mut reorder = Vec::with_capacity(batch * k);
-            for b in 0..batch {
-                // Top `keep` continuations over all beams.
-                let mut cand: Vec<(f32, usize)> = Vec::with_capacity(k * vocab);
-                for beam in 0..k {
-                    let row = &lp[(b * k + beam) * vocab..(b * k + beam + 1) * vocab];
-                    for (v, x) in row.iter().enumerate() {
-                        cand.push((x + running_scores[b][beam], beam * vocab + v));
-                    }
-                }
-                cand.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-                cand.truncate(keep);
-                let tops: Vec<(f32, usize, usize, bool)> = cand
-                    .iter()
-                    .map(|&(score, idx)| {
-                        let (beam, tok) = (idx / vocab, idx % vocab);
-                        let hit = Some(tok) == eos || cur_len + 1 >= max_length;
-                        (score, beam, tok, hit)
-                    })
-                    .collect();
-                all_hit &= tops.iter().all(|t| t.3);
-                // Next running beams: the best non-finished continuations.
-                let mut order: Vec<usize> = (0..keep).collect();
-                let run_score = |i: usize| tops[i].0 + if tops[i].3 { NEG } else { 0.0 };
-                order.sort_by(|&x, &y| run_score(y).total_cmp(&run_score(x)).then(x.cmp(&y)));
-                let mut new_running = Vec::with_capacity(k);
-                let mut new_scores = Vec::with_capacity(k);
-                for &i in order.iter().take(k) {
-                    let (_, beam, tok, _) = tops[i];
-                    let mut seq = running[b][beam].clone();
-                    seq.push(tok);
-                    new_running.push(seq);
-                    new_scores.push(run_score(i));
-                    reorder.push((b * k + beam) as i64);
-                }
-                // Finished hypotheses: merge the newly finished among the top K with the kept ones.
-                let penalty = (cur_len + 1 - 1) as f32;
-                let mut merged = finished[b].clone();
-                for (i, &(score, beam, tok, hit)) in tops.iter().enumerate() {
-                    let just_finished = hit && i < k;
-                    let mut s = score / penalty;
-                    if !unsatisfied[b] {
-                        s += NEG;
-                    }
-                    if !just_finished {
-                        s += NEG;
-                    }
-                    let mut seq = running[b][beam].clone();
-                    seq.push(tok);
-                    merged.push((s, seq, just_finished));
-                }
-                let mut idx: Vec<usize> = (0..merged.len()).collect();
-                idx.sort_by(|&x, &y| merged[y].0.total_cmp(&merged[x].0).then(x.cmp(&y)));
-                finished[b] = idx.iter().take(k).map(|&i| merged[i].clone()).collect();
-                running[b] = new_running;
-                running_scores[b] = new_scores;
-            }
-            cur_len += 1;
-            for b in 0..batch {
-                let best_possible = running_scores[b][0] / (cur_len - 1) as f32;
-                let min_finished = finished[b]
-                    .iter()
-                    .map(|f| f.0)
-                    .fold(f32::INFINITY, f32::min);
-                let improvable = finished[b]
-                    .iter()
-                    .any(|f| best_possible > if f.2 { min_finished } else { NEG });
-                unsatisfied[b] &= improvable;
-            }
-            if !unsatisfied.iter().any(|u| *u) || all_hit {
-                break;
-            }
-            // Reorder the cache to the surviving beams and feed their last tokens.
-            let idx =
-                Tensor::<B, 1, Int>::from_data(TensorData::new(reorder, [batch * k]), &device);
-            for kv in cache.self_kv.iter_mut() {
-                kv.k = kv.k.clone().select(0, idx.clone());
-                kv.v = kv.v.clone().select(0, idx.clone());
-            }
-            next = running
-                .iter()
-                .flat_map(|beams| beams.iter().map(|s| *s.last().expect("non-empty") as i64))
-                .collect();
+impl<B: Backend> crate::generation::Seq2SeqGenerate<B> for T5ForConditionalGeneration<B> {
+    type Cache = DecoderCache<B>;
+
+    fn encode_source(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        self.encode(input_ids, attention_mask)
+    }
+
+    fn decode_step(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        encoder: Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        cache: &mut DecoderCache<B>,
+    ) -> Tensor<B, 3> {
+        self.decode(ids, encoder, attention_mask, Some(cache))
+    }
+
+    fn reorder_cache(cache: &mut DecoderCache<B>, rows: Tensor<B, 1, Int>) {
+        for kv in cache.self_kv.iter_mut() {
+            kv.k = kv.k.clone().select(0, rows.clone());
+            kv.v = kv.v.clone().select(0, rows.clone());
         }
-        // transformers fills finished beams with `pad_token_id or eos_token_id`: with pad id 0
-        // (T5's) that is EOS.
-        let fill = match (self.config.pad_token_id, eos) {
-            (Some(p), _) if p != 0 => p,
-            (_, Some(e)) => e,
-            _ => pad,
-        };
-        let mut out: Vec<Vec<usize>> = finished.into_iter().map(|f| f[0].1.clone()).collect();
-        let len = out.iter().map(Vec::len).max().unwrap_or(1);
-        for o in out.iter_mut() {
-            o.resize(len, fill);
+    }
+
+    fn special_tokens(&self) -> crate::generation::SpecialTokens {
+        crate::generation::SpecialTokens {
+            decoder_start: self.config.decoder_start(),
+            eos: self.config.eos_token_id,
+            pad: self.config.pad_token_id,
         }
-        out
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
     }
 }
 
@@ -1063,126 +928,68 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
     }
 }
 
-impl<B: Backend> AdapterHost<B> for T5ForConditionalGeneration<B> {
-    fn visit_sublayers(&self, f: &mut dyn FnMut(&SublayerSite, &SublayerAdapters<B>)) {
-        for (decoder, stack) in [(false, &self.encoder), (true, &self.decoder)] {
-            for (i, blk) in stack.block.iter().enumerate() {
-                let sites = self.block_sites(decoder, i);
-                let mut adapters = vec![&blk.self_attention.adapters];
-                if let Some(c) = &blk.cross_attention {
-                    adapters.push(&c.adapters);
-                }
-                adapters.push(&blk.ff.adapters);
-                for (s, a) in sites.iter().zip(adapters) {
-                    f(s, a);
+/// Writes T5's two site walks once for `&self` and once for `&mut self` from the same text
+/// (`$m` is empty or `mut`), so the shared and mutable walks cannot drift apart.
+macro_rules! t5_walks {
+    ($linears:ident, $sublayers:ident $(, $m:tt)?) => {
+        fn $linears(& $($m)? self, f: &mut dyn FnMut(&str, & $($m)? AdaptedLinear<B>)) {
+            for (stack_name, stack) in [("encoder", & $($m)? self.encoder), ("decoder", & $($m)? self.decoder)] {
+                for (i, blk) in (& $($m)? stack.block).into_iter().enumerate() {
+                    let p = format!("{stack_name}.block.{i}.layer");
+                    let a = & $($m)? blk.self_attention.attention;
+                    for (n, l) in [("q", & $($m)? a.q), ("k", & $($m)? a.k), ("v", & $($m)? a.v), ("o", & $($m)? a.o)] {
+                        f(&format!("{p}.0.SelfAttention.{n}"), l);
+                    }
+                    let mut ff_idx = 1;
+                    if let Some(c) = & $($m)? blk.cross_attention {
+                        let a = & $($m)? c.attention;
+                        for (n, l) in [("q", & $($m)? a.q), ("k", & $($m)? a.k), ("v", & $($m)? a.v), ("o", & $($m)? a.o)] {
+                            f(&format!("{p}.1.EncDecAttention.{n}"), l);
+                        }
+                        ff_idx = 2;
+                    }
+                    let ff = & $($m)? blk.ff;
+                    for (n, l) in [("wi", & $($m)? ff.wi), ("wi_0", & $($m)? ff.wi_0), ("wi_1", & $($m)? ff.wi_1)] {
+                        if let Some(l) = l {
+                            f(&format!("{p}.{ff_idx}.DenseReluDense.{n}"), l);
+                        }
+                    }
+                    f(&format!("{p}.{ff_idx}.DenseReluDense.wo"), & $($m)? ff.wo);
                 }
             }
+            if let Some(h) = & $($m)? self.lm_head {
+                f("lm_head", h);
+            }
         }
-    }
 
-    fn visit_sublayers_mut(&mut self, f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>)) {
-        for decoder in [false, true] {
-            let n = if decoder {
-                self.decoder.block.len()
-            } else {
-                self.encoder.block.len()
-            };
-            for i in 0..n {
-                let sites = self.block_sites(decoder, i);
-                let stack = if decoder {
-                    &mut self.decoder
+        fn $sublayers(& $($m)? self, f: &mut dyn FnMut(&SublayerSite, & $($m)? SublayerAdapters<B>)) {
+            for decoder in [false, true] {
+                let n = if decoder {
+                    self.decoder.block.len()
                 } else {
-                    &mut self.encoder
+                    self.encoder.block.len()
                 };
-                let blk = &mut stack.block[i];
-                let mut adapters = vec![&mut blk.self_attention.adapters];
-                if let Some(c) = &mut blk.cross_attention {
-                    adapters.push(&mut c.adapters);
-                }
-                adapters.push(&mut blk.ff.adapters);
-                for (s, a) in sites.iter().zip(adapters) {
-                    f(s, a);
+                for i in 0..n {
+                    let sites = self.block_sites(decoder, i);
+                    let stack = if decoder { & $($m)? self.decoder } else { & $($m)? self.encoder };
+                    let blk = & $($m)? stack.block[i];
+                    let mut adapters = vec![& $($m)? blk.self_attention.adapters];
+                    if let Some(c) = & $($m)? blk.cross_attention {
+                        adapters.push(& $($m)? c.adapters);
+                    }
+                    adapters.push(& $($m)? blk.ff.adapters);
+                    for (s, a) in sites.iter().zip(adapters) {
+                        f(s, a);
+                    }
                 }
             }
         }
-    }
+    };
+}
 
-    fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) {
-        for (stack_name, stack) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
-            for (i, blk) in stack.block.iter().enumerate() {
-                let p = format!("{stack_name}.block.{i}.layer");
-                let a = &blk.self_attention.attention;
-                for (n, l) in [("q", &a.q), ("k", &a.k), ("v", &a.v), ("o", &a.o)] {
-                    f(&format!("{p}.0.SelfAttention.{n}"), l);
-                }
-                let mut ff_idx = 1;
-                if let Some(c) = &blk.cross_attention {
-                    let a = &c.attention;
-                    for (n, l) in [("q", &a.q), ("k", &a.k), ("v", &a.v), ("o", &a.o)] {
-                        f(&format!("{p}.1.EncDecAttention.{n}"), l);
-                    }
-                    ff_idx = 2;
-                }
-                let ff = &blk.ff;
-                for (n, l) in [("wi", &ff.wi), ("wi_0", &ff.wi_0), ("wi_1", &ff.wi_1)] {
-                    if let Some(l) = l {
-                        f(&format!("{p}.{ff_idx}.DenseReluDense.{n}"), l);
-                    }
-                }
-                f(&format!("{p}.{ff_idx}.DenseReluDense.wo"), &ff.wo);
-            }
-        }
-        if let Some(h) = &self.lm_head {
-            f("lm_head", h);
-        }
-    }
-
-    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) {
-        for (stack_name, stack) in [
-            ("encoder", &mut self.encoder),
-            ("decoder", &mut self.decoder),
-        ] {
-            for (i, blk) in stack.block.iter_mut().enumerate() {
-                let p = format!("{stack_name}.block.{i}.layer");
-                let a = &mut blk.self_attention.attention;
-                for (n, l) in [
-                    ("q", &mut a.q),
-                    ("k", &mut a.k),
-                    ("v", &mut a.v),
-                    ("o", &mut a.o),
-                ] {
-                    f(&format!("{p}.0.SelfAttention.{n}"), l);
-                }
-                let mut ff_idx = 1;
-                if let Some(c) = &mut blk.cross_attention {
-                    let a = &mut c.attention;
-                    for (n, l) in [
-                        ("q", &mut a.q),
-                        ("k", &mut a.k),
-                        ("v", &mut a.v),
-                        ("o", &mut a.o),
-                    ] {
-                        f(&format!("{p}.1.EncDecAttention.{n}"), l);
-                    }
-                    ff_idx = 2;
-                }
-                let ff = &mut blk.ff;
-                for (n, l) in [
-                    ("wi", &mut ff.wi),
-                    ("wi_0", &mut ff.wi_0),
-                    ("wi_1", &mut ff.wi_1),
-                ] {
-                    if let Some(l) = l {
-                        f(&format!("{p}.{ff_idx}.DenseReluDense.{n}"), l);
-                    }
-                }
-                f(&format!("{p}.{ff_idx}.DenseReluDense.wo"), &mut ff.wo);
-            }
-        }
-        if let Some(h) = &mut self.lm_head {
-            f("lm_head", h);
-        }
-    }
+impl<B: Backend> AdapterHost<B> for T5ForConditionalGeneration<B> {
+    t5_walks!(visit_linears, visit_sublayers);
+    t5_walks!(visit_linears_mut, visit_sublayers_mut, mut);
 
     fn model_type(&self) -> Option<&str> {
         Some(&self.config.model_type)
