@@ -13,6 +13,9 @@
 //!   validated, PyTorch checkpoints parsed without executing pickle code, behind a strict
 //!   opcode and global allowlist ([`pickle`]).
 //!
+//! Every file is opened through [`files`]: regular files only (a directory, FIFO or device is
+//! refused by name, never read), with size limits on what is read whole into memory.
+//!
 //! `peft-core` and `peft-models` never touch files. Every error names the file (and the key,
 //! and expected vs found shapes where it applies).
 #![deny(missing_docs)]
@@ -21,6 +24,7 @@ pub mod adapter;
 pub mod adapterhub;
 pub mod checkpoint;
 mod error;
+pub mod files;
 pub mod hf_model;
 pub mod pickle;
 pub mod tensors;

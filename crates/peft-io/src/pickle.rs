@@ -188,7 +188,7 @@ pub fn check_torch_zip(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(crate::error::io_err(path))?;
+    let (file, _) = crate::files::open_regular(path)?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| {
         err(format!(
             "not a torch zip checkpoint ({e}); legacy raw pickles are not read"
