@@ -39,6 +39,17 @@ pub enum IoError {
         /// What is wrong.
         reason: String,
     },
+    /// The pickle gate refused a pickle inside a PyTorch checkpoint (nothing of it was executed,
+    /// and nothing it describes was allocated).
+    #[error("{}: cannot read PyTorch checkpoint: {member}: {source}", path.display())]
+    PickleRefused {
+        /// The file.
+        path: PathBuf,
+        /// The pickle's name inside the zip (`archive/data.pkl`).
+        member: String,
+        /// Why the gate refused it.
+        source: Box<crate::pickle::GateError>,
+    },
     /// The path is not a regular file (a directory, FIFO, device or socket).
     #[error("{}: {}", path.display(), describe_kind(kind))]
     NotRegularFile {

@@ -1,0 +1,291 @@
+//! The pickle gate in front of PyTorch `.bin` checkpoints, against hand-built hostile pickles:
+//! globals named through the memo. Every pickle here is written byte by byte; none is ever
+//! executed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use peft_io::TensorSource;
+use peft_io::pickle::{GateError, check_pickle, check_torch_zip};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("peft-io-gate-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A pickle under construction, one opcode at a time.
+#[derive(Clone, Default)]
+struct P(Vec<u8>);
+
+impl P {
+    fn proto(v: u8) -> Self {
+        P(vec![0x80, v])
+    }
+    fn op(mut self, bytes: &[u8]) -> Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+    /// SHORT_BINUNICODE (protocol 4).
+    fn short_str(self, s: &str) -> Self {
+        assert!(s.len() < 256);
+        self.op(&[0x8c, s.len() as u8]).op(s.as_bytes())
+    }
+    /// GLOBAL.
+    fn global(self, module: &str, name: &str) -> Self {
+        self.op(b"c")
+            .op(module.as_bytes())
+            .op(b"\n")
+            .op(name.as_bytes())
+            .op(b"\n")
+    }
+    /// BININT, or LONG1 for values outside i32.
+    fn int(self, v: i64) -> Self {
+        match i32::try_from(v) {
+            Ok(v) => self.op(b"J").op(&v.to_le_bytes()),
+            Err(_) => self.op(&[0x8a, 8]).op(&v.to_le_bytes()),
+        }
+    }
+    fn stop(self) -> Vec<u8> {
+        self.op(b".").0
+    }
+}
+
+/// A torch zip checkpoint (all entries stored, as `torch.save` writes them).
+fn torch_zip(path: &Path, pickle: &[u8], storages: &[(&str, Vec<u8>)]) {
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(pickle).unwrap();
+    zip.start_file("archive/byteorder", opts).unwrap();
+    zip.write_all(b"little").unwrap();
+    for (key, bytes) in storages {
+        zip.start_file(format!("archive/data/{key}"), opts).unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    zip.start_file("archive/version", opts).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+fn gate_err(data: &[u8]) -> String {
+    match check_pickle(data) {
+        Ok(()) => panic!(
+            "pickle accepted: {:?}",
+            String::from_utf8_lossy(&data[..data.len().min(120)])
+        ),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn bin_err(path: &Path) -> String {
+    match TensorSource::pytorch(path) {
+        Ok(_) => panic!("{} accepted", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+// ---- 7: globals named through the memo ----
+
+/// Puts `os` and `system` in the memo, pops them, pushes the literal strings of an allowed
+/// global, then fetches `os` and `system` back from the memo for STACK_GLOBAL: Python resolves
+/// `os.system` and calls it; a gate that only remembers the last two literals sees
+/// `collections.OrderedDict`.
+fn memo_decoy(put: &dyn Fn(P, u32) -> P, get: &dyn Fn(P, u32) -> P) -> Vec<u8> {
+    let p = P::proto(4).short_str("os");
+    let p = put(p, 0).short_str("system");
+    let p = put(p, 1)
+        .op(b"00")
+        .short_str("collections")
+        .short_str("OrderedDict");
+    let p = get(p, 0);
+    get(p, 1)
+        .op(&[0x93])
+        .short_str("touch /tmp/peft-rs-pwned")
+        .op(&[0x85, b'R'])
+        .stop()
+}
+
+#[test]
+fn stack_global_names_from_the_memo_are_resolved() {
+    type Op = fn(P, u32) -> P;
+    let binput: Op = |p, i| p.op(&[b'q', i as u8]);
+    let binget: Op = |p, i| p.op(&[b'h', i as u8]);
+    let long_binput: Op = |p, i| p.op(b"r").op(&i.to_le_bytes());
+    let long_binget: Op = |p, i| p.op(b"j").op(&i.to_le_bytes());
+    let memoize: Op = |p, _| p.op(&[0x94]);
+    let text_put: Op = |p, i| p.op(format!("p{i}\n").as_bytes());
+    let text_get: Op = |p, i| p.op(format!("g{i}\n").as_bytes());
+    let cases: [(&str, Op, Op); 6] = [
+        ("BINPUT/BINGET", binput, binget),
+        ("LONG_BINPUT/LONG_BINGET", long_binput, long_binget),
+        ("MEMOIZE/BINGET", memoize, binget),
+        ("MEMOIZE/LONG_BINGET", memoize, long_binget),
+        ("PUT/GET", text_put, text_get),
+        ("BINPUT/GET", binput, text_get),
+    ];
+    for (what, put, get) in cases {
+        let pickle = memo_decoy(&put, &get);
+        let err = gate_err(&pickle);
+        assert!(err.contains("refused global `os.system`"), "{what}: {err}");
+        assert_eq!(
+            check_pickle(&pickle),
+            Err(GateError::Global {
+                opcode: "STACK_GLOBAL",
+                module: "os".into(),
+                name: "system".into()
+            }),
+            "{what}"
+        );
+    }
+
+    // The same through a torch zip: refused with the file, the member and the global named.
+    let d = tmpdir("memo-global");
+    let path = d.join("pytorch_model.bin");
+    torch_zip(&path, &memo_decoy(&binput, &binget), &[]);
+    let err = bin_err(&path);
+    assert!(
+        err.contains("pytorch_model.bin")
+            && err.contains("archive/data.pkl")
+            && err.contains("refused global `os.system`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn memoized_allowed_names_still_resolve() {
+    // Protocol 4 reuses memoized module strings: `torch.FloatStorage` then `torch.HalfStorage`
+    // with `torch` fetched from the memo. Nothing is called, so the gate accepts it.
+    let ok = P::proto(4)
+        .short_str("torch")
+        .op(&[0x94])
+        .short_str("FloatStorage")
+        .op(&[0x94, 0x93, 0x94])
+        .op(&[b'h', 0])
+        .short_str("HalfStorage")
+        .op(&[0x93, 0x86])
+        .stop();
+    check_pickle(&ok).unwrap();
+}
+
+#[test]
+fn globals_the_gate_cannot_resolve_are_refused() {
+    // STACK_GLOBAL whose module is bytes, not a string (Python refuses it too, but the gate must
+    // not guess).
+    let bytes_module = P::proto(4)
+        .op(&[b'C', 2])
+        .op(b"os")
+        .short_str("system")
+        .op(&[0x93])
+        .stop();
+    let err = gate_err(&bytes_module);
+    assert!(err.contains("STACK_GLOBAL"), "{err}");
+
+    // A module given as an escaped protocol-0 string that the gate does not decode.
+    let escaped = P::proto(2)
+        .op(b"V\\u006fs\n")
+        .short_str("system")
+        .op(&[0x93])
+        .stop();
+    let err = gate_err(&escaped);
+    assert!(err.contains("STACK_GLOBAL"), "{err}");
+
+    // Names that are the results of calls, not strings.
+    let computed = P::proto(4)
+        .global("collections", "OrderedDict")
+        .op(b")R")
+        .short_str("system")
+        .op(&[0x93])
+        .stop();
+    let err = gate_err(&computed);
+    assert!(err.contains("STACK_GLOBAL"), "{err}");
+
+    // INST imports its class by name: refused with the name.
+    let inst = P::proto(0)
+        .op(b"(S'touch /tmp/peft-rs-pwned'\nios\nsystem\n")
+        .stop();
+    let err = gate_err(&inst);
+    assert!(err.contains("`os.system`"), "{err}");
+
+    // An allowed global that is not a constructor is never called (REDUCE, OBJ, NEWOBJ).
+    let calls = [
+        P::proto(2)
+            .global("torch", "FloatStorage")
+            .int(1 << 40)
+            .op(&[0x85, b'R'])
+            .stop(),
+        P::proto(2)
+            .op(b"(")
+            .global("torch", "FloatStorage")
+            .int(1 << 40)
+            .op(b"o")
+            .stop(),
+        P::proto(2)
+            .global("torch._utils", "_rebuild_tensor_v2")
+            .op(b")")
+            .op(&[0x81])
+            .stop(),
+    ];
+    for p in calls {
+        let err = gate_err(&p);
+        assert!(err.contains("refused"), "{err}");
+    }
+
+    // Globals with dotted names are refused even under an allowed module.
+    let dotted = P::proto(4)
+        .short_str("torch")
+        .short_str("serialization.os.FakeStorage")
+        .op(&[0x93])
+        .stop();
+    let err = gate_err(&dotted);
+    assert!(
+        err.contains("refused global `torch.serialization.os.FakeStorage`"),
+        "{err}"
+    );
+}
+
+// ---- real checkpoints keep loading ----
+
+#[test]
+fn fixture_checkpoints_pass_the_gate_and_load() {
+    let mut bins = Vec::new();
+    let mut dirs = vec![fixtures()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "bin") {
+                bins.push(p);
+            }
+        }
+    }
+    bins.sort();
+    assert!(bins.len() >= 6, "{bins:?}");
+    for b in &bins {
+        let hostile = b
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("hostile_");
+        let gate = check_torch_zip(b);
+        if hostile {
+            assert!(gate.is_err(), "{} passed the gate", b.display());
+            continue;
+        }
+        gate.unwrap_or_else(|e| panic!("{e}"));
+        let src = TensorSource::pytorch(b).unwrap_or_else(|e| panic!("{e}"));
+        let names = src.names();
+        assert!(!names.is_empty(), "{}", b.display());
+        for n in names {
+            let (shape, values) = src.get_f32(&n).unwrap().unwrap();
+            assert_eq!(shape.iter().product::<usize>(), values.len(), "{n}");
+        }
+    }
+}
