@@ -1,9 +1,11 @@
 //! A strict gate in front of PyTorch `.bin` checkpoints: every pickle in the zip is walked opcode
-//! by opcode (nothing is executed), and the file is refused unless it only builds tensors.
+//! by opcode (nothing is executed, nothing it describes is allocated), and the file is refused
+//! unless it only builds tensors, within fixed budgets.
 //!
 //! The walk simulates the unpickler's stack, marks and memo, so every value is known as far as
 //! the gate needs it: strings (so a `STACK_GLOBAL` whose module and name come from the memo is
-//! resolved exactly as Python would), globals, and what tensor rebuilds are called with.
+//! resolved exactly as Python would), globals, what tensor rebuilds are called with, and
+//! containers (their size and depth).
 //!
 //! - Globals (`GLOBAL`, `STACK_GLOBAL`, `INST`) must be on a short list (`collections.OrderedDict`,
 //!   `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter[_with_state]`,
@@ -12,6 +14,9 @@
 //!   name is not a string the gate can decode is refused.
 //! - Only `OrderedDict`, the tensor rebuilds and `torch.Size` are ever called (`REDUCE`, `OBJ`,
 //!   `INST`, `NEWOBJ`); extension codes, text persistent ids and out-of-band buffers are refused.
+//! - Budgets: [`MAX_ELEMENTS`] elements in all (a memo reference counts as the size of what it
+//!   refers to, as burn-store's parser copies it: memo-clone bombs are measured), nesting depth
+//!   [`MAX_DEPTH`], [`MAX_MEMO`] memo entries, [`MAX_PICKLE_BYTES`] per pickle.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -19,6 +24,21 @@ use std::path::Path;
 use std::rc::Rc;
 
 use crate::error::{IoError, Result};
+
+/// Largest pickle read from a checkpoint zip: 256 MiB (a state dict of a million tensors
+/// pickles to about 100 MB).
+pub const MAX_PICKLE_BYTES: u64 = 256 << 20;
+/// Most elements a pickle may build, counting every memo fetch, memo put and `DUP` at the full
+/// size of what it copies (burn-store's parser deep-copies there): 2^23 (8.4 million). A
+/// `torch.save` state dict costs about 40 per tensor, so 200,000 tensors fit in one pickle;
+/// burn-store then holds at most about this many of its 160-byte objects (1.3 GB) where a
+/// memo-clone bomb would make it build billions.
+pub const MAX_ELEMENTS: u64 = 1 << 23;
+/// Deepest nesting of containers: 256 (state dicts nest under 10 deep). burn-store's parser
+/// recurses on nesting when it copies, prints and drops objects.
+pub const MAX_DEPTH: usize = 256;
+/// Most memo entries: 2^22 (4.2 million; `torch.save` memoizes about 8 per tensor).
+pub const MAX_MEMO: usize = 1 << 22;
 
 /// Why the gate refused a pickle.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +86,16 @@ pub enum GateError {
         /// Why.
         why: String,
     },
+    /// A budget is exceeded.
+    #[error("refused at byte {at}: {what} would exceed the limit of {limit}")]
+    Limit {
+        /// Offset of the opcode that crossed it.
+        at: usize,
+        /// The budget.
+        what: &'static str,
+        /// Its limit.
+        limit: u64,
+    },
     /// Not a well-formed pickle.
     #[error("malformed pickle at byte {at}: {reason}")]
     Malformed {
@@ -106,13 +136,41 @@ fn allowed(module: &str, name: &str) -> bool {
                     ))))
 }
 
-/// A simulated container: its items (a dict's as key, value, key, value, ...).
+const ELEMENTS: &str = "the number of elements (memo references counted at full size)";
+const DEPTH: &str = "the nesting depth";
+const MEMO: &str = "the number of memo entries";
+
+/// A simulated container: its items (a dict's as key, value, key, value, ...), its size in
+/// elements with every shared item counted in full, and its depth.
 #[derive(Clone, Default)]
 struct Node {
     items: Vec<V>,
+    size: u64,
+    depth: usize,
 }
 
-/// A simulated value. Values are shared (`Rc`) and copied on write.
+impl Node {
+    fn new(items: Vec<V>) -> Self {
+        let mut n = Node {
+            items: Vec::new(),
+            size: 1,
+            depth: 1,
+        };
+        n.extend(items);
+        n
+    }
+    fn extend(&mut self, items: Vec<V>) {
+        self.items.reserve(items.len());
+        for v in items {
+            self.size = self.size.saturating_add(v.size());
+            self.depth = self.depth.max(v.depth() + 1);
+            self.items.push(v);
+        }
+    }
+}
+
+/// A simulated value. Values are shared (`Rc`) and copied on write, so memo fetches cost
+/// nothing here however large what they fetch.
 #[derive(Clone)]
 enum V {
     Str(Rc<str>),
@@ -130,6 +188,19 @@ enum V {
 }
 
 impl V {
+    fn size(&self) -> u64 {
+        match self {
+            V::List(n) | V::Tuple(n) | V::Dict(n) | V::Set(n) => n.size,
+            _ => 1,
+        }
+    }
+    fn depth(&self) -> usize {
+        match self {
+            V::List(n) | V::Tuple(n) | V::Dict(n) | V::Set(n) => n.depth,
+            V::Storage => 1,
+            _ => 0,
+        }
+    }
     fn kind(&self) -> &'static str {
         match self {
             V::Str(_) => "a string",
@@ -265,6 +336,7 @@ struct Gate<'a> {
     /// Stack lengths at each open MARK (Python's metastack).
     marks: Vec<usize>,
     memo: HashMap<u64, V>,
+    elements: u64,
 }
 
 impl<'a> Gate<'a> {
@@ -281,17 +353,42 @@ impl<'a> Gate<'a> {
             why: why.into(),
         }
     }
-    /// Pushes a value made from nothing on the stack.
+    fn limit(&self, what: &'static str, limit: u64) -> GateError {
+        GateError::Limit {
+            at: self.at,
+            what,
+            limit,
+        }
+    }
+
+    fn charge(&mut self, n: u64) -> GateResult<()> {
+        self.elements = self.elements.saturating_add(n);
+        if self.elements > MAX_ELEMENTS {
+            return Err(self.limit(ELEMENTS, MAX_ELEMENTS));
+        }
+        Ok(())
+    }
+    fn check_depth(&self, depth: usize) -> GateResult<()> {
+        if depth > MAX_DEPTH {
+            return Err(self.limit(DEPTH, MAX_DEPTH as u64));
+        }
+        Ok(())
+    }
+    /// Pushes a value made from nothing on the stack (one element).
     fn push_new(&mut self, v: V) -> GateResult<()> {
+        self.charge(1)?;
         self.stack.push(v);
         Ok(())
     }
-    /// Pushes a new container of `items`.
+    /// Pushes a new container of `items` (popped from the stack, so already counted).
     fn push_node(&mut self, make: fn(Rc<Node>) -> V, items: Vec<V>) -> GateResult<()> {
-        self.push_new(make(Rc::new(Node { items })))
+        let node = Node::new(items);
+        self.check_depth(node.depth)?;
+        self.push_new(make(Rc::new(node)))
     }
-    /// Pushes a copy of `v` (a memo fetch or DUP).
+    /// Pushes a copy of `v` (a memo fetch or DUP): counted at its full size.
     fn push_copy(&mut self, v: V) -> GateResult<()> {
+        self.charge(v.size())?;
         self.stack.push(v);
         Ok(())
     }
@@ -342,8 +439,10 @@ impl<'a> Gate<'a> {
                 });
             }
         };
-        Rc::make_mut(rc).items.extend(items);
-        Ok(())
+        let node = Rc::make_mut(rc);
+        node.extend(items);
+        let depth = node.depth;
+        self.check_depth(depth)
     }
 
     /// Dict keys must be strings (or integers, which burn-store names by their digits).
@@ -368,7 +467,11 @@ impl<'a> Gate<'a> {
     }
     fn memo_put(&mut self, idx: u64) -> GateResult<()> {
         let v = self.top()?.clone();
+        self.charge(v.size())?;
         self.memo.insert(idx, v);
+        if self.memo.len() > MAX_MEMO {
+            return Err(self.limit(MEMO, MAX_MEMO as u64));
+        }
         Ok(())
     }
     fn memo_index(&self, line: &[u8]) -> GateResult<u64> {
@@ -432,7 +535,7 @@ impl<'a> Gate<'a> {
     fn new_obj(&mut self, op: u8, cls: V, args: V) -> GateResult<V> {
         match &cls {
             V::Global(g) if g.0 == "collections" && g.1 == "OrderedDict" => {
-                Ok(V::Dict(Rc::default()))
+                Ok(V::Dict(Rc::new(Node::new(Vec::new()))))
             }
             V::Global(g) if g.0 == "torch" && g.1 == "Size" => self.call(op, cls, args),
             V::Global(g) => Err(GateError::Call {
@@ -473,7 +576,9 @@ impl<'a> Gate<'a> {
             }
             _ => return Err(self.refuse(op, "OrderedDict of something other than pairs")),
         };
-        Ok(V::Dict(Rc::new(Node { items })))
+        let node = Node::new(items);
+        self.check_depth(node.depth)?;
+        Ok(V::Dict(Rc::new(node)))
     }
 
     /// `_rebuild_tensor_v2(storage, offset, shape, stride, requires_grad, hooks[, metadata])`.
@@ -552,7 +657,10 @@ impl<'a> Gate<'a> {
             };
         }
         match op {
-            b'(' => self.marks.push(self.stack.len()),
+            b'(' => {
+                self.charge(1)?;
+                self.marks.push(self.stack.len());
+            }
             // POP: the top item, or the MARK itself when nothing is above it
             b'0' => {
                 if self.stack.len() > self.fence() {
@@ -790,7 +898,7 @@ impl<'a> Gate<'a> {
                 let name = rd!(self.r.text_line());
                 let g = self.global("INST", module, name)?;
                 let args = self.pop_mark()?;
-                let args = V::Tuple(Rc::new(Node { items: args }));
+                let args = V::Tuple(Rc::new(Node::new(args)));
                 let v = self.call(op, g, args)?;
                 self.push_new(v)?;
             }
@@ -800,7 +908,7 @@ impl<'a> Gate<'a> {
                     return Err(self.malformed("OBJ without a class"));
                 }
                 let cls = items.remove(0);
-                let args = V::Tuple(Rc::new(Node { items }));
+                let args = V::Tuple(Rc::new(Node::new(items)));
                 let v = self.call(op, cls, args)?;
                 self.push_new(v)?;
             }
@@ -833,7 +941,10 @@ impl<'a> Gate<'a> {
                 }
                 match (self.stack.last_mut(), state) {
                     (Some(V::Dict(rc)), V::Dict(update)) => {
-                        Rc::make_mut(rc).items.extend(update.items.iter().cloned());
+                        let node = Rc::make_mut(rc);
+                        node.extend(update.items.clone());
+                        let depth = node.depth;
+                        self.check_depth(depth)?;
                     }
                     (Some(V::Dict(_) | V::Tensor), _) => {}
                     (target, _) => {
@@ -862,7 +973,7 @@ impl<'a> Gate<'a> {
     }
 }
 
-/// Walks one pickle stream and refuses anything but tensor construction.
+/// Walks one pickle stream and refuses anything but tensor construction within the budgets.
 pub fn check_pickle(data: &[u8]) -> std::result::Result<(), GateError> {
     Gate {
         r: Reader { data, pos: 0 },
@@ -870,12 +981,13 @@ pub fn check_pickle(data: &[u8]) -> std::result::Result<(), GateError> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        elements: 0,
     }
     .run()
 }
 
-/// Checks every `*.pkl` member of a torch zip checkpoint with [`check_pickle`]. Files that are
-/// not zips (the pre-1.6 raw pickle format) are refused.
+/// Checks every `*.pkl` member of a torch zip checkpoint with [`check_pickle`] (each at most
+/// [`MAX_PICKLE_BYTES`]). Files that are not zips (the pre-1.6 raw pickle format) are refused.
 pub fn check_torch_zip(path: &Path) -> Result<()> {
     let err = |reason: String| IoError::Pickle {
         path: path.to_path_buf(),
@@ -889,16 +1001,28 @@ pub fn check_torch_zip(path: &Path) -> Result<()> {
     })?;
     let mut seen = false;
     for i in 0..zip.len() {
-        let mut member = zip.by_index(i).map_err(|e| err(e.to_string()))?;
+        let member = zip.by_index(i).map_err(|e| err(e.to_string()))?;
         if !member.name().ends_with(".pkl") {
             continue;
         }
         seen = true;
         let name = member.name().to_string();
+        let too_large = |size: u64| {
+            err(format!(
+                "{name}: pickle of {size} bytes, more than the {MAX_PICKLE_BYTES}-byte limit"
+            ))
+        };
+        if member.size() > MAX_PICKLE_BYTES {
+            return Err(too_large(member.size()));
+        }
         let mut bytes = Vec::new();
         member
+            .take(MAX_PICKLE_BYTES + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| err(format!("{name}: {e}")))?;
+        if bytes.len() as u64 > MAX_PICKLE_BYTES {
+            return Err(too_large(bytes.len() as u64));
+        }
         check_pickle(&bytes).map_err(|source| IoError::PickleRefused {
             path: path.to_path_buf(),
             member: name,

@@ -1,12 +1,14 @@
 //! The pickle gate in front of PyTorch `.bin` checkpoints, against hand-built hostile pickles:
-//! globals named through the memo. Every pickle here is written byte by byte; none is ever
-//! executed.
+//! globals named through the memo, memo-clone bombs and deep nesting. Every pickle here is
+//! written byte by byte; none is ever executed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use peft_io::TensorSource;
-use peft_io::pickle::{GateError, check_pickle, check_torch_zip};
+use peft_io::pickle::{
+    GateError, MAX_DEPTH, MAX_ELEMENTS, MAX_MEMO, check_pickle, check_torch_zip,
+};
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("peft-io-gate-{}-{name}", std::process::id()));
@@ -31,10 +33,22 @@ impl P {
         self.0.extend_from_slice(bytes);
         self
     }
+    fn rep(mut self, bytes: &[u8], n: usize) -> Self {
+        for _ in 0..n {
+            self.0.extend_from_slice(bytes);
+        }
+        self
+    }
     /// SHORT_BINUNICODE (protocol 4).
     fn short_str(self, s: &str) -> Self {
         assert!(s.len() < 256);
         self.op(&[0x8c, s.len() as u8]).op(s.as_bytes())
+    }
+    /// BINUNICODE (protocol 1+).
+    fn str(self, s: &str) -> Self {
+        self.op(b"X")
+            .op(&(s.len() as u32).to_le_bytes())
+            .op(s.as_bytes())
     }
     /// GLOBAL.
     fn global(self, module: &str, name: &str) -> Self {
@@ -49,6 +63,18 @@ impl P {
         match i32::try_from(v) {
             Ok(v) => self.op(b"J").op(&v.to_le_bytes()),
             Err(_) => self.op(&[0x8a, 8]).op(&v.to_le_bytes()),
+        }
+    }
+    fn put(self, i: u32) -> Self {
+        match u8::try_from(i) {
+            Ok(i) => self.op(&[b'q', i]),
+            Err(_) => self.op(b"r").op(&i.to_le_bytes()),
+        }
+    }
+    fn get(self, i: u32) -> Self {
+        match u8::try_from(i) {
+            Ok(i) => self.op(&[b'h', i]),
+            Err(_) => self.op(b"j").op(&i.to_le_bytes()),
         }
     }
     fn stop(self) -> Vec<u8> {
@@ -72,6 +98,10 @@ fn torch_zip(path: &Path, pickle: &[u8], storages: &[(&str, Vec<u8>)]) {
     zip.start_file("archive/version", opts).unwrap();
     zip.write_all(b"3\n").unwrap();
     zip.finish().unwrap();
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn gate_err(data: &[u8]) -> String {
@@ -250,6 +280,118 @@ fn globals_the_gate_cannot_resolve_are_refused() {
     );
 }
 
+// ---- 8: budgets ----
+
+/// 242 bytes whose unpickled object (as a parser that copies memo entries builds it) has about
+/// 2^26 elements: a list memoized, then 26 times `[memo[0], memo[0]]` memoized over it.
+fn clone_bomb_list() -> Vec<u8> {
+    P::proto(2)
+        .op(b"]q\x00")
+        .rep(b"(h\x00h\x00lq\x000", 26)
+        .op(b"h\x00")
+        .stop()
+}
+
+/// The same growth through APPEND: `memo[0].append(memo[0])`, memoized again.
+fn clone_bomb_append() -> Vec<u8> {
+    P::proto(2)
+        .op(b"]q\x00")
+        .rep(b"h\x00h\x00aq\x000", 30)
+        .op(b"h\x00")
+        .stop()
+}
+
+/// And through DUP: `x = memo[0]; x.append(x)`.
+fn clone_bomb_dup() -> Vec<u8> {
+    P::proto(2)
+        .op(b"]q\x00")
+        .rep(b"h\x002aq\x000", 30)
+        .op(b"h\x00")
+        .stop()
+}
+
+#[test]
+fn memo_clone_bombs_are_refused() {
+    for (what, bomb) in [
+        ("LIST", clone_bomb_list()),
+        ("APPEND", clone_bomb_append()),
+        ("DUP", clone_bomb_dup()),
+    ] {
+        assert!(bomb.len() < 256, "{what}: {} bytes", bomb.len());
+        let err = gate_err(&bomb);
+        assert!(err.contains("elements"), "{what}: {err}");
+        assert!(
+            matches!(check_pickle(&bomb), Err(GateError::Limit { limit, .. }) if limit == MAX_ELEMENTS),
+            "{what}"
+        );
+    }
+    // Through a checkpoint: refused by the gate, before burn-store's parser copies anything.
+    let d = tmpdir("bomb");
+    let path = d.join("pytorch_model.bin");
+    torch_zip(&path, &clone_bomb_list(), &[]);
+    let err = bin_err(&path);
+    assert!(err.contains("elements"), "{err}");
+}
+
+#[test]
+fn deep_nesting_is_refused() {
+    const N: usize = 1_000_000;
+    let cases = [
+        // ]]]...]aaa...a: each list appended to the one below it
+        (
+            "EMPTY_LIST/APPEND",
+            P::proto(2).rep(b"]", N).rep(b"a", N - 1).stop(),
+        ),
+        // (((...(lll...l: MARK then LIST, nested
+        ("MARK/LIST", P::proto(2).rep(b"(", N).rep(b"l", N).stop()),
+        // N then TUPLE1 a million times
+        ("TUPLE1", P::proto(2).op(b"N").rep(&[0x85], N).stop()),
+        // a dict nested in a dict ...
+        (
+            "SETITEM",
+            P::proto(2)
+                .rep(b"}X\x01\x00\x00\x00k", N)
+                .op(b"N")
+                .rep(b"s", N)
+                .stop(),
+        ),
+    ];
+    for (what, p) in cases {
+        let err = gate_err(&p);
+        assert!(err.contains("nesting depth"), "{what}: {err}");
+        assert!(
+            matches!(check_pickle(&p), Err(GateError::Limit { limit, .. }) if limit == MAX_DEPTH as u64),
+            "{what}"
+        );
+    }
+    // Nesting up to the limit is fine.
+    let ok = P::proto(2)
+        .rep(b"]", MAX_DEPTH)
+        .rep(b"a", MAX_DEPTH - 1)
+        .stop();
+    check_pickle(&ok).unwrap();
+    let d = tmpdir("deep");
+    let path = d.join("pytorch_model.bin");
+    torch_zip(&path, &P::proto(2).rep(b"(", N).rep(b"l", N).stop(), &[]);
+    let err = bin_err(&path);
+    assert!(err.contains("nesting depth"), "{err}");
+}
+
+#[test]
+fn memo_size_is_bounded() {
+    // One value put under 5 million distinct memo keys (25 MB of LONG_BINPUT).
+    let mut p = P::proto(2).op(b"N");
+    for i in 0..5_000_000u32 {
+        p = p.op(b"r").op(&i.to_le_bytes());
+    }
+    let p = p.stop();
+    let err = gate_err(&p);
+    assert!(err.contains("memo"), "{err}");
+    assert!(
+        matches!(check_pickle(&p), Err(GateError::Limit { limit, .. }) if limit == MAX_MEMO as u64)
+    );
+}
+
 // ---- real checkpoints keep loading ----
 
 #[test]
@@ -288,4 +430,95 @@ fn fixture_checkpoints_pass_the_gate_and_load() {
             assert_eq!(shape.iter().product::<usize>(), values.len(), "{n}");
         }
     }
+}
+
+/// A state dict pickled the way `torch.save` does it (protocol 2, every object memoized,
+/// repeated strings and globals fetched from the memo), with `n` tensors of shape `[2, 2]`,
+/// tensor `i` in storage `i`.
+fn torch_like_state_dict(n: usize) -> Vec<u8> {
+    let mut memo = 0u32;
+    let mut next = || {
+        memo += 1;
+        memo - 1
+    };
+    let od = next();
+    let rebuild = next();
+    let storage = next();
+    let float = next();
+    let cpu = next();
+    let mut p = P::proto(2)
+        .global("collections", "OrderedDict")
+        .put(od)
+        .op(b")R")
+        .put(next())
+        .op(b"(");
+    for i in 0..n {
+        let key = format!("encoder.layer.{i}.weight");
+        p = p.str(&key).put(next());
+        p = if i == 0 {
+            p.global("torch._utils", "_rebuild_tensor_v2")
+                .put(rebuild)
+                .op(b"((")
+                .str("storage")
+                .put(storage)
+                .global("torch", "FloatStorage")
+                .put(float)
+                .str(&i.to_string())
+                .put(next())
+                .str("cpu")
+                .put(cpu)
+        } else {
+            p.get(rebuild)
+                .op(b"((")
+                .get(storage)
+                .get(float)
+                .str(&i.to_string())
+                .put(next())
+                .get(cpu)
+        };
+        p = p
+            .int(4)
+            .op(b"t")
+            .put(next())
+            .op(b"QK\x00K\x02K\x02\x86")
+            .put(next())
+            .op(b"K\x02K\x01\x86")
+            .put(next())
+            .op(&[0x89])
+            .get(od)
+            .op(b")R")
+            .put(next())
+            .op(b"tR")
+            .put(next());
+        if i % 1000 == 999 {
+            p = p.op(b"u(");
+        }
+    }
+    p.op(b"u").stop()
+}
+
+#[test]
+fn large_state_dicts_pass_the_budgets() {
+    // 150,000 tensors, far more than any single checkpoint file holds.
+    let big = torch_like_state_dict(150_000);
+    check_pickle(&big).unwrap_or_else(|e| panic!("{e}"));
+
+    // 3,000 tensors through a real zip and burn-store.
+    let n = 3000;
+    let pickle = torch_like_state_dict(n);
+    let storages: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (i.to_string(), f32_bytes(&[i as f32, 1.0, 2.0, 3.0])))
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = storages
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let d = tmpdir("many");
+    let path = d.join("pytorch_model.bin");
+    torch_zip(&path, &pickle, &refs);
+    let src = TensorSource::pytorch(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(src.names().len(), n);
+    let (shape, values) = src.get_f32("encoder.layer.2999.weight").unwrap().unwrap();
+    assert_eq!(shape, vec![2, 2]);
+    assert_eq!(values, vec![2999.0, 1.0, 2.0, 3.0]);
 }
