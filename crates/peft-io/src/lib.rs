@@ -12,7 +12,8 @@
 //! - the tensor readers under both ([`tensors`]): safetensors memory-mapped with its header
 //!   validated, PyTorch checkpoints parsed without executing pickle code, behind a gate that
 //!   simulates each pickle (a global allowlist, with names resolved through the memo; budgets
-//!   on elements, nesting depth and memo size) before anything parses it ([`pickle`]).
+//!   on elements, nesting depth and memo size; every tensor checked against its storage's
+//!   bytes) before anything parses it ([`pickle`]).
 //!
 //! Every file is opened through [`files`]: regular files only (a directory, FIFO or device is
 //! refused by name, never read), with size limits on what is read whole into memory.

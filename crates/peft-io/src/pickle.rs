@@ -4,8 +4,8 @@
 //!
 //! The walk simulates the unpickler's stack, marks and memo, so every value is known as far as
 //! the gate needs it: strings (so a `STACK_GLOBAL` whose module and name come from the memo is
-//! resolved exactly as Python would), globals, what tensor rebuilds are called with, and
-//! containers (their size and depth).
+//! resolved exactly as Python would), globals, integers and tuples (so each tensor's storage,
+//! offset, shape and stride are known), containers (their size and depth).
 //!
 //! - Globals (`GLOBAL`, `STACK_GLOBAL`, `INST`) must be on a short list (`collections.OrderedDict`,
 //!   `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter[_with_state]`,
@@ -17,6 +17,9 @@
 //! - Budgets: [`MAX_ELEMENTS`] elements in all (a memo reference counts as the size of what it
 //!   refers to, as burn-store's parser copies it: memo-clone bombs are measured), nesting depth
 //!   [`MAX_DEPTH`], [`MAX_MEMO`] memo entries, [`MAX_PICKLE_BYTES`] per pickle.
+//! - Every `_rebuild_tensor_v2(storage, offset, shape, stride, ...)` is checked against the
+//!   storage's byte size in the zip (shape x dtype size + offset, and the furthest element the
+//!   strides reach), and refused with the tensor's key, its shape and both byte counts.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -96,6 +99,31 @@ pub enum GateError {
         /// Its limit.
         limit: u64,
     },
+    /// A tensor reaches past the end of its storage.
+    #[error(
+        "tensor `{key}` of shape {shape:?} needs {needed} bytes of storage `{storage}`, which \
+         holds {available} bytes"
+    )]
+    TensorOutOfBounds {
+        /// Its state-dict key (dotted for nested dicts).
+        key: String,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// The storage's zip entry.
+        storage: String,
+        /// Bytes the tensor reaches (offset and strides included).
+        needed: u64,
+        /// Bytes the storage holds.
+        available: u64,
+    },
+    /// A tensor whose shape, stride, offset, dtype or storage is invalid.
+    #[error("tensor `{key}`: {reason}")]
+    Tensor {
+        /// Its state-dict key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Not a well-formed pickle.
     #[error("malformed pickle at byte {at}: {reason}")]
     Malformed {
@@ -136,17 +164,30 @@ fn allowed(module: &str, name: &str) -> bool {
                     ))))
 }
 
+/// Element size of the storage types burn-store reads.
+fn storage_element_size(type_name: &str) -> Option<u64> {
+    Some(match type_name {
+        "DoubleStorage" | "LongStorage" => 8,
+        "FloatStorage" | "IntStorage" => 4,
+        "HalfStorage" | "BFloat16Storage" | "ShortStorage" => 2,
+        "CharStorage" | "ByteStorage" | "BoolStorage" => 1,
+        _ => return None,
+    })
+}
+
 const ELEMENTS: &str = "the number of elements (memo references counted at full size)";
 const DEPTH: &str = "the nesting depth";
 const MEMO: &str = "the number of memo entries";
 
 /// A simulated container: its items (a dict's as key, value, key, value, ...), its size in
-/// elements with every shared item counted in full, and its depth.
+/// elements with every shared item counted in full, its depth, and whether it holds a tensor
+/// that does not fit its storage.
 #[derive(Clone, Default)]
 struct Node {
     items: Vec<V>,
     size: u64,
     depth: usize,
+    bad: bool,
 }
 
 impl Node {
@@ -155,6 +196,7 @@ impl Node {
             items: Vec::new(),
             size: 1,
             depth: 1,
+            bad: false,
         };
         n.extend(items);
         n
@@ -164,7 +206,47 @@ impl Node {
         for v in items {
             self.size = self.size.saturating_add(v.size());
             self.depth = self.depth.max(v.depth() + 1);
+            self.bad |= v.bad();
             self.items.push(v);
+        }
+    }
+}
+
+/// A persistent id `('storage', type, key, location, numel)`.
+struct Storage {
+    key: String,
+    /// `FloatStorage`, ... (`None` when the type is not a `torch` global or a string).
+    type_name: Option<String>,
+}
+
+/// What is wrong with a tensor, reported with its key once the state dict is complete.
+#[derive(Clone)]
+enum Bad {
+    OutOfBounds {
+        shape: Vec<i64>,
+        storage: String,
+        needed: u64,
+        available: u64,
+    },
+    Invalid(String),
+}
+
+impl Bad {
+    fn error(self, key: String) -> GateError {
+        match self {
+            Bad::OutOfBounds {
+                shape,
+                storage,
+                needed,
+                available,
+            } => GateError::TensorOutOfBounds {
+                key,
+                shape,
+                storage,
+                needed,
+                available,
+            },
+            Bad::Invalid(reason) => GateError::Tensor { key, reason },
         }
     }
 }
@@ -178,9 +260,8 @@ enum V {
     /// None, bools, floats, bytes, big integers, strings the gate does not decode.
     Opaque(&'static str),
     Global(Rc<(String, String)>),
-    /// A torch storage (persistent id).
-    Storage,
-    Tensor,
+    Storage(Rc<Storage>),
+    Tensor(Option<Rc<Bad>>),
     List(Rc<Node>),
     Tuple(Rc<Node>),
     Dict(Rc<Node>),
@@ -197,8 +278,15 @@ impl V {
     fn depth(&self) -> usize {
         match self {
             V::List(n) | V::Tuple(n) | V::Dict(n) | V::Set(n) => n.depth,
-            V::Storage => 1,
+            V::Storage(_) => 1,
             _ => 0,
+        }
+    }
+    fn bad(&self) -> bool {
+        match self {
+            V::List(n) | V::Tuple(n) | V::Dict(n) | V::Set(n) => n.bad,
+            V::Tensor(b) => b.is_some(),
+            _ => false,
         }
     }
     fn kind(&self) -> &'static str {
@@ -207,8 +295,8 @@ impl V {
             V::Int(_) => "an integer",
             V::Opaque(k) => k,
             V::Global(_) => "a global",
-            V::Storage => "a storage",
-            V::Tensor => "a tensor",
+            V::Storage(_) => "a storage",
+            V::Tensor(_) => "a tensor",
             V::List(_) => "a list",
             V::Tuple(_) => "a tuple",
             V::Dict(_) => "a dict",
@@ -328,6 +416,9 @@ fn utf8(bytes: &[u8]) -> V {
     }
 }
 
+/// Looks a storage key up in the zip: the entry's name and byte size.
+type StorageLookup<'a> = &'a dyn Fn(&str) -> Option<(String, u64)>;
+
 struct Gate<'a> {
     r: Reader<'a>,
     /// Offset of the opcode being simulated.
@@ -337,6 +428,8 @@ struct Gate<'a> {
     marks: Vec<usize>,
     memo: HashMap<u64, V>,
     elements: u64,
+    storages: Option<StorageLookup<'a>>,
+    first_bad: Option<Rc<Bad>>,
 }
 
 impl<'a> Gate<'a> {
@@ -589,18 +682,26 @@ impl<'a> Gate<'a> {
                 format!("_rebuild_tensor_v2 with {} arguments", args.len()),
             ));
         }
-        let V::Storage = &args[0] else {
+        let V::Storage(storage) = &args[0] else {
             return Err(self.refuse(op, format!("a tensor whose storage is {}", args[0].kind())));
         };
-        let V::Int(_) = args[1] else {
+        let V::Int(offset) = args[1] else {
             return Err(self.refuse(
                 op,
                 format!("a tensor whose storage offset is {}", args[1].kind()),
             ));
         };
-        self.int_tuple(op, &args[2], "shape")?;
-        self.int_tuple(op, &args[3], "stride")?;
-        Ok(V::Tensor)
+        let shape = self.int_tuple(op, &args[2], "shape")?;
+        let stride = self.int_tuple(op, &args[3], "stride")?;
+        let bad = self
+            .tensor_fault(storage, offset, &shape, &stride)
+            .map(Rc::new);
+        if let Some(b) = &bad
+            && self.first_bad.is_none()
+        {
+            self.first_bad = Some(b.clone());
+        }
+        Ok(V::Tensor(bad))
     }
 
     fn int_tuple(&self, op: u8, v: &V, what: &str) -> GateResult<Vec<i64>> {
@@ -618,25 +719,122 @@ impl<'a> Gate<'a> {
             .collect()
     }
 
+    /// What is wrong with a tensor of `shape` and `stride` at `offset` in `storage`, if
+    /// anything: it must reach no further than the storage's bytes, both as torch addresses it
+    /// (offset + the furthest strided element) and as burn-store reads it (shape's elements
+    /// contiguous from the offset).
+    fn tensor_fault(
+        &self,
+        storage: &Storage,
+        offset: i64,
+        shape: &[i64],
+        stride: &[i64],
+    ) -> Option<Bad> {
+        let invalid = |s: String| Some(Bad::Invalid(s));
+        let Some(type_name) = &storage.type_name else {
+            return invalid("its storage type is not a torch storage class".into());
+        };
+        let Some(elem) = storage_element_size(type_name) else {
+            return invalid(format!("storage type `{type_name}` is not supported"));
+        };
+        if shape.len() != stride.len() {
+            return invalid(format!(
+                "shape {shape:?} and stride {stride:?} differ in length"
+            ));
+        }
+        if offset < 0 || shape.iter().chain(stride).any(|x| *x < 0) {
+            return invalid(format!(
+                "negative offset, size or stride (offset {offset}, shape {shape:?}, stride \
+                 {stride:?})"
+            ));
+        }
+        let offset = offset as u64;
+        let overflow = || {
+            invalid(format!(
+                "shape {shape:?} (offset {offset}, stride {stride:?}) overflows 64-bit sizes"
+            ))
+        };
+        let Some(numel) = shape
+            .iter()
+            .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64))
+        else {
+            return overflow();
+        };
+        let mut furthest = offset;
+        if numel > 0 {
+            for (d, s) in shape.iter().zip(stride) {
+                let Some(f) = (*d as u64 - 1)
+                    .checked_mul(*s as u64)
+                    .and_then(|x| furthest.checked_add(x))
+                else {
+                    return overflow();
+                };
+                furthest = f;
+            }
+        }
+        let strided = if numel > 0 {
+            furthest.checked_add(1)
+        } else {
+            Some(offset)
+        };
+        let Some(needed) = offset
+            .checked_add(numel)
+            .zip(strided)
+            .map(|(contiguous, strided)| contiguous.max(strided))
+            .and_then(|n| n.checked_mul(elem))
+        else {
+            return overflow();
+        };
+        let lookup = self.storages?;
+        match lookup(&storage.key) {
+            None => invalid(format!(
+                "its storage `{}` is missing from the zip (no data/{} entry)",
+                storage.key, storage.key
+            )),
+            Some((entry, available)) if needed > available => Some(Bad::OutOfBounds {
+                shape: shape.to_vec(),
+                storage: entry,
+                needed,
+                available,
+            }),
+            Some(_) => None,
+        }
+    }
+
     /// `BINPERSID` of `('storage', type, key, location, numel)`.
     fn persistent(&mut self) -> GateResult<()> {
         let pid = self.pop()?;
-        match &pid {
+        let storage = match &pid {
             V::Tuple(t) => match t.items.as_slice() {
-                [V::Str(tag), _, V::Str(_), _, _] if &**tag == "storage" => {}
+                [V::Str(tag), ty, V::Str(key), _, _] if &**tag == "storage" => Storage {
+                    key: key.to_string(),
+                    type_name: match ty {
+                        V::Global(g) if g.0 == "torch" => Some(g.1.clone()),
+                        V::Str(s) => Some(s.to_string()),
+                        _ => None,
+                    },
+                },
                 _ => return Err(self.refuse(b'Q', "a persistent id that is not a torch storage")),
             },
             other => {
                 return Err(self.refuse(b'Q', format!("a persistent id that is {}", other.kind())));
             }
         };
-        self.push_new(V::Storage)
+        self.push_new(V::Storage(Rc::new(storage)))
     }
 
-    /// STOP: the pickle is accepted.
+    /// STOP: the pickle is accepted unless a tensor does not fit its storage.
     fn stop(&mut self) -> GateResult<()> {
-        self.pop()?;
-        Ok(())
+        let result = self.pop()?;
+        let Some(first) = self.first_bad.clone() else {
+            return Ok(());
+        };
+        Err(match find_bad(&result) {
+            Some((key, bad)) => bad.error(key),
+            None => (*first)
+                .clone()
+                .error("(not under a state-dict key)".into()),
+        })
     }
 
     fn run(&mut self) -> GateResult<()> {
@@ -946,7 +1144,7 @@ impl<'a> Gate<'a> {
                         let depth = node.depth;
                         self.check_depth(depth)?;
                     }
-                    (Some(V::Dict(_) | V::Tensor), _) => {}
+                    (Some(V::Dict(_) | V::Tensor(_)), _) => {}
                     (target, _) => {
                         return Err(GateError::Opcode {
                             opcode: "BUILD",
@@ -973,8 +1171,35 @@ impl<'a> Gate<'a> {
     }
 }
 
-/// Walks one pickle stream and refuses anything but tensor construction within the budgets.
-pub fn check_pickle(data: &[u8]) -> std::result::Result<(), GateError> {
+/// The dotted state-dict key of a tensor in `v` that does not fit its storage, following only
+/// dicts (as burn-store names tensors).
+fn find_bad(v: &V) -> Option<(String, Bad)> {
+    let mut todo: Vec<(String, &V)> = vec![(String::new(), v)];
+    while let Some((prefix, v)) = todo.pop() {
+        match v {
+            V::Tensor(Some(bad)) if !prefix.is_empty() => return Some((prefix, (**bad).clone())),
+            V::Dict(n) if n.bad => {
+                for pair in n.items.chunks(2) {
+                    if let [k, val] = pair
+                        && val.bad()
+                        && let Some(key) = k.key()
+                    {
+                        let path = if prefix.is_empty() {
+                            key
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        todo.push((path, val));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn walk(data: &[u8], storages: Option<StorageLookup<'_>>) -> GateResult<()> {
     Gate {
         r: Reader { data, pos: 0 },
         at: 0,
@@ -982,55 +1207,115 @@ pub fn check_pickle(data: &[u8]) -> std::result::Result<(), GateError> {
         marks: Vec::new(),
         memo: HashMap::new(),
         elements: 0,
+        storages,
+        first_bad: None,
     }
     .run()
 }
 
-/// Checks every `*.pkl` member of a torch zip checkpoint with [`check_pickle`] (each at most
-/// [`MAX_PICKLE_BYTES`]). Files that are not zips (the pre-1.6 raw pickle format) are refused.
+/// Walks one pickle stream and refuses anything but tensor construction within the budgets.
+/// Tensors are checked for consistency but not against storage sizes (see
+/// [`check_pickle_with_storages`]).
+pub fn check_pickle(data: &[u8]) -> std::result::Result<(), GateError> {
+    walk(data, None)
+}
+
+/// [`check_pickle`], and every tensor checked against its storage: `storages` gives the zip
+/// entry and byte size of a storage key (`None` if the zip has no such storage).
+pub fn check_pickle_with_storages(
+    data: &[u8],
+    storages: &dyn Fn(&str) -> Option<(String, u64)>,
+) -> std::result::Result<(), GateError> {
+    walk(data, Some(storages))
+}
+
+/// Checks a torch zip checkpoint before anything else parses it: every entry must be stored
+/// uncompressed (as `torch.save` writes them) with its size consistent with the file, and every
+/// `*.pkl` member must pass [`check_pickle_with_storages`] against the zip's storages. Files
+/// that are not zips (the pre-1.6 raw pickle format) are refused.
 pub fn check_torch_zip(path: &Path) -> Result<()> {
     let err = |reason: String| IoError::Pickle {
         path: path.to_path_buf(),
         reason,
     };
-    let (file, _) = crate::files::open_regular(path)?;
+    let (file, file_len) = crate::files::open_regular(path)?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| {
         err(format!(
             "not a torch zip checkpoint ({e}); legacy raw pickles are not read"
         ))
     })?;
-    let mut seen = false;
+    // Every entry's name and size; the pickles' indices.
+    let mut sizes: Vec<(String, u64)> = Vec::with_capacity(zip.len());
+    let mut pickles = Vec::new();
     for i in 0..zip.len() {
         let member = zip.by_index(i).map_err(|e| err(e.to_string()))?;
-        if !member.name().ends_with(".pkl") {
-            continue;
-        }
-        seen = true;
         let name = member.name().to_string();
-        let too_large = |size: u64| {
-            err(format!(
-                "{name}: pickle of {size} bytes, more than the {MAX_PICKLE_BYTES}-byte limit"
-            ))
-        };
-        if member.size() > MAX_PICKLE_BYTES {
-            return Err(too_large(member.size()));
+        if member.compression() != zip::CompressionMethod::Stored {
+            return Err(err(format!(
+                "zip entry `{name}` is compressed ({}); torch writes every entry uncompressed, \
+                 and a compressed one can expand without bound",
+                member.compression()
+            )));
         }
+        let (size, stored) = (member.size(), member.compressed_size());
+        if size != stored {
+            return Err(err(format!(
+                "zip entry `{name}` claims {size} bytes but stores {stored} bytes"
+            )));
+        }
+        let end = member.data_start().and_then(|s| s.checked_add(stored));
+        if end.is_none_or(|e| e > file_len) {
+            return Err(err(format!(
+                "zip entry `{name}` of {stored} bytes runs past the end of the {file_len}-byte \
+                 file"
+            )));
+        }
+        if name.ends_with(".pkl") {
+            if size > MAX_PICKLE_BYTES {
+                return Err(err(format!(
+                    "{name}: pickle of {size} bytes, more than the {MAX_PICKLE_BYTES}-byte limit"
+                )));
+            }
+            pickles.push(i);
+        }
+        sizes.push((name, size));
+    }
+    if pickles.is_empty() {
+        return Err(err("no pickle inside the zip".into()));
+    }
+    // The entry burn-store reads for a storage key is `data/<key>`, else one ending in
+    // `/data/<key>` or under a `/data/` folder named `<key>`: take the smallest of them.
+    let lookup = |key: &str| -> Option<(String, u64)> {
+        let exact = format!("data/{key}");
+        let suffix = format!("/data/{key}");
+        sizes
+            .iter()
+            .filter(|(n, _)| {
+                *n == exact
+                    || n.ends_with(&suffix)
+                    || (n.contains("/data/") && n.rsplit('/').next() == Some(key))
+            })
+            .min_by_key(|(_, s)| *s)
+            .cloned()
+    };
+    for i in pickles {
+        let member = zip.by_index(i).map_err(|e| err(e.to_string()))?;
+        let name = member.name().to_string();
         let mut bytes = Vec::new();
         member
             .take(MAX_PICKLE_BYTES + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| err(format!("{name}: {e}")))?;
         if bytes.len() as u64 > MAX_PICKLE_BYTES {
-            return Err(too_large(bytes.len() as u64));
+            return Err(err(format!(
+                "{name}: pickle of more than the {MAX_PICKLE_BYTES}-byte limit"
+            )));
         }
-        check_pickle(&bytes).map_err(|source| IoError::PickleRefused {
+        check_pickle_with_storages(&bytes, &lookup).map_err(|source| IoError::PickleRefused {
             path: path.to_path_buf(),
             member: name,
             source: Box::new(source),
         })?;
-    }
-    if !seen {
-        return Err(err("no pickle inside the zip".into()));
     }
     Ok(())
 }

@@ -1,14 +1,14 @@
 //! The pickle gate in front of PyTorch `.bin` checkpoints, against hand-built hostile pickles:
-//! globals named through the memo, memo-clone bombs and deep nesting. Every pickle here is
-//! written byte by byte; none is ever executed.
+//! globals named through the memo, memo-clone bombs, deep nesting, and tensors larger than their
+//! storage. Every pickle here is written byte by byte; none is ever executed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use peft_io::TensorSource;
 use peft_io::pickle::{
     GateError, MAX_DEPTH, MAX_ELEMENTS, MAX_MEMO, check_pickle, check_torch_zip,
 };
+use peft_io::{IoError, TensorSource};
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("peft-io-gate-{}-{name}", std::process::id()));
@@ -76,6 +76,34 @@ impl P {
             Ok(i) => self.op(&[b'h', i]),
             Err(_) => self.op(b"j").op(&i.to_le_bytes()),
         }
+    }
+    /// `_rebuild_tensor_v2(persistent ('storage', torch.FloatStorage, key, 'cpu', numel),
+    /// offset, shape, stride, False, OrderedDict())`, as `torch.save` writes it.
+    fn tensor(self, key: &str, numel: i64, offset: i64, shape: &[i64], stride: &[i64]) -> Self {
+        let mut p = self
+            .global("torch._utils", "_rebuild_tensor_v2")
+            .op(b"(")
+            .op(b"(")
+            .str("storage")
+            .global("torch", "FloatStorage")
+            .str(key)
+            .str("cpu")
+            .int(numel)
+            .op(b"tQ")
+            .int(offset)
+            .op(b"(");
+        for d in shape {
+            p = p.int(*d);
+        }
+        p = p.op(b"t(");
+        for s in stride {
+            p = p.int(*s);
+        }
+        p.op(b"t")
+            .op(&[0x89])
+            .global("collections", "OrderedDict")
+            .op(b")R")
+            .op(b"tR")
     }
     fn stop(self) -> Vec<u8> {
         self.op(b".").0
@@ -389,6 +417,192 @@ fn memo_size_is_bounded() {
     assert!(err.contains("memo"), "{err}");
     assert!(
         matches!(check_pickle(&p), Err(GateError::Limit { limit, .. }) if limit == MAX_MEMO as u64)
+    );
+}
+
+// ---- 9: tensors larger than their storage ----
+
+/// `{key: tensor}` in a zip, with one storage `0` of `storage_bytes` bytes.
+fn one_tensor_zip(
+    name: &str,
+    key: &str,
+    offset: i64,
+    shape: &[i64],
+    stride: &[i64],
+    storage_bytes: usize,
+) -> PathBuf {
+    let pickle = P::proto(2)
+        .op(b"}")
+        .str(key)
+        .tensor("0", (storage_bytes / 4) as i64, offset, shape, stride)
+        .op(b"s")
+        .stop();
+    let d = tmpdir(name);
+    let path = d.join("pytorch_model.bin");
+    let values: Vec<f32> = (0..storage_bytes / 4).map(|i| i as f32).collect();
+    torch_zip(&path, &pickle, &[("0", f32_bytes(&values))]);
+    path
+}
+
+#[test]
+fn tensor_larger_than_its_storage_is_refused_before_allocating() {
+    // 100000 x 100000 f32 (40 GB) over a 16-byte storage.
+    let path = one_tensor_zip(
+        "huge",
+        "encoder.weight",
+        0,
+        &[100_000, 100_000],
+        &[100_000, 1],
+        16,
+    );
+    match TensorSource::pytorch(&path) {
+        Err(IoError::PickleRefused { member, source, .. }) => {
+            assert_eq!(member, "archive/data.pkl");
+            assert_eq!(
+                *source,
+                GateError::TensorOutOfBounds {
+                    key: "encoder.weight".into(),
+                    shape: vec![100_000, 100_000],
+                    storage: "archive/data/0".into(),
+                    needed: 40_000_000_000,
+                    available: 16,
+                }
+            );
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("accepted"),
+    }
+    let err = bin_err(&path);
+    assert!(
+        err.contains("pytorch_model.bin")
+            && err.contains("`encoder.weight`")
+            && err.contains("[100000, 100000]")
+            && err.contains("40000000000 bytes")
+            && err.contains("16 bytes"),
+        "{err}"
+    );
+
+    // The storage offset pushes a fitting shape past the end: 4 elements from element 1 of 4.
+    let path = one_tensor_zip("offset", "w", 1, &[2, 2], &[2, 1], 16);
+    let err = bin_err(&path);
+    assert!(
+        err.contains("`w`") && err.contains("20 bytes") && err.contains("16 bytes"),
+        "{err}"
+    );
+
+    // Strides reach past the end: a [2, 2] view with row stride 4 touches element 5.
+    let path = one_tensor_zip("stride", "w", 0, &[2, 2], &[4, 1], 16);
+    let err = bin_err(&path);
+    assert!(
+        err.contains("`w`") && err.contains("24 bytes") && err.contains("16 bytes"),
+        "{err}"
+    );
+
+    // A shape whose element count overflows, and a negative dimension.
+    let path = one_tensor_zip("overflow", "w", 0, &[1 << 62, 1 << 62], &[1 << 62, 1], 16);
+    let err = bin_err(&path);
+    assert!(err.contains("`w`") && err.contains("overflows"), "{err}");
+    let path = one_tensor_zip("negative", "w", 0, &[-1, 4], &[4, 1], 16);
+    let err = bin_err(&path);
+    assert!(err.contains("`w`"), "{err}");
+
+    // The key of a nested state dict is the dotted path burn-store would give it.
+    let pickle = P::proto(2)
+        .op(b"}")
+        .str("model")
+        .op(b"}")
+        .str("w")
+        .tensor("0", 4, 0, &[8, 8], &[8, 1])
+        .op(b"ss")
+        .stop();
+    let d = tmpdir("nested");
+    let path = d.join("pytorch_model.bin");
+    torch_zip(&path, &pickle, &[("0", f32_bytes(&[0.0; 4]))]);
+    let err = bin_err(&path);
+    assert!(
+        err.contains("`model.w`") && err.contains("256 bytes"),
+        "{err}"
+    );
+
+    // A storage that is not in the zip at all.
+    let pickle = P::proto(2)
+        .op(b"}")
+        .str("w")
+        .tensor("7", 4, 0, &[2, 2], &[2, 1])
+        .op(b"s")
+        .stop();
+    let d = tmpdir("missing");
+    let path = d.join("pytorch_model.bin");
+    torch_zip(&path, &pickle, &[("0", f32_bytes(&[0.0; 4]))]);
+    let err = bin_err(&path);
+    assert!(err.contains("`w`") && err.contains("missing"), "{err}");
+}
+
+#[test]
+fn tensors_that_fit_their_storage_load() {
+    // Exactly fitting, and a view at an offset inside a larger storage.
+    let path = one_tensor_zip("fits", "w", 0, &[2, 3], &[3, 1], 24);
+    let src = TensorSource::pytorch(&path).unwrap();
+    let (shape, values) = src.get_f32("w").unwrap().unwrap();
+    assert_eq!(shape, vec![2, 3]);
+    assert_eq!(values, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    let path = one_tensor_zip("view", "w", 2, &[2], &[1], 24);
+    let src = TensorSource::pytorch(&path).unwrap();
+    assert_eq!(
+        src.get_f32("w").unwrap().unwrap(),
+        (vec![2], vec![2.0, 3.0])
+    );
+}
+
+/// Overwrites the uncompressed size of `entry` in the zip's central directory.
+fn patch_central_size(path: &Path, entry: &str, size: u32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let sig = [0x50, 0x4b, 0x01, 0x02];
+    let mut patched = false;
+    for i in 0..bytes.len().saturating_sub(46) {
+        if bytes[i..i + 4] != sig {
+            continue;
+        }
+        let name_len = u16::from_le_bytes([bytes[i + 28], bytes[i + 29]]) as usize;
+        if bytes.get(i + 46..i + 46 + name_len) == Some(entry.as_bytes()) {
+            bytes[i + 24..i + 28].copy_from_slice(&size.to_le_bytes());
+            patched = true;
+        }
+    }
+    assert!(patched, "{entry} not found");
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn storage_entries_must_be_stored_with_honest_sizes() {
+    // A storage whose central-directory size claims 4 GB in a file of a few hundred bytes.
+    let path = one_tensor_zip("lying", "w", 0, &[2, 2], &[2, 1], 16);
+    patch_central_size(&path, "archive/data/0", 0xffff_fff0);
+    let err = bin_err(&path);
+    assert!(err.contains("archive/data/0"), "{err}");
+
+    // A compressed entry (torch never compresses; a deflated entry can expand without bound).
+    let d = tmpdir("deflated");
+    let path = d.join("pytorch_model.bin");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let deflated = stored.compression_method(zip::CompressionMethod::Deflated);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    let pickle = P::proto(2)
+        .op(b"}")
+        .str("w")
+        .tensor("0", 4, 0, &[4], &[1])
+        .op(b"s")
+        .stop();
+    zip.write_all(&pickle).unwrap();
+    zip.start_file("archive/data/0", deflated).unwrap();
+    zip.write_all(&[0u8; 16]).unwrap();
+    zip.finish().unwrap();
+    let err = bin_err(&path);
+    assert!(
+        err.contains("archive/data/0") && err.contains("compressed"),
+        "{err}"
     );
 }
 
