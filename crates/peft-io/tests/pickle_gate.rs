@@ -554,6 +554,23 @@ fn tensors_that_fit_their_storage_load() {
     );
 }
 
+#[test]
+fn zero_element_tensors_load_empty() {
+    // burn-store reads max(1, elements) values for a tensor, which does not match a shape
+    // with a zero dimension.
+    for (name, shape, stride, bytes) in [
+        ("empty-storage", [0i64, 4], [4i64, 1], 0),
+        ("empty-view", [0, 4], [4, 1], 16),
+    ] {
+        let path = one_tensor_zip(name, "w", 0, &shape, &stride, bytes);
+        let src = TensorSource::pytorch(&path).unwrap();
+        assert_eq!(
+            src.get_f32("w").unwrap().unwrap(),
+            (vec![0, 4], Vec::<f32>::new())
+        );
+    }
+}
+
 /// Overwrites the uncompressed size of `entry` in the zip's central directory.
 fn patch_central_size(path: &Path, entry: &str, size: u32) {
     let mut bytes = std::fs::read(path).unwrap();
