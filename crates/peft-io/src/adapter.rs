@@ -58,7 +58,7 @@ enum DirConfig {
 /// Reads `dir/adapter_config.json` once and parses it in the format it is in.
 fn read_dir_config(dir: &Path) -> Result<DirConfig> {
     let path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let text = crate::files::read_json_text(&path)?;
     let value: Value = serde_json::from_str(&text).map_err(|source| IoError::Json {
         path: path.clone(),
         source,

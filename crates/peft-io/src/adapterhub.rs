@@ -135,7 +135,7 @@ pub(crate) fn parse_value(path: &Path, mut value: Value) -> Result<AdapterHubCon
 /// Reads and validates `dir/adapter_config.json` as an AdapterHub config.
 pub fn read_config(dir: &Path) -> Result<AdapterHubConfig> {
     let path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let text = crate::files::read_json_text(&path)?;
     parse_config(&path, &text)
 }
 

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Record, Recorder};
+use burn::record::{
+    FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Record, Recorder,
+};
 use burn::tensor::backend::Backend;
 
 use crate::error::{IoError, Result, io_err};
@@ -23,13 +25,16 @@ pub fn save_record<B: Backend, R: Record<B>>(record: R, path: &Path) -> Result<(
     std::fs::rename(tmp.with_extension("mpk"), path).map_err(io_err(path))
 }
 
-/// Loads a burn record saved by [`save_record`] (`path` ends in `.mpk`).
+/// Loads a burn record saved by [`save_record`] (read from `path` with its extension set to
+/// `.mpk`, as burn's file recorder does). Only a regular file is read; optimizer state has no
+/// size limit.
 pub fn load_record<B: Backend, R: Record<B>>(path: &Path, device: &B::Device) -> Result<R> {
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    recorder
-        .load(path.to_path_buf(), device)
+    let path = path.with_extension("mpk");
+    let bytes = crate::files::read_limited(&path, u64::MAX, "a record")?;
+    NamedMpkBytesRecorder::<FullPrecisionSettings>::new()
+        .load(bytes, device)
         .map_err(|e| IoError::Checkpoint {
-            path: path.to_path_buf(),
+            path: path.clone(),
             reason: e.to_string(),
         })
 }

@@ -39,6 +39,38 @@ pub enum IoError {
         /// What is wrong.
         reason: String,
     },
+    /// The pickle gate refused a pickle inside a PyTorch checkpoint (nothing of it was executed,
+    /// and nothing it describes was allocated).
+    #[error("{}: cannot read PyTorch checkpoint: {member}: {source}", path.display())]
+    PickleRefused {
+        /// The file.
+        path: PathBuf,
+        /// The pickle's name inside the zip (`archive/data.pkl`).
+        member: String,
+        /// Why the gate refused it.
+        source: Box<crate::pickle::GateError>,
+    },
+    /// The path is not a regular file (a directory, FIFO, device or socket).
+    #[error("{}: {}", path.display(), describe_kind(kind))]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+        /// What was found there: `directory`, `FIFO`, `character device`, `block device`,
+        /// `socket` or `unknown file type`.
+        kind: &'static str,
+    },
+    /// A file read whole into memory is larger than its limit.
+    #[error("{}: {size} bytes, more than the {limit}-byte limit for {what}", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What kind of file it was read as.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// `tokenizer.json` is malformed, or encoding failed.
     #[error("{}: tokenizer error: {reason}", path.display())]
     Tokenizer {
@@ -109,6 +141,14 @@ pub enum IoError {
         /// Why.
         source: peft_core::PeftError,
     },
+}
+
+fn describe_kind(kind: &str) -> String {
+    if kind == "directory" {
+        "is a directory".to_string()
+    } else {
+        format!("is not a regular file ({kind})")
+    }
 }
 
 fn abbreviate(keys: &[String]) -> String {

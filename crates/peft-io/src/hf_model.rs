@@ -139,7 +139,7 @@ pub fn open_weights(dir: &Path) -> Result<TensorSource> {
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let text = crate::files::read_json_text(path)?;
     serde_json::from_str(&text).map_err(|source| IoError::Json {
         path: path.to_path_buf(),
         source,
@@ -162,14 +162,14 @@ pub fn model_type(dir: &Path) -> Result<String> {
 /// Reads a T5/mT5 `config.json`.
 pub fn read_t5_config(dir: &Path) -> Result<T5Config> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let text = crate::files::read_json_text(&path)?;
     T5Config::from_json(&text).map_err(|source| IoError::Model { path, source })
 }
 
 /// Reads a BERT `config.json`.
 pub fn read_bert_config(dir: &Path) -> Result<peft_models::BertConfig> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let text = crate::files::read_json_text(&path)?;
     peft_models::BertConfig::from_json(&text).map_err(|source| IoError::Model { path, source })
 }
 
@@ -256,7 +256,11 @@ pub fn save_hf_model<B: Backend, M: HfParams<B>>(
         for f in TOKENIZER_FILES {
             let from = src.join(f);
             if from.exists() {
-                let bytes = std::fs::read(&from).map_err(io_err(&from))?;
+                let bytes = crate::files::read_limited(
+                    &from,
+                    crate::files::MAX_TOKENIZER_BYTES,
+                    "a tokenizer file",
+                )?;
                 crate::tensors::write_atomic(&dir.join(f), &bytes)?;
             }
         }

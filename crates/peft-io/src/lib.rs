@@ -10,8 +10,13 @@
 //!   sharded `model.safetensors.index.json`, or `pytorch_model.bin`;
 //! - `tokenizer.json` ([`tokenizer`]) through the `tokenizers` crate;
 //! - the tensor readers under both ([`tensors`]): safetensors memory-mapped with its header
-//!   validated, PyTorch checkpoints parsed without executing pickle code, behind a strict
-//!   opcode and global allowlist ([`pickle`]).
+//!   validated, PyTorch checkpoints parsed without executing pickle code, behind a gate that
+//!   simulates each pickle (a global allowlist, with names resolved through the memo; budgets
+//!   on elements, nesting depth and memo size; every tensor checked against its storage's
+//!   bytes) before anything parses it ([`pickle`]).
+//!
+//! Every file is opened through [`files`]: regular files only (a directory, FIFO or device is
+//! refused by name, never read), with size limits on what is read whole into memory.
 //!
 //! `peft-core` and `peft-models` never touch files. Every error names the file (and the key,
 //! and expected vs found shapes where it applies).
@@ -22,6 +27,7 @@ pub mod adapterhub;
 pub mod auto;
 pub mod checkpoint;
 mod error;
+pub mod files;
 pub mod hf_model;
 pub mod pickle;
 pub mod tensors;

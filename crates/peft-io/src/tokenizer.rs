@@ -28,18 +28,11 @@ impl TextTokenizer {
         } else {
             path.to_path_buf()
         };
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| {
-            if file.exists() {
-                IoError::Tokenizer {
-                    path: file.clone(),
-                    reason: e.to_string(),
-                }
-            } else {
-                IoError::Io {
-                    path: file.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json"),
-                }
-            }
+        let bytes =
+            crate::files::read_limited(&file, crate::files::MAX_TOKENIZER_BYTES, "tokenizer.json")?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| IoError::Tokenizer {
+            path: file.clone(),
+            reason: e.to_string(),
         })?;
         Ok(Self::configure(inner, file))
     }
