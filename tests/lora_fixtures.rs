@@ -5,9 +5,11 @@
 
 mod common;
 
+use burn::tensor::Tensor;
 use common::toy::{Toy, load_peft_tensors};
-use common::{B, Fixture, assert_close, read_json};
-use peft::core::{LoraConfig, PeftModel};
+use common::{B, Fixture, check_close, read_json};
+use peft::core::check::Failures;
+use peft::core::{AdapterHost, LoraConfig, PeftModel};
 use serde_json::Value;
 
 const TOL: f32 = 1e-5;
@@ -30,35 +32,70 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
+/// `Some(value)`, or `None` with the error recorded as a failure of `what`.
+fn ok<T, E: std::fmt::Display>(fails: &mut Failures, r: Result<T, E>, what: &str) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            fails.fail(format!("{what}: {e}"));
+            None
+        }
+    }
+}
+
+/// The adapters a case activates, in PEFT's order.
+fn active(case: &Case) -> Vec<String> {
+    case.json["active"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Builds the PEFT model of a case from the configs PEFT serialised, with PEFT's tensors.
-fn build(case: &Case, fx: &Fixture) -> PeftModel<B, Toy<B>> {
+/// A case that cannot be built is recorded in `fails` and gives `None`.
+fn build(case: &Case, fx: &Fixture, fails: &mut Failures) -> Option<PeftModel<B, Toy<B>>> {
     let device = Default::default();
+    let n = &case.name;
     let adapters = case.json["adapters"].as_array().unwrap();
     let mut peft: Option<PeftModel<B, Toy<B>>> = None;
     for a in adapters {
         let name = a["name"].as_str().unwrap();
-        let config: LoraConfig = serde_json::from_value(a["config"].clone())
-            .unwrap_or_else(|e| panic!("{}: PEFT's config does not parse: {e}", case.name));
+        let config: LoraConfig = ok(
+            fails,
+            serde_json::from_value(a["config"].clone()),
+            &format!("{n}: PEFT's config of {name} does not parse"),
+        )?;
+        let what = format!("{n}: adding adapter {name}");
         match peft.as_mut() {
             None => {
-                peft = Some(PeftModel::new(Toy::from_fixture(fx, &device), config, name).unwrap())
+                peft = Some(ok(
+                    fails,
+                    PeftModel::new(Toy::from_fixture(fx, &device), config, name),
+                    &what,
+                )?)
             }
-            Some(p) => p.add_adapter(name, config).unwrap(),
+            Some(p) => ok(fails, p.add_adapter(name, config), &what)?,
         }
         let p = peft.as_mut().unwrap();
         let keys = a["keys"].as_array().unwrap().len();
-        let set = load_peft_tensors(p, fx, &format!("{}.{name}.", case.name), name, &device);
-        assert_eq!(set, keys, "{}: every PEFT tensor has a place", case.name);
+        let set = load_peft_tensors(p, fx, &format!("{n}.{name}."), name, &device);
+        if set != keys {
+            fails.fail(format!(
+                "{n}: every PEFT tensor has a place: {set} set, {keys} in PEFT's state dict"
+            ));
+        }
     }
     let mut peft = peft.unwrap();
-    let active: Vec<&str> = case.json["active"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    peft.set_adapter(&active).unwrap();
-    peft
+    let active = active(case);
+    let active: Vec<&str> = active.iter().map(String::as_str).collect();
+    ok(
+        fails,
+        peft.set_adapter(&active),
+        &format!("{n}: set_adapter({active:?})"),
+    )?;
+    Some(peft)
 }
 
 #[test]
@@ -68,11 +105,15 @@ fn outputs_match_peft_for_every_case() {
     let x = fx.get::<B, 2>("input.x", &device);
     let all = cases();
     assert!(all.len() >= 14);
+    let mut fails = Failures::new();
     for case in &all {
         let n = &case.name;
-        let mut peft = build(case, &fx);
+        let Some(mut peft) = build(case, &fx, &mut fails) else {
+            continue;
+        };
         let y = peft.base_model.forward(x.clone());
-        assert_close(
+        check_close(
+            &mut fails,
             y,
             fx.get(&format!("{n}.out.y"), &device),
             TOL,
@@ -81,7 +122,8 @@ fn outputs_match_peft_for_every_case() {
 
         peft.disable_adapters();
         let y = peft.base_model.forward(x.clone());
-        assert_close(
+        check_close(
+            &mut fails,
             y,
             fx.get(&format!("{n}.out.y_disabled"), &device),
             TOL,
@@ -89,76 +131,84 @@ fn outputs_match_peft_for_every_case() {
         );
         peft.enable_adapters();
 
-        peft.merge_adapter(None, true).unwrap();
-        let y = peft.base_model.forward(x.clone());
-        assert_close(
-            y,
-            fx.get(&format!("{n}.out.y_merged"), &device),
-            TOL,
-            &format!("{n}: merged"),
-        );
-        let w = peft.base_model.layer[0].q.weight.val().transpose();
-        assert_close(
-            w,
-            fx.get(&format!("{n}.out.merged_q0_weight"), &device),
-            TOL,
-            &format!("{n}: merged weight"),
-        );
+        let merged = peft.merge_adapter(None, true);
+        if ok(&mut fails, merged, &format!("{n}: merge_adapter")).is_some() {
+            let y = peft.base_model.forward(x.clone());
+            check_close(
+                &mut fails,
+                y,
+                fx.get(&format!("{n}.out.y_merged"), &device),
+                TOL,
+                &format!("{n}: merged"),
+            );
+            let w = peft.base_model.layer[0].q.weight.val().transpose();
+            check_close(
+                &mut fails,
+                w,
+                fx.get(&format!("{n}.out.merged_q0_weight"), &device),
+                TOL,
+                &format!("{n}: merged weight"),
+            );
+        }
         peft.unmerge_adapter();
 
         if fx.has(&format!("{n}.out.y_other")) {
-            peft.set_adapter(&["other"]).unwrap();
-            let y = peft.base_model.forward(x.clone());
-            assert_close(
-                y,
-                fx.get(&format!("{n}.out.y_other"), &device),
-                TOL,
-                &format!("{n}: other only"),
-            );
-            let active: Vec<String> = case.json["active"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_string())
-                .collect();
+            let other = peft.set_adapter(&["other"]);
+            if ok(&mut fails, other, &format!("{n}: set_adapter([other])")).is_some() {
+                let y = peft.base_model.forward(x.clone());
+                check_close(
+                    &mut fails,
+                    y,
+                    fx.get(&format!("{n}.out.y_other"), &device),
+                    TOL,
+                    &format!("{n}: other only"),
+                );
+            }
+            let active = active(case);
             let active: Vec<&str> = active.iter().map(String::as_str).collect();
-            peft.set_adapter(&active).unwrap();
+            let back = peft.set_adapter(&active);
+            if ok(&mut fails, back, &format!("{n}: set_adapter back")).is_none() {
+                continue;
+            }
         }
 
-        let plain = peft.merge_and_unload(true).unwrap();
+        let unloaded = peft.merge_and_unload(true);
+        let Some(plain) = ok(&mut fails, unloaded, &format!("{n}: merge_and_unload")) else {
+            continue;
+        };
         let y = plain.forward(x.clone());
-        assert_close(
+        check_close(
+            &mut fails,
             y,
             fx.get(&format!("{n}.out.y_merge_and_unload"), &device),
             TOL,
             &format!("{n}: merge_and_unload"),
         );
-        plain.visit_linears_probe(n);
+        check_unloaded(&plain, n, &mut fails);
+    }
+    if let Err(e) = fails.finish() {
+        panic!("{e}")
     }
 }
 
 /// After merge-and-unload no layer carries adapters.
-trait Probe {
-    fn visit_linears_probe(&self, case: &str);
-}
-
-impl Probe for Toy<B> {
-    fn visit_linears_probe(&self, case: &str) {
-        use peft::core::AdapterHost;
-        self.visit_linears(&mut |p, l| {
-            assert!(
-                l.lora.is_empty() && l.modules_to_save.is_empty() && l.backup.is_none(),
-                "{case}: {p} still adapted"
-            );
-        });
-    }
+fn check_unloaded(plain: &Toy<B>, case: &str, fails: &mut Failures) {
+    plain.visit_linears(&mut |p, l| {
+        if !(l.lora.is_empty() && l.modules_to_save.is_empty() && l.backup.is_none()) {
+            fails.fail(format!("{case}: {p} still adapted"));
+        }
+    });
 }
 
 #[test]
 fn targets_ranks_scalings_and_counts_match_peft() {
     let fx = Fixture::load("lora/toy.safetensors");
+    let mut fails = Failures::new();
     for case in &cases() {
-        let peft = build(case, &fx);
+        let n = &case.name;
+        let Some(peft) = build(case, &fx, &mut fails) else {
+            continue;
+        };
         for a in case.json["adapters"].as_array().unwrap() {
             let name = a["name"].as_str().unwrap();
             let mut theirs: Vec<String> = a["targeted"]
@@ -170,45 +220,50 @@ fn targets_ranks_scalings_and_counts_match_peft() {
             theirs.sort();
             let mut ours = peft.targeted_modules(name).to_vec();
             ours.sort();
-            assert_eq!(ours, theirs, "{}: targeted modules of {name}", case.name);
-            peft::core::AdapterHost::visit_linears(&peft.base_model, &mut |path, layer| {
-                if let Some(l) = a["layers"].get(path) {
-                    let ad = layer.adapter(name).unwrap();
-                    assert_eq!(
-                        ad.r as u64,
-                        l["r"].as_u64().unwrap(),
-                        "{}: r of {path}",
-                        case.name
-                    );
-                    let s = l["scaling"].as_f64().unwrap();
-                    assert!(
-                        (ad.scaling - s).abs() < 1e-12,
-                        "{}: scaling of {path}: {} vs {s}",
-                        case.name,
-                        ad.scaling
-                    );
+            if ours != theirs {
+                fails.fail(format!(
+                    "{n}: targeted modules of {name}: ours {ours:?}, PEFT {theirs:?}"
+                ));
+            }
+            peft.base_model.visit_linears(&mut |path, layer| {
+                let Some(l) = a["layers"].get(path) else {
+                    return;
+                };
+                let Some(ad) = layer.adapter(name) else {
+                    fails.fail(format!("{n}: {path} has no adapter {name}"));
+                    return;
+                };
+                let r = l["r"].as_u64().unwrap();
+                if ad.r as u64 != r {
+                    fails.fail(format!("{n}: r of {path}: {} vs {r}", ad.r));
+                }
+                let s = l["scaling"].as_f64().unwrap();
+                let close = (ad.scaling - s).abs() < 1e-12;
+                if !close {
+                    fails.fail(format!("{n}: scaling of {path}: {} vs {s}", ad.scaling));
                 }
             });
         }
         let counts = peft.parameter_counts();
-        assert_eq!(
-            counts.trainable as u64,
-            case.json["trainable"].as_u64().unwrap(),
-            "{}: trainable",
-            case.name
-        );
-        assert_eq!(
-            counts.all as u64,
-            case.json["all"].as_u64().unwrap(),
-            "{}: all",
-            case.name
-        );
-        assert_eq!(
-            peft.trainable_parameters_line(),
-            case.json["line"].as_str().unwrap(),
-            "{}",
-            case.name
-        );
+        let trainable = case.json["trainable"].as_u64().unwrap();
+        if counts.trainable as u64 != trainable {
+            fails.fail(format!(
+                "{n}: trainable: {} vs {trainable}",
+                counts.trainable
+            ));
+        }
+        let all = case.json["all"].as_u64().unwrap();
+        if counts.all as u64 != all {
+            fails.fail(format!("{n}: all: {} vs {all}", counts.all));
+        }
+        let line = peft.trainable_parameters_line();
+        let theirs = case.json["line"].as_str().unwrap();
+        if line != theirs {
+            fails.fail(format!("{n}: line {line:?} vs {theirs:?}"));
+        }
+    }
+    if let Err(e) = fails.finish() {
+        panic!("{e}")
     }
 }
 
@@ -216,12 +271,80 @@ fn targets_ranks_scalings_and_counts_match_peft() {
 fn peft_configs_round_trip_unchanged() {
     // Every config PEFT wrote parses, and serialises back to the same JSON value: unknown
     // fields are kept, numbers keep their form.
+    let mut fails = Failures::new();
     for case in &cases() {
         for a in case.json["adapters"].as_array().unwrap() {
             let theirs = a["config"].clone();
-            let config: LoraConfig = serde_json::from_value(theirs.clone()).unwrap();
+            let what = format!("{}: config round trip", case.name);
+            let parsed = serde_json::from_value::<LoraConfig>(theirs.clone());
+            let Some(config) = ok(&mut fails, parsed, &what) else {
+                continue;
+            };
             let ours: Value = serde_json::from_str(&config.to_json()).unwrap();
-            assert_eq!(ours, theirs, "{}: config round trip", case.name);
+            if ours != theirs {
+                fails.fail(format!("{what}: ours {ours}, PEFT's {theirs}"));
+            }
         }
     }
+    if let Err(e) = fails.finish() {
+        panic!("{e}")
+    }
+}
+
+/// The collector behind the tests above reports every failing case, not only the first: two
+/// wrong cases (a value just outside the tolerance, a wrong shape) and an all-NaN output are all
+/// named, and the case within the tolerance is not.
+#[test]
+fn every_failing_case_is_reported() {
+    let device = Default::default();
+    let t = |v: &[f32], shape: [usize; 2]| {
+        Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(v.to_vec(), shape), &device)
+    };
+    let reference = [1.0f32, -2.0, 0.5];
+    let mut fails = Failures::new();
+    let close = [1.0 + 0.5 * TOL, -2.0, 0.5];
+    let d = check_close(
+        &mut fails,
+        t(&close, [1, 3]),
+        t(&reference, [1, 3]),
+        TOL,
+        "case within tol",
+    );
+    assert!(d <= TOL, "{d}");
+    let off = [1.0, -2.0, 0.5 + 2.0 * TOL];
+    let d = check_close(
+        &mut fails,
+        t(&off, [1, 3]),
+        t(&reference, [1, 3]),
+        TOL,
+        "case just outside tol",
+    );
+    assert!(d > TOL, "{d}");
+    let d = check_close(
+        &mut fails,
+        t(&reference, [3, 1]),
+        t(&reference, [1, 3]),
+        TOL,
+        "case with the wrong shape",
+    );
+    assert_eq!(d, f32::INFINITY);
+    // An all-NaN output: a maximum folded with f32::max would call it equal to anything.
+    let d = check_close(
+        &mut fails,
+        t(&[f32::NAN; 3], [1, 3]),
+        t(&reference, [1, 3]),
+        TOL,
+        "case all NaN",
+    );
+    assert_eq!(d, f32::INFINITY);
+    let err = fails.finish().unwrap_err();
+    assert!(err.starts_with("3 of 4 checks failed"), "{err}");
+    for named in [
+        "case just outside tol: max",
+        "case with the wrong shape: shape [3, 1] vs [1, 3]",
+        "case all NaN: max |ours - reference| = inf",
+    ] {
+        assert!(err.contains(named), "{named:?} missing from:\n{err}");
+    }
+    assert!(!err.contains("case within tol"), "{err}");
 }

@@ -8,6 +8,7 @@ mod common;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use common::{B, read_json};
+use peft::core::check::Failures;
 use peft::core::{AdaptedLinear, AdapterHost, LoraConfig, PeftError, PeftModel, TaskType};
 use serde_json::Value;
 
@@ -57,6 +58,7 @@ fn targeting_matches_peft() {
     let device = Default::default();
     let cases = fx["cases"].as_array().unwrap();
     assert!(cases.len() >= 25);
+    let mut fails = Failures::new();
     let mut errors_seen = 0;
     for (i, case) in cases.iter().enumerate() {
         let model_key = case["model"].as_str().unwrap();
@@ -70,18 +72,26 @@ fn targeting_matches_peft() {
             names: names.clone(),
             model_type: info["model_type"].as_str().unwrap().to_string(),
         };
-        let config: LoraConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let what = format!("case {i} ({model_key}, {})", case["config"]);
+        let config: LoraConfig = match serde_json::from_value(case["config"].clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                fails.fail(format!("{what}: config does not parse: {e}"));
+                continue;
+            }
+        };
         match PeftModel::new(model, config, "default") {
             Ok(peft) => {
-                assert!(
-                    case.get("error").is_none(),
-                    "{what}: PEFT refused it: {}",
-                    case["error"]
-                );
+                if case.get("error").is_some() {
+                    fails.fail(format!("{what}: PEFT refused it: {}", case["error"]));
+                    continue;
+                }
                 let mut ours = peft.targeted_modules("default").to_vec();
                 ours.sort();
-                assert_eq!(ours, strings(&case["targeted"]), "{what}: targeted");
+                let theirs = strings(&case["targeted"]);
+                if ours != theirs {
+                    fails.fail(format!("{what}: targeted: ours {ours:?}, PEFT {theirs:?}"));
+                }
                 let mut saved = Vec::new();
                 peft.base_model.visit_linears(&mut |p, l| {
                     if l.saved_copy("default").is_some() {
@@ -89,52 +99,74 @@ fn targeting_matches_peft() {
                     }
                     if let Some(a) = l.adapter("default") {
                         let theirs = &case["layers"][p];
-                        assert_eq!(
-                            a.r as u64,
-                            theirs["r"].as_u64().unwrap(),
-                            "{what}: r of {p}"
-                        );
-                        let s = theirs["scaling"].as_f64().unwrap();
-                        assert!((a.scaling - s).abs() < 1e-12, "{what}: scaling of {p}");
+                        match theirs["r"].as_u64() {
+                            Some(r) if a.r as u64 == r => {}
+                            r => fails.fail(format!("{what}: r of {p}: {} vs {r:?}", a.r)),
+                        }
+                        let close = theirs["scaling"]
+                            .as_f64()
+                            .is_some_and(|s| (a.scaling - s).abs() < 1e-12);
+                        if !close {
+                            fails.fail(format!(
+                                "{what}: scaling of {p}: {} vs {}",
+                                a.scaling, theirs["scaling"]
+                            ));
+                        }
                     }
                 });
                 saved.sort();
-                assert_eq!(
-                    saved,
-                    strings(&case["modules_to_save"]),
-                    "{what}: modules_to_save"
-                );
-                let cfg = peft.lora_config("default").unwrap();
+                let theirs = strings(&case["modules_to_save"]);
+                if saved != theirs {
+                    fails.fail(format!(
+                        "{what}: modules_to_save: ours {saved:?}, PEFT {theirs:?}"
+                    ));
+                }
+                let Some(cfg) = peft.lora_config("default") else {
+                    fails.fail(format!("{what}: no config kept for `default`"));
+                    continue;
+                };
                 let theirs = &case["saved_config_modules_to_save"];
-                if theirs.is_null() {
-                    assert!(cfg.modules_to_save.is_none(), "{what}");
+                let same = if theirs.is_null() {
+                    cfg.modules_to_save.is_none()
                 } else {
-                    assert_eq!(
-                        cfg.modules_to_save.clone().unwrap(),
-                        strings(theirs),
-                        "{what}"
-                    );
+                    cfg.modules_to_save.as_ref() == Some(&strings(theirs))
+                };
+                if !same {
+                    fails.fail(format!(
+                        "{what}: saved modules_to_save: ours {:?}, PEFT {theirs}",
+                        cfg.modules_to_save
+                    ));
                 }
             }
             Err(e) => {
-                let theirs = case
-                    .get("error")
-                    .unwrap_or_else(|| panic!("{what}: we refused what PEFT accepted: {e}"));
+                let Some(theirs) = case.get("error") else {
+                    fails.fail(format!("{what}: we refused what PEFT accepted: {e}"));
+                    continue;
+                };
                 errors_seen += 1;
-                assert!(
-                    matches!(e, PeftError::NoTargetMatched { .. }),
-                    "{what}: {e}"
-                );
+                if !matches!(e, PeftError::NoTargetMatched { .. }) {
+                    fails.fail(format!("{what}: not NoTargetMatched: {e}"));
+                }
                 // Our message names what was asked and what the model has.
                 let msg = e.to_string();
-                assert!(msg.contains("not found in the base model"), "{msg}");
-                assert!(msg.contains(&names[0]), "{msg} lists the model's layers");
-                assert!(theirs.as_str().unwrap().contains("Error"));
+                if !msg.contains("not found in the base model") {
+                    fails.fail(format!("{what}: {msg}"));
+                }
+                if !msg.contains(&names[0]) {
+                    fails.fail(format!("{what}: {msg} lists the model's layers"));
+                }
+                if !theirs.as_str().unwrap().contains("Error") {
+                    fails.fail(format!("{what}: PEFT's error {theirs} names no Error"));
+                }
             }
         }
     }
-    assert!(
-        errors_seen >= 4,
-        "the fixture's refusals were all exercised"
-    );
+    if errors_seen < 4 {
+        fails.fail(format!(
+            "the fixture's refusals were all exercised: only {errors_seen} seen"
+        ));
+    }
+    if let Err(e) = fails.finish() {
+        panic!("{e}")
+    }
 }

@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{B, Fixture, assert_close, fixture_path, read_json};
+use common::{B, Fixture, assert_close, check_close, fixture_path, read_json};
+use peft::core::check::Failures;
 use peft::io::{from_pretrained, load_t5};
 
 const TOL: f32 = 1e-4;
@@ -43,24 +44,36 @@ fn check(model_dir: &str, outputs: &str, with_adapter: Option<&str>) {
     let beam = model.generate_beam(ids, Some(mask), max_new, 3);
     let (logits, enc) = (out.logits, out.encoder_last_hidden_state);
     let what = format!("{model_dir} (adapter {with_adapter:?})");
-    assert_close(
+    // Every comparison is made, and all that fail are reported together.
+    let mut fails = Failures::new();
+    check_close(
+        &mut fails,
         logits,
         fx.get("logits", &device),
         TOL,
         &format!("{what}: logits"),
     );
-    assert_close(
+    check_close(
+        &mut fails,
         enc,
         fx.get("encoder_last_hidden_state", &device),
         TOL,
         &format!("{what}: encoder states"),
     );
-    assert_eq!(generated, expected_ids, "{what}: greedy ids");
-    assert_eq!(
-        beam,
-        fx.rows("generated_beam3"),
-        "{what}: beam search ids (num_beams=3)"
-    );
+    if generated != expected_ids {
+        fails.fail(format!(
+            "{what}: greedy ids {generated:?} vs {expected_ids:?}"
+        ));
+    }
+    let expected_beam = fx.rows("generated_beam3");
+    if beam != expected_beam {
+        fails.fail(format!(
+            "{what}: beam search ids (num_beams=3) {beam:?} vs {expected_beam:?}"
+        ));
+    }
+    if let Err(e) = fails.finish() {
+        panic!("{e}")
+    }
 }
 
 #[test]
@@ -89,11 +102,18 @@ fn training_loss_matches_transformers() {
     use burn::tensor::{Int, Tensor, TensorData};
     use peft::core::train::masked_cross_entropy;
     let device = Default::default();
+    let mut fails = Failures::new();
     for (dir, outputs) in [
         ("t5/t5_tied", "t5/t5_tied/outputs.safetensors"),
         ("t5/mt5", "t5/mt5/outputs.safetensors"),
     ] {
-        let (model, _) = load_t5::<B>(&fixture_path(dir), &device).unwrap();
+        let (model, _) = match load_t5::<B>(&fixture_path(dir), &device) {
+            Ok(m) => m,
+            Err(e) => {
+                fails.fail(format!("{dir}: {e}"));
+                continue;
+            }
+        };
         let fx = Fixture::load(outputs);
         let labels = fx.rows_i64("labels");
         let dec: Vec<i64> = labels
@@ -110,8 +130,19 @@ fn training_loss_matches_transformers() {
             dec,
         );
         let (loss, n) = masked_cross_entropy(out.logits, labels);
-        assert_eq!(n, 4 + 2 + 3);
-        assert_close(loss, fx.get("loss", &device), 1e-5, &format!("{dir}: loss"));
+        if n != 4 + 2 + 3 {
+            fails.fail(format!("{dir}: {n} label tokens counted, not 4 + 2 + 3"));
+        }
+        check_close(
+            &mut fails,
+            loss,
+            fx.get("loss", &device),
+            1e-5,
+            &format!("{dir}: loss"),
+        );
+    }
+    if let Err(e) = fails.finish() {
+        panic!("{e}")
     }
 }
 
@@ -121,17 +152,35 @@ fn training_loss_matches_transformers() {
 fn peft_option_files_match_peft() {
     let device = Default::default();
     let fx = Fixture::load("t5/mt5/outputs.safetensors");
+    let mut fails = Failures::new();
     for dir in ["t5/mt5_lora_patterns", "t5/mt5_lora_rslora_bin"] {
         let (model, _) = load_t5::<B>(&fixture_path("t5/mt5"), &device).unwrap();
-        let (peft, report) = from_pretrained(model, &fixture_path(dir), "default").unwrap();
-        assert!(report.unused.is_empty(), "{dir}: {report:?}");
+        let (peft, report) = match from_pretrained(model, &fixture_path(dir), "default") {
+            Ok(p) => p,
+            Err(e) => {
+                fails.fail(format!("{dir}: {e}"));
+                continue;
+            }
+        };
+        if !report.unused.is_empty() {
+            fails.fail(format!("{dir}: {report:?}"));
+        }
         let out = peft.base_model.forward(
             fx.get_int("input_ids", &device),
             Some(fx.get_int("attention_mask", &device)),
             fx.get_int("decoder_input_ids", &device),
         );
         let expected = Fixture::load(&format!("{dir}/logits.safetensors"));
-        assert_close(out.logits, expected.get("logits", &device), TOL, dir);
+        check_close(
+            &mut fails,
+            out.logits,
+            expected.get("logits", &device),
+            TOL,
+            dir,
+        );
+    }
+    if let Err(e) = fails.finish() {
+        panic!("{e}")
     }
 }
 

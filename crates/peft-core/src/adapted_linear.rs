@@ -429,3 +429,251 @@ impl<B: Backend> AdapterParams<B> for SavedLinear<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::max_abs_diff;
+    use crate::methods::lora::{InitLoraWeights, LoraSpec};
+    use burn::tensor::TensorData;
+
+    type NB = burn::backend::NdArray<f32>;
+
+    const D_IN: usize = 5;
+    const D_OUT: usize = 3;
+    const TOL: f32 = 1e-5;
+
+    fn values<const D: usize>(t: Tensor<NB, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+
+    fn bits<const D: usize>(t: Tensor<NB, D>) -> Vec<u32> {
+        values(t).iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Irregular, deterministic values in (-1, 1).
+    fn fill(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + 1.0) * 0.731 + seed).sin() * 0.9)
+            .collect()
+    }
+
+    fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<NB, 2> {
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    fn t1(v: Vec<f32>) -> Tensor<NB, 1> {
+        let n = v.len();
+        Tensor::from_data(TensorData::new(v, [n]), &Default::default())
+    }
+
+    fn base_layer() -> AdaptedLinear<NB> {
+        AdaptedLinear::from_tensors(
+            t2(fill(D_IN * D_OUT, 0.1), [D_IN, D_OUT]),
+            Some(t1(fill(D_OUT, 0.2))),
+        )
+    }
+
+    /// A LoRA adapter of rank 2 with the given A (`[in, r]`) and B (`[r, out]`) values.
+    fn lora(name: &str, a: Vec<f32>, b: Vec<f32>, bias: Option<Vec<f32>>) -> LoraAdapter<NB> {
+        let spec = LoraSpec {
+            r: 2,
+            alpha: 3.0,
+            dropout: 0.0,
+            use_rslora: false,
+            init: InitLoraWeights::Default,
+            lora_bias: bias.is_some(),
+        };
+        let mut ad = LoraAdapter::new(name, D_IN, D_OUT, &spec, &Default::default());
+        ad.lora_a = Param::from_tensor(t2(a, [D_IN, 2]));
+        ad.lora_b = Param::from_tensor(t2(b, [2, D_OUT]));
+        ad.lora_bias = bias.map(|b| Param::from_tensor(t1(b)));
+        ad
+    }
+
+    fn good(name: &str, seed: f32, with_bias: bool) -> LoraAdapter<NB> {
+        lora(
+            name,
+            fill(D_IN * 2, seed),
+            fill(2 * D_OUT, seed + 0.5),
+            with_bias.then(|| fill(D_OUT, seed + 0.9)),
+        )
+    }
+
+    fn input() -> Tensor<NB, 2> {
+        t2(fill(4 * D_IN, 0.3), [4, D_IN])
+    }
+
+    /// `W + scaling * A @ B`, computed on the host.
+    fn merged_by_hand(w: &[f32], ads: &[&LoraAdapter<NB>]) -> Vec<f32> {
+        let mut out = w.to_vec();
+        for ad in ads {
+            let (a, b) = (values(ad.lora_a.val()), values(ad.lora_b.val()));
+            for i in 0..D_IN {
+                for j in 0..D_OUT {
+                    let dot: f32 = (0..ad.r).map(|k| a[i * ad.r + k] * b[k * D_OUT + j]).sum();
+                    out[i * D_OUT + j] += dot * ad.scaling as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn merge_then_unmerge_restores_the_weights_bit_for_bit() {
+        let mut l = base_layer();
+        let (w0, b0) = (bits(l.weight.val()), bits(l.bias.as_ref().unwrap().val()));
+        let w0_values = values(l.weight.val());
+        let (a, b) = (good("a", 0.0, false), good("b", 1.3, true));
+        let expected = merged_by_hand(&w0_values, &[&a, &b]);
+        let b_bias: Vec<f32> = values(b.delta_bias().unwrap());
+        l.add_lora(a).unwrap();
+        l.add_lora(b).unwrap();
+        l.set_active(&names(&["a", "b"]));
+        let x = input();
+        let adapted = values(l.forward(x.clone()));
+
+        // Merged in two steps: the backup is the weight from before the first merge.
+        l.merge("enc.q", Some(&names(&["a"])), true).unwrap();
+        l.merge("enc.q", None, true).unwrap();
+        assert_eq!(l.merged, ["a", "b"]);
+        let d = max_abs_diff(&values(l.weight.val()), &expected);
+        assert!(d <= TOL, "merged weight off by {d:e}");
+        let bias0 = values(base_layer().bias.unwrap().val());
+        let bias_expected: Vec<f32> = bias0.iter().zip(&b_bias).map(|(x, y)| x + y).collect();
+        let d = max_abs_diff(&values(l.bias.as_ref().unwrap().val()), &bias_expected);
+        assert!(d <= TOL, "merged bias off by {d:e}");
+        let d = max_abs_diff(&values(l.forward(x.clone())), &adapted);
+        assert!(d <= TOL, "merged output off by {d:e}");
+        // Merging what is merged changes nothing.
+        let merged_bits = bits(l.weight.val());
+        l.merge("enc.q", None, true).unwrap();
+        assert_eq!(bits(l.weight.val()), merged_bits);
+
+        l.unmerge();
+        assert_eq!(bits(l.weight.val()), w0, "weight restored bit for bit");
+        assert_eq!(bits(l.bias.as_ref().unwrap().val()), b0, "bias restored");
+        assert!(l.merged.is_empty() && l.backup.is_none());
+        let d = max_abs_diff(&values(l.forward(x)), &adapted);
+        assert_eq!(d, 0.0, "unmerged output is the adapted output again");
+    }
+
+    #[test]
+    fn a_non_finite_safe_merge_is_refused_and_changes_nothing() {
+        let mut l = base_layer();
+        let (w0, b0) = (bits(l.weight.val()), bits(l.bias.as_ref().unwrap().val()));
+        l.add_lora(good("ok", 0.0, false)).unwrap();
+        let mut b = fill(2 * D_OUT, 0.5);
+        b[4] = f32::NAN;
+        l.add_lora(lora("nan", fill(D_IN * 2, 0.0), b, None))
+            .unwrap();
+        // Finite tensors whose product overflows to infinity.
+        l.add_lora(lora(
+            "inf",
+            vec![1e30; D_IN * 2],
+            vec![1e30; 2 * D_OUT],
+            None,
+        ))
+        .unwrap();
+
+        for bad in ["nan", "inf"] {
+            l.set_active(&names(&["ok", bad]));
+            match l.merge("enc.q", None, true) {
+                Err(PeftError::NonFiniteMerge { site, adapter }) => {
+                    assert_eq!(site, "enc.q");
+                    assert!(adapter.contains(bad), "{adapter}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+            assert_eq!(bits(l.weight.val()), w0, "{bad}: weight untouched");
+            assert_eq!(
+                bits(l.bias.as_ref().unwrap().val()),
+                b0,
+                "{bad}: bias untouched"
+            );
+            assert!(l.merged.is_empty() && l.backup.is_none(), "{bad}");
+        }
+
+        // Refused on top of a good merge: the good merge stays as it was.
+        l.set_active(&names(&["ok"]));
+        l.merge("enc.q", None, true).unwrap();
+        let merged = bits(l.weight.val());
+        let err = l.merge("enc.q", Some(&names(&["nan"])), true);
+        assert!(
+            matches!(err, Err(PeftError::NonFiniteMerge { .. })),
+            "{err:?}"
+        );
+        assert_eq!(bits(l.weight.val()), merged);
+        assert_eq!(l.merged, ["ok"]);
+        l.unmerge();
+        assert_eq!(bits(l.weight.val()), w0);
+    }
+
+    #[test]
+    fn a_disabled_layer_is_exactly_the_base_layer() {
+        let x = input();
+        let base = values(base_layer().forward(x.clone()));
+        let mut l = base_layer();
+        l.add_lora(good("a", 0.0, true)).unwrap();
+        l.add_ia3(Ia3Adapter {
+            name: "s".into(),
+            ia3_l: Param::from_tensor(t1(fill(D_OUT, 2.0))),
+            feedforward: false,
+        })
+        .unwrap();
+        l.add_lora(good("c", 0.7, false)).unwrap();
+        l.add_saved_copy("c").unwrap();
+        l.modules_to_save[0].weight =
+            Param::from_tensor(t2(fill(D_IN * D_OUT, 3.0), [D_IN, D_OUT]));
+
+        for active in [&["a"][..], &["s"], &["a", "s"], &["c"]] {
+            l.set_active(&names(active));
+            l.disabled = false;
+            let on = values(l.forward(x.clone()));
+            let d = max_abs_diff(&on, &base);
+            assert!(
+                d.is_finite() && d > 1e-3,
+                "{active:?} changes the output: {d:e}"
+            );
+            l.disabled = true;
+            let off = values(l.forward(x.clone()));
+            assert_eq!(max_abs_diff(&off, &base), 0.0, "{active:?} disabled");
+            assert_eq!(
+                off.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                base.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{active:?}: bit for bit"
+            );
+        }
+    }
+
+    #[test]
+    fn deleting_an_adapter_while_merged_is_refused() {
+        let mut l = base_layer();
+        l.add_lora(good("a", 0.0, false)).unwrap();
+        l.add_lora(good("b", 0.4, false)).unwrap();
+        l.add_saved_copy("a").unwrap();
+        l.set_active(&names(&["a", "b"]));
+        l.merge("enc.q", Some(&names(&["b"])), true).unwrap();
+        let merged = bits(l.weight.val());
+        for name in ["a", "b"] {
+            assert!(
+                matches!(l.delete(name), Err(PeftError::Merged(_))),
+                "{name}"
+            );
+        }
+        assert!(l.adapter("a").is_some() && l.adapter("b").is_some());
+        assert!(l.saved_copy("a").is_some());
+        assert_eq!(l.active, ["a", "b"]);
+        assert_eq!(bits(l.weight.val()), merged);
+
+        l.unmerge();
+        l.delete("a").unwrap();
+        assert!(l.adapter("a").is_none() && l.saved_copy("a").is_none());
+        assert_eq!(l.active, ["b"]);
+        assert_eq!(l.adapter_names(), ["b"]);
+    }
+}

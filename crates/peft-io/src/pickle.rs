@@ -1319,3 +1319,150 @@ pub fn check_torch_zip(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A protocol-2 pickle: PROTO 2, `body`, STOP.
+    fn proto2(body: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x80, 2];
+        p.extend_from_slice(body);
+        p.push(b'.');
+        p
+    }
+
+    /// GLOBAL 'module\nname\n'.
+    fn global(module: &str, name: &str) -> Vec<u8> {
+        let mut g = vec![b'c'];
+        g.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        g
+    }
+
+    /// BINUNICODE (4-byte length).
+    fn text(s: &str) -> Vec<u8> {
+        let mut t = vec![b'X'];
+        t.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        t.extend_from_slice(s.as_bytes());
+        t
+    }
+
+    /// `module.name()`: GLOBAL, EMPTY_TUPLE, REDUCE.
+    fn call(module: &str, name: &str) -> Vec<u8> {
+        let mut c = global(module, name);
+        c.extend_from_slice(b")R");
+        c
+    }
+
+    #[test]
+    fn tensor_globals_are_allowed() {
+        for (module, name) in [
+            ("collections", "OrderedDict"),
+            ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_parameter"),
+            ("torch", "FloatStorage"),
+            ("torch", "BFloat16Storage"),
+            ("torch", "float32"),
+        ] {
+            // The reference alone: the gate checks calls' arguments separately (see
+            // crates/peft-io/tests/pickle_gate.rs), so an empty call would be refused.
+            let p = proto2(&global(module, name));
+            assert_eq!(check_pickle(&p), Ok(()), "{module}.{name}");
+        }
+    }
+
+    #[test]
+    fn a_state_dict_as_torch_writes_it_passes() {
+        // {"w": _rebuild_tensor_v2(pid("storage", FloatStorage, "0", "cpu", 4), 0, (2, 2),
+        //  (2, 1), False, OrderedDict())}
+        let mut b = vec![b'}', b'('];
+        b.extend(text("w"));
+        b.extend(global("torch._utils", "_rebuild_tensor_v2"));
+        b.extend_from_slice(b"((");
+        b.extend(text("storage"));
+        b.extend(global("torch", "FloatStorage"));
+        b.extend(text("0"));
+        b.extend(text("cpu"));
+        b.extend_from_slice(b"K\x04tQ"); // BININT1 4, TUPLE, BINPERSID
+        b.extend_from_slice(b"K\x00K\x02K\x02\x86K\x02K\x01\x86\x89"); // 0, (2, 2), (2, 1), False
+        b.extend(call("collections", "OrderedDict"));
+        b.extend_from_slice(b"tRu"); // TUPLE, REDUCE, SETITEMS
+        assert_eq!(check_pickle(&proto2(&b)), Ok(()));
+    }
+
+    #[test]
+    fn code_execution_globals_are_refused_by_name() {
+        for (module, name) in [
+            ("os", "system"),
+            ("builtins", "eval"),
+            ("posix", "system"),
+            ("torch", "load"),
+            ("__builtin__", "eval"),
+            ("subprocess", "Popen"),
+            ("torch.nn", "FloatStorage"),
+            ("torch._utils", "_rebuild_tensor_v2x"),
+        ] {
+            // Behind harmless data, so the refusal is not only about the first opcode.
+            let mut body = text("echo pwned");
+            body.extend(call(module, name));
+            let err = check_pickle(&proto2(&body)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{module}.{name}`")),
+                "{module}.{name}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn stack_global_is_checked_like_global() {
+        // Protocol 4: SHORT_BINUNICODE module, MEMOIZE, SHORT_BINUNICODE name, MEMOIZE,
+        // STACK_GLOBAL.
+        let stack_global = |module: &str, name: &str| {
+            let mut p = vec![0x80, 4];
+            for s in [module, name] {
+                p.push(0x8c);
+                p.push(s.len() as u8);
+                p.extend_from_slice(s.as_bytes());
+                p.push(0x94);
+            }
+            p.extend_from_slice(&[0x93, b')', b'R', b'.']);
+            p
+        };
+        assert_eq!(
+            check_pickle(&stack_global("collections", "OrderedDict")),
+            Ok(())
+        );
+        let err = check_pickle(&stack_global("posix", "system"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`posix.system`"), "{err}");
+        let err = check_pickle(&stack_global("builtins", "eval"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`builtins.eval`"), "{err}");
+        // Names not pushed as literals just before (here: one from the memo) are refused.
+        let mut p = vec![0x80, 4, 0x8c, 2];
+        p.extend_from_slice(b"os");
+        p.extend_from_slice(&[0x94, b'h', 0, 0x93, b'.']);
+        let err = check_pickle(&p).unwrap_err().to_string();
+        assert!(err.contains("STACK_GLOBAL"), "{err}");
+    }
+
+    #[test]
+    fn other_constructions_and_broken_streams_are_refused() {
+        let err = check_pickle(&proto2(b"(ios\nsystem\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("INST"), "{err}");
+        let err = check_pickle(&proto2(&[0x82, 1])).unwrap_err().to_string();
+        assert!(err.contains("extension"), "{err}");
+        // No STOP: running off the end is an error, not a pass.
+        let mut p = proto2(&call("collections", "OrderedDict"));
+        p.pop();
+        assert!(check_pickle(&p).is_err());
+        assert!(check_pickle(b"").is_err());
+        // A GLOBAL line without its newline.
+        assert!(check_pickle(&[0x80, 2, b'c', b'o', b's']).is_err());
+        let err = check_pickle(&proto2(&[0xff])).unwrap_err().to_string();
+        assert!(err.contains("0xff"), "{err}");
+    }
+}

@@ -299,3 +299,240 @@ pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
         alpha / r as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> LoraConfig {
+        LoraConfig::new(8, 16.0, TargetModules::list(["q", "v"]))
+    }
+
+    fn invalid(c: &LoraConfig, needle: &str) {
+        match c.validate() {
+            Err(PeftError::InvalidConfig(m)) => {
+                assert!(m.contains(needle), "{m:?} lacks {needle:?}")
+            }
+            other => panic!("expected InvalidConfig mentioning {needle:?}, got {other:?}"),
+        }
+    }
+
+    fn unsupported(c: &LoraConfig, needle: &str) {
+        match c.validate() {
+            Err(PeftError::Unsupported(m)) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+            other => panic!("expected Unsupported mentioning {needle:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validate_accepts_peft_defaults_and_supported_options() {
+        LoraConfig::default().validate().unwrap();
+        base().validate().unwrap();
+        for init in [
+            InitLoraWeights::Default,
+            InitLoraWeights::Gaussian,
+            InitLoraWeights::Random,
+        ] {
+            LoraConfig {
+                init_lora_weights: init,
+                ..base()
+            }
+            .validate()
+            .unwrap();
+        }
+        for p in [0.0, 0.1, 0.999] {
+            LoraConfig {
+                lora_dropout: p,
+                ..base()
+            }
+            .validate()
+            .unwrap();
+        }
+        LoraConfig {
+            layers_to_transform: Some(LayersToTransform::Many(vec![0, 1])),
+            layers_pattern: Some(StringOrList::One("block".into())),
+            rank_pattern: OrderedMap(vec![("q".into(), 4)]),
+            use_rslora: true,
+            lora_bias: true,
+            ..base()
+        }
+        .validate()
+        .unwrap();
+        // A missing peft_type is this method's.
+        let mut c = base();
+        c.header.peft_type = None;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validate_refuses_bad_ranges_and_unimplemented_options() {
+        invalid(&LoraConfig { r: 0, ..base() }, "`r`");
+        invalid(
+            &LoraConfig {
+                rank_pattern: OrderedMap(vec![("q".into(), 4), ("v".into(), 0)]),
+                ..base()
+            },
+            "rank_pattern[\"v\"]",
+        );
+        for p in [-0.1, 1.0, 1.5, f64::NAN, f64::INFINITY] {
+            invalid(
+                &LoraConfig {
+                    lora_dropout: p,
+                    ..base()
+                },
+                "lora_dropout",
+            );
+        }
+        unsupported(
+            &LoraConfig {
+                use_dora: true,
+                ..base()
+            },
+            "use_dora",
+        );
+        for init in ["pissa", "olora", "loftq", "eva"] {
+            unsupported(
+                &LoraConfig {
+                    init_lora_weights: InitLoraWeights::Other(init.into()),
+                    ..base()
+                },
+                init,
+            );
+        }
+        invalid(
+            &LoraConfig {
+                layers_pattern: Some(StringOrList::One("block".into())),
+                ..base()
+            },
+            "layers_to_transform",
+        );
+        // An empty layers_to_transform list does not count as given.
+        invalid(
+            &LoraConfig {
+                layers_pattern: Some(StringOrList::One("block".into())),
+                layers_to_transform: Some(LayersToTransform::Many(vec![])),
+                ..base()
+            },
+            "layers_to_transform",
+        );
+        invalid(
+            &LoraConfig {
+                target_modules: Some(TargetModules::Regex(r".*\.q".into())),
+                layers_to_transform: Some(LayersToTransform::One(0)),
+                ..base()
+            },
+            "`target_modules` is a str",
+        );
+        let mut c = base();
+        c.header.peft_type = Some("IA3".into());
+        invalid(&c, "IA3");
+        invalid(
+            &LoraConfig {
+                lora_bias: true,
+                init_lora_weights: InitLoraWeights::Gaussian,
+                ..base()
+            },
+            "lora_bias",
+        );
+        // Extra fields that change the computation are refused unless at their default.
+        let mut c = base();
+        c.extra.insert("use_qalora".into(), Value::Bool(true));
+        unsupported(&c, "use_qalora");
+        c.extra.insert("use_qalora".into(), Value::Bool(false));
+        c.extra
+            .insert("layer_replication".into(), serde_json::json!([]));
+        c.validate().unwrap();
+        c.extra
+            .insert("layer_replication".into(), serde_json::json!([[0, 2]]));
+        unsupported(&c, "layer_replication");
+    }
+
+    #[test]
+    fn json_keeps_unknown_fields_and_reads_a_missing_peft_type_as_lora() {
+        let text = r#"{
+            "r": 4,
+            "lora_alpha": 32,
+            "target_modules": ["q", "v"],
+            "task_type": "SEQ_2_SEQ_LM",
+            "peft_version": "0.21.2",
+            "megatron_config": null,
+            "some_future_option": {"nested": [1, 2.5, "x"], "flag": true},
+            "rank_pattern": {"v": 2, "q": 6},
+            "alpha_pattern": {"q": 12.5}
+        }"#;
+        let c = LoraConfig::from_json(text).unwrap();
+        assert_eq!(c.header.peft_type.as_deref(), Some("LORA"));
+        assert_eq!(c.r, 4);
+        assert_eq!(c.lora_alpha, 32.0);
+        assert_eq!(c.lora_dropout, 0.0, "PEFT's default");
+        let keys: Vec<&str> = c.rank_pattern.keys().collect();
+        assert_eq!(keys, ["v", "q"], "pattern order is kept");
+        let mut extra: Vec<&str> = c.extra.keys().map(String::as_str).collect();
+        extra.sort();
+        assert_eq!(
+            extra,
+            ["megatron_config", "peft_version", "some_future_option"]
+        );
+        c.validate().unwrap();
+
+        let theirs: Value = serde_json::from_str(text).unwrap();
+        let ours: Value = serde_json::from_str(&c.to_json()).unwrap();
+        for (k, v) in theirs.as_object().unwrap() {
+            assert_eq!(&ours[k], v, "{k} round-trips");
+        }
+        assert_eq!(ours["peft_type"], "LORA", "written out explicitly");
+        assert!(
+            ours["lora_alpha"].is_u64(),
+            "an integral alpha stays an integer"
+        );
+        let again = LoraConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(again, c);
+
+        // null for a bool PEFT may leave unset reads as false.
+        let c = LoraConfig::from_json(r#"{"use_dora": null, "use_rslora": null}"#).unwrap();
+        assert!(!c.use_dora && !c.use_rslora);
+        assert!(LoraConfig::from_json(r#"{"init_lora_weights": 3}"#).is_err());
+    }
+
+    #[test]
+    fn rank_and_alpha_follow_the_patterns_first_match_first() {
+        let c = LoraConfig {
+            rank_pattern: OrderedMap(vec![
+                (r"block\.1\..*\.v".into(), 2),
+                ("SelfAttention.q".into(), 16),
+                ("q".into(), 4),
+            ]),
+            alpha_pattern: OrderedMap(vec![("v".into(), 64.0)]),
+            ..base()
+        };
+        let q0 = "encoder.block.0.layer.0.SelfAttention.q";
+        let eq = "decoder.block.0.layer.1.EncDecAttention.q";
+        let v0 = "encoder.block.0.layer.0.SelfAttention.v";
+        let v1 = "encoder.block.1.layer.0.SelfAttention.v";
+        assert_eq!(c.rank_for(q0).unwrap(), 16, "the first matching key wins");
+        assert_eq!(c.rank_for(eq).unwrap(), 4);
+        assert_eq!(c.rank_for(v1).unwrap(), 2);
+        assert_eq!(c.rank_for(v0).unwrap(), 8, "no key matches: r");
+        assert_eq!(c.rank_for("encoder.extra.xq").unwrap(), 8, "xq is not q");
+        assert_eq!(c.alpha_for(v0).unwrap(), 64.0);
+        assert_eq!(c.alpha_for(q0).unwrap(), 16.0, "no key matches: lora_alpha");
+        // Scaling from the resolved values.
+        assert_eq!(
+            lora_scaling(c.alpha_for(v1).unwrap(), c.rank_for(v1).unwrap(), false),
+            32.0
+        );
+        assert_eq!(lora_scaling(16.0, 4, true), 8.0);
+        // A key that is not a valid pattern is an error naming its field.
+        let bad = LoraConfig {
+            alpha_pattern: OrderedMap(vec![("(".into(), 1.0)]),
+            ..base()
+        };
+        assert!(matches!(
+            bad.alpha_for(q0),
+            Err(PeftError::InvalidPattern {
+                field: "alpha_pattern",
+                ..
+            })
+        ));
+    }
+}
