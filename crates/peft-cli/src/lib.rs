@@ -1,8 +1,7 @@
 //! The `peft` command-line tool's library: its argument types, the mapping of `peft train`'s
-//! flags onto `peft_train` with its progress display, the loss plot, and the benchmark
-//! workloads (`peft bench`), usable from tests (xtask runs the `peft` binary).
+//! flags onto `peft_train` with its progress display, and the loss plot, usable from tests.
+//! (The benchmark workloads of `peft bench` live in the binary, not here: xtask runs them.)
 
-pub mod bench;
 pub mod plot;
 pub mod train;
 

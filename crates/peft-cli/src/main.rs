@@ -4,6 +4,8 @@
 //! `--max-new-tokens`). `--device cpu|wgpu|cuda` picks the backend among those compiled in
 //! (features `ndarray`, `wgpu`, `cuda`).
 
+mod bench;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -100,7 +102,7 @@ enum Cmd {
         dir: PathBuf,
     },
     /// Time one benchmark workload and print one JSON line (run by `cargo xtask bench`).
-    Bench(peft_cli::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Merge an adapter into its base and write a plain HF model directory.
     Merge {
         /// Model directory.
@@ -724,11 +726,7 @@ fn dispatch(cli: Cli) -> Result<()> {
     if let Cmd::Bench(args) = &cli.cmd {
         let name = format!("{:?}", cli.device).to_lowercase();
         return on_backend!(cli.device, |Bk| {
-            let v = peft_cli::bench::run::<burn::backend::Autodiff<Bk>>(
-                args,
-                &Default::default(),
-                &name,
-            )?;
+            let v = bench::run::<burn::backend::Autodiff<Bk>>(args, &Default::default(), &name)?;
             println!("{v}");
             Ok(())
         });

@@ -310,7 +310,6 @@ unsafe fn scale<T: Scalar>(m: usize, n: usize, beta: T, c: *mut T, rs: isize, cs
 /// # Safety
 /// The CBLAS contract: the pointers cover the matrices their dimensions and leading
 /// dimensions describe.
-#[allow(clippy::too_many_arguments)]
 /// `PEFT_GEMM_KERNEL=matrixmultiply` routes `sgemm` to matrixmultiply, the kernel ndarray
 /// uses without BLAS, so that one binary can measure both (`cargo xtask bench`); read once.
 fn reference_kernel() -> bool {
@@ -320,6 +319,7 @@ fn reference_kernel() -> bool {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_impl<T: Scalar>(
     layout: c_int,
     transa: c_int,
