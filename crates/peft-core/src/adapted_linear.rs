@@ -397,37 +397,31 @@ impl<B: Backend> AdaptedLinear<B> {
     }
 }
 
-/// PEFT saves a `modules_to_save` copy under the layer's own names, in PyTorch's layout.
-impl<B: Backend> AdapterParams<B> for SavedLinear<B> {
-    fn visit_params(&self, f: &mut dyn FnMut(NamedParam<ParamRef<'_, B>>)) {
+/// Writes `SavedLinear`'s tensor list once, for the shared and the mutable walk (`$m` is
+/// empty or `mut`): PEFT saves a `modules_to_save` copy under the layer's own names, in
+/// PyTorch's layout.
+macro_rules! saved_params {
+    ($visit:ident, $P:ident $(, $m:tt)?) => {
+        fn $visit(& $($m)? self, f: &mut dyn FnMut(NamedParam<$P<'_, B>>)) {
         f(NamedParam {
             key: "weight",
             layout: FileLayout::Transposed,
-            param: ParamRef::D2(&self.weight),
+            param: $P::D2(& $($m)? self.weight),
         });
-        if let Some(b) = &self.bias {
+        if let Some(b) = & $($m)? self.bias {
             f(NamedParam {
                 key: "bias",
                 layout: FileLayout::AsIs,
-                param: ParamRef::D1(b),
+                param: $P::D1(b),
             });
         }
-    }
+        }
+    };
+}
 
-    fn visit_params_mut(&mut self, f: &mut dyn FnMut(NamedParam<ParamMut<'_, B>>)) {
-        f(NamedParam {
-            key: "weight",
-            layout: FileLayout::Transposed,
-            param: ParamMut::D2(&mut self.weight),
-        });
-        if let Some(b) = &mut self.bias {
-            f(NamedParam {
-                key: "bias",
-                layout: FileLayout::AsIs,
-                param: ParamMut::D1(b),
-            });
-        }
-    }
+impl<B: Backend> AdapterParams<B> for SavedLinear<B> {
+    saved_params!(visit_params, ParamRef);
+    saved_params!(visit_params_mut, ParamMut, mut);
 }
 
 #[cfg(test)]

@@ -219,6 +219,26 @@ impl<'a> SeqClsTask<'a> {
         Ok((model, report.newly_initialized))
     }
 
+    /// Class logits `[batch, classes]` of `texts` and their real token count.
+    fn logits<'t, B: Backend>(
+        &self,
+        model: &BertForSequenceClassification<B>,
+        texts: impl Iterator<Item = &'t str>,
+        device: &B::Device,
+    ) -> Result<(Tensor<B, 2>, usize)> {
+        let texts: Vec<&str> = texts.collect();
+        let enc = self
+            .tokenizer
+            .encode_batch(&texts, Some(self.max_length), self.pad_token_id)?;
+        let tokens = enc.mask.iter().flatten().map(|m| *m as usize).sum();
+        let (logits, _) = model.forward(
+            ids_tensor::<B>(&enc.ids, device),
+            Some(ids_tensor::<B>(&enc.mask, device)),
+            None,
+        );
+        Ok((logits, tokens))
+    }
+
     fn class_of(&self, label: &str) -> i64 {
         self.labels
             .iter()
@@ -236,17 +256,8 @@ impl Task for SeqClsTask<'_> {
         batch: &[&Example],
         device: &B::Device,
     ) -> Result<StepLoss<B>> {
-        let texts: Vec<&str> = batch.iter().map(|e| e.text.as_str()).collect();
-        let enc = self
-            .tokenizer
-            .encode_batch(&texts, Some(self.max_length), self.pad_token_id)?;
-        let tokens = enc.mask.iter().flatten().map(|m| *m as usize).sum();
+        let (logits, tokens) = self.logits(model, batch.iter().map(|e| e.text.as_str()), device)?;
         let targets: Vec<i64> = batch.iter().map(|e| self.class_of(&e.label)).collect();
-        let (logits, _) = model.forward(
-            ids_tensor::<B>(&enc.ids, device),
-            Some(ids_tensor::<B>(&enc.mask, device)),
-            None,
-        );
         let [b, c] = logits.dims();
         let (loss, n) = masked_cross_entropy(
             logits.reshape([b, 1, c]),
@@ -265,15 +276,7 @@ impl Task for SeqClsTask<'_> {
         data: &[Example],
         device: &B::Device,
     ) -> Result<Vec<String>> {
-        let texts: Vec<&str> = data.iter().map(|e| e.text.as_str()).collect();
-        let enc = self
-            .tokenizer
-            .encode_batch(&texts, Some(self.max_length), self.pad_token_id)?;
-        let (logits, _) = model.forward(
-            ids_tensor::<B>(&enc.ids, device),
-            Some(ids_tensor::<B>(&enc.mask, device)),
-            None,
-        );
+        let (logits, _) = self.logits(model, data.iter().map(|e| e.text.as_str()), device)?;
         let best: Vec<i64> = logits
             .argmax(1)
             .into_data()

@@ -272,68 +272,45 @@ impl<B: Backend> BottleneckAdapter<B> {
     }
 }
 
-/// AdapterHub's tensor names, relative to `<site path>.adapters.<name>.`, in AdapterHub's layout
-/// (`adapter_down.1.*` when `ln_before` puts a LayerNorm at index 0).
-impl<B: Backend> AdapterParams<B> for BottleneckAdapter<B> {
-    fn visit_params(&self, f: &mut dyn FnMut(NamedParam<ParamRef<'_, B>>)) {
+/// Writes `BottleneckAdapter`'s tensor list once, for the shared and the mutable walk (`$m` is
+/// empty or `mut`): AdapterHub's tensor names, relative to `<site path>.adapters.<name>.`, in
+/// AdapterHub's layout (`adapter_down.1.*` when `ln_before` puts a LayerNorm at index 0).
+macro_rules! bottleneck_params {
+    ($visit:ident, $P:ident $(, $m:tt)?) => {
+        fn $visit(& $($m)? self, f: &mut dyn FnMut(NamedParam<$P<'_, B>>)) {
         let v1 = |key, p| NamedParam {
             key,
             layout: FileLayout::AsIs,
-            param: ParamRef::D1(p),
+            param: $P::D1(p),
         };
         let v2 = |key, p| NamedParam {
             key,
             layout: FileLayout::Transposed,
-            param: ParamRef::D2(p),
+            param: $P::D2(p),
         };
-        let (down_w, down_b) = if let Some(n) = self.norm_before.as_ref() {
-            f(v1("adapter_norm_before.weight", &n.weight));
-            f(v1("adapter_norm_before.bias", &n.bias));
+        let (down_w, down_b) = if let Some(n) = & $($m)? self.norm_before {
+            f(v1("adapter_norm_before.weight", & $($m)? n.weight));
+            f(v1("adapter_norm_before.bias", & $($m)? n.bias));
             ("adapter_down.1.weight", "adapter_down.1.bias")
         } else {
             ("adapter_down.0.weight", "adapter_down.0.bias")
         };
-        f(v2(down_w, &self.down_weight));
-        f(v1(down_b, &self.down_bias));
-        f(v2("adapter_up.weight", &self.up_weight));
-        f(v1("adapter_up.bias", &self.up_bias));
-        if let Some(n) = self.norm_after.as_ref() {
-            f(v1("adapter_norm_after.weight", &n.weight));
-            f(v1("adapter_norm_after.bias", &n.bias));
+        f(v2(down_w, & $($m)? self.down_weight));
+        f(v1(down_b, & $($m)? self.down_bias));
+        f(v2("adapter_up.weight", & $($m)? self.up_weight));
+        f(v1("adapter_up.bias", & $($m)? self.up_bias));
+        if let Some(n) = & $($m)? self.norm_after {
+            f(v1("adapter_norm_after.weight", & $($m)? n.weight));
+            f(v1("adapter_norm_after.bias", & $($m)? n.bias));
         }
-        if let Some(s) = self.learned_scaling.as_ref() {
+        if let Some(s) = & $($m)? self.learned_scaling {
             f(v1("scaling", s));
         }
-    }
+        }
+    };
+}
 
-    fn visit_params_mut(&mut self, f: &mut dyn FnMut(NamedParam<ParamMut<'_, B>>)) {
-        let v1 = |key, p| NamedParam {
-            key,
-            layout: FileLayout::AsIs,
-            param: ParamMut::D1(p),
-        };
-        let v2 = |key, p| NamedParam {
-            key,
-            layout: FileLayout::Transposed,
-            param: ParamMut::D2(p),
-        };
-        let (down_w, down_b) = if let Some(n) = self.norm_before.as_mut() {
-            f(v1("adapter_norm_before.weight", &mut n.weight));
-            f(v1("adapter_norm_before.bias", &mut n.bias));
-            ("adapter_down.1.weight", "adapter_down.1.bias")
-        } else {
-            ("adapter_down.0.weight", "adapter_down.0.bias")
-        };
-        f(v2(down_w, &mut self.down_weight));
-        f(v1(down_b, &mut self.down_bias));
-        f(v2("adapter_up.weight", &mut self.up_weight));
-        f(v1("adapter_up.bias", &mut self.up_bias));
-        if let Some(n) = self.norm_after.as_mut() {
-            f(v1("adapter_norm_after.weight", &mut n.weight));
-            f(v1("adapter_norm_after.bias", &mut n.bias));
-        }
-        if let Some(s) = self.learned_scaling.as_mut() {
-            f(v1("scaling", s));
-        }
-    }
+impl<B: Backend> AdapterParams<B> for BottleneckAdapter<B> {
+    bottleneck_params!(visit_params, ParamRef);
+    bottleneck_params!(visit_params_mut, ParamMut, mut);
 }

@@ -54,21 +54,21 @@ impl<B: Backend> Ia3Adapter<B> {
     }
 }
 
-impl<B: Backend> AdapterParams<B> for Ia3Adapter<B> {
-    fn visit_params(&self, f: &mut dyn FnMut(NamedParam<ParamRef<'_, B>>)) {
+/// Writes `Ia3Adapter`'s tensor list once, for the shared and the mutable walk (`$m` is
+/// empty or `mut`).
+macro_rules! ia3_params {
+    ($visit:ident, $P:ident $(, $m:tt)?) => {
+        fn $visit(& $($m)? self, f: &mut dyn FnMut(NamedParam<$P<'_, B>>)) {
         f(NamedParam {
             key: "ia3_l",
             layout: FileLayout::Reshaped(self.peft_shape()),
-            param: ParamRef::D1(&self.ia3_l),
+            param: $P::D1(& $($m)? self.ia3_l),
         });
-    }
+        }
+    };
+}
 
-    fn visit_params_mut(&mut self, f: &mut dyn FnMut(NamedParam<ParamMut<'_, B>>)) {
-        let layout = FileLayout::Reshaped(self.peft_shape());
-        f(NamedParam {
-            key: "ia3_l",
-            layout,
-            param: ParamMut::D1(&mut self.ia3_l),
-        });
-    }
+impl<B: Backend> AdapterParams<B> for Ia3Adapter<B> {
+    ia3_params!(visit_params, ParamRef);
+    ia3_params!(visit_params_mut, ParamMut, mut);
 }

@@ -134,44 +134,33 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
-impl<B: Backend> AdapterParams<B> for LoraAdapter<B> {
-    fn visit_params(&self, f: &mut dyn FnMut(NamedParam<ParamRef<'_, B>>)) {
+/// Writes `LoraAdapter`'s tensor list once, for the shared and the mutable walk (`$m` is
+/// empty or `mut`).
+macro_rules! lora_params {
+    ($visit:ident, $P:ident $(, $m:tt)?) => {
+        fn $visit(& $($m)? self, f: &mut dyn FnMut(NamedParam<$P<'_, B>>)) {
         f(NamedParam {
             key: "lora_A.weight",
             layout: FileLayout::Transposed,
-            param: ParamRef::D2(&self.lora_a),
+            param: $P::D2(& $($m)? self.lora_a),
         });
         f(NamedParam {
             key: "lora_B.weight",
             layout: FileLayout::Transposed,
-            param: ParamRef::D2(&self.lora_b),
+            param: $P::D2(& $($m)? self.lora_b),
         });
-        if let Some(b) = &self.lora_bias {
+        if let Some(b) = & $($m)? self.lora_bias {
             f(NamedParam {
                 key: "lora_B.bias",
                 layout: FileLayout::AsIs,
-                param: ParamRef::D1(b),
+                param: $P::D1(b),
             });
         }
-    }
+        }
+    };
+}
 
-    fn visit_params_mut(&mut self, f: &mut dyn FnMut(NamedParam<ParamMut<'_, B>>)) {
-        f(NamedParam {
-            key: "lora_A.weight",
-            layout: FileLayout::Transposed,
-            param: ParamMut::D2(&mut self.lora_a),
-        });
-        f(NamedParam {
-            key: "lora_B.weight",
-            layout: FileLayout::Transposed,
-            param: ParamMut::D2(&mut self.lora_b),
-        });
-        if let Some(b) = &mut self.lora_bias {
-            f(NamedParam {
-                key: "lora_B.bias",
-                layout: FileLayout::AsIs,
-                param: ParamMut::D1(b),
-            });
-        }
-    }
+impl<B: Backend> AdapterParams<B> for LoraAdapter<B> {
+    lora_params!(visit_params, ParamRef);
+    lora_params!(visit_params_mut, ParamMut, mut);
 }
