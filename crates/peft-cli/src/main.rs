@@ -152,6 +152,20 @@ fn params_line<B: Backend, M: AdapterHost<B>>(model: M, lora: &AdapterArgs) -> R
     Ok(PeftModel::new(model, lora.adapter_config()?, "default")?.trainable_parameters_line())
 }
 
+/// `rows` as an id tensor, refusing an id the model's embedding has no row for (burn would
+/// panic on it): `what` names the ids (`--decoder-input-ids`, the tokenizer's output).
+fn checked_ids<B: Backend>(
+    what: &str,
+    rows: &[Vec<u32>],
+    vocab_size: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 2, Int>> {
+    if let Some(bad) = rows.iter().flatten().find(|v| **v as usize >= vocab_size) {
+        bail!("{what}: token id {bad} is out of range for the model's vocab_size {vocab_size}");
+    }
+    Ok(ids_tensor(rows, device))
+}
+
 fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
     let b = rows.len();
     let l = rows.first().map_or(0, Vec::len);
@@ -250,7 +264,8 @@ fn bert_forward<B: Backend>(
     let tok = TextTokenizer::from_path(dir)?;
     let pad = tok.token_id("[PAD]").unwrap_or(0);
     let batch = tok.encode_batch(texts, Some(512), pad)?;
-    let ids = ids_tensor::<B>(&batch.ids, device);
+    let vocab = raw["vocab_size"].as_u64().unwrap_or(u64::MAX) as usize;
+    let ids = checked_ids::<B>("the tokenizer's ids", &batch.ids, vocab, device)?;
     let mask = ids_tensor::<B>(&batch.mask, device);
     let mut out = BTreeMap::new();
     if arch_cls || adapter_cls {
@@ -309,10 +324,11 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
                 let dec =
                     decoder_input_ids.unwrap_or_else(|| vec![m.config.decoder_start() as u32]);
                 let dec_rows = vec![dec; texts.len()];
+                let vocab = m.config.vocab_size;
                 let o = m.forward(
-                    ids_tensor::<B>(&batch.ids, device),
+                    checked_ids::<B>("the tokenizer's ids", &batch.ids, vocab, device)?,
                     Some(ids_tensor::<B>(&batch.mask, device)),
-                    ids_tensor::<B>(&dec_rows, device),
+                    checked_ids::<B>("--decoder-input-ids", &dec_rows, vocab, device)?,
                 );
                 BTreeMap::from([
                     ("logits".to_string(), to_f32(o.logits)),
@@ -345,7 +361,12 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             let pad = m.config.pad_token_id.unwrap_or(0) as u32;
             let batch = tok.encode_batch(&texts, None, pad)?;
             let out = m.generate_beam(
-                ids_tensor::<B>(&batch.ids, device),
+                checked_ids::<B>(
+                    "the tokenizer's ids",
+                    &batch.ids,
+                    m.config.vocab_size,
+                    device,
+                )?,
                 Some(ids_tensor::<B>(&batch.mask, device)),
                 max_new_tokens,
                 num_beams,

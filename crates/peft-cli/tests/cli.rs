@@ -523,17 +523,22 @@ fn a_second_run_into_a_locked_output_dir_is_refused_and_a_killed_runs_lock_is_no
     );
     first.kill().unwrap();
     first.wait().unwrap();
-    // The killed run's lock went with it: resuming works and finishes.
-    let (ok, stdout, err) = peft_owned(&train_args(
-        &o,
-        "3",
-        &["--resume", "latest", "--save-steps", "1"],
-    ));
+    // The killed run's lock went with it: resuming works and finishes two steps later.
+    let latest = std::fs::read_to_string(out.join("latest")).unwrap();
+    let done: usize = latest
+        .trim()
+        .trim_start_matches("checkpoint-")
+        .parse()
+        .unwrap();
+    let end = (done + 2).to_string();
+    let resume =
+        |from: &'static str| train_args(&o, &end, &["--resume", from, "--save-steps", "1"]);
+    let (ok, stdout, err) = peft_owned(&resume("latest"));
     assert!(ok, "{err}");
     assert!(out.join("adapter_model.safetensors").exists(), "{stdout}");
     let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
     // Resuming the finished run trains nothing and leaves the adapter alone.
-    let (ok, stdout, err) = peft_owned(&train_args(&o, "3", &["--resume", "latest"]));
+    let (ok, stdout, err) = peft_owned(&resume("latest"));
     assert!(ok, "{err}");
     assert!(stdout.contains("nothing to train"), "{stdout}");
     assert_eq!(
@@ -541,7 +546,34 @@ fn a_second_run_into_a_locked_output_dir_is_refused_and_a_killed_runs_lock_is_no
         adapter
     );
     // A checkpoint named relative to the output directory resumes too.
-    let (ok, _, err) = peft_owned(&train_args(&o, "3", &["--resume", "checkpoint-2"]));
+    let (ok, stdout, err) = peft_owned(&resume("checkpoint-1"));
     assert!(ok, "{err}");
+    assert!(!stdout.contains("nothing to train"), "{stdout}");
     std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn out_of_range_ids_are_refused_not_a_panic() {
+    let model = fixtures().join("mt5").display().to_string();
+    let out = std::env::temp_dir().join(format!("peft-cli-ids-{}.safetensors", std::process::id()));
+    let (ok, _, err) = peft(&[
+        "forward",
+        "--model",
+        &model,
+        "--text",
+        "hello",
+        "--decoder-input-ids",
+        "99999",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "--decoder-input-ids: token id 99999 is out of range for the model's vocab_size"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists());
 }

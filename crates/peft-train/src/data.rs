@@ -244,6 +244,9 @@ pub struct DataCollatorForSeq2Seq<'a> {
     pub pad_token_id: u32,
     /// The decoder start id (T5: the pad id).
     pub decoder_start_token_id: u32,
+    /// The model's vocabulary size: ids at or above it are refused (an embedding has no row for
+    /// them) instead of reaching the model.
+    pub vocab_size: Option<usize>,
 }
 
 impl<'a> DataCollatorForSeq2Seq<'a> {
@@ -260,7 +263,30 @@ impl<'a> DataCollatorForSeq2Seq<'a> {
             max_target_length: 8,
             pad_token_id,
             decoder_start_token_id,
+            vocab_size: None,
         }
+    }
+
+    /// Refuses token ids at or above `vocab_size`.
+    pub fn with_vocab_size(mut self, vocab_size: usize) -> Self {
+        self.vocab_size = Some(vocab_size);
+        self
+    }
+
+    /// Refuses an id the model's embedding has no row for.
+    pub fn check_ids<'i>(&self, ids: impl IntoIterator<Item = &'i u32>) -> Result<()> {
+        if let Some(v) = self.vocab_size
+            && let Some(bad) = ids.into_iter().find(|id| **id as usize >= v)
+        {
+            return Err(TrainError::InvalidArgument {
+                name: "tokenizer",
+                message: format!(
+                    "token id {bad} is out of range for the model's vocab_size {v} (a tokenizer \
+                     for another model?)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Sets the prompt template.
@@ -310,6 +336,7 @@ impl<'a> DataCollatorForSeq2Seq<'a> {
                     .encode(&e.label, Some(self.max_target_length))
             })
             .collect::<peft_io::Result<Vec<_>>>()?;
+        self.check_ids(src.ids.iter().flatten().chain(targets.iter().flatten()))?;
         let t_len = targets.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let mut labels = Vec::new();
         let mut dec = Vec::new();

@@ -106,7 +106,8 @@ impl<'a> Seq2SeqLmTask<'a> {
         let pad = model.config.pad_token_id.unwrap_or(0) as u32;
         let start = model.config.decoder_start() as u32;
         Seq2SeqLmTask {
-            collator: DataCollatorForSeq2Seq::new(tokenizer, pad, start),
+            collator: DataCollatorForSeq2Seq::new(tokenizer, pad, start)
+                .with_vocab_size(model.config.vocab_size),
         }
     }
 
@@ -159,6 +160,7 @@ impl Task for Seq2SeqLmTask<'_> {
         let batch = c
             .tokenizer
             .encode_batch(&refs, Some(c.max_source_length), c.pad_token_id)?;
+        c.check_ids(batch.ids.iter().flatten())?;
         let out = model.generate_greedy(
             ids_tensor::<B>(&batch.ids, device),
             Some(ids_tensor::<B>(&batch.mask, device)),
