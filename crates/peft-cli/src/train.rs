@@ -417,6 +417,7 @@ where
         }
     }
     let peft = PeftModel::new(base, config, "default")?;
+    check_memory(&peft.parameter_counts())?;
     let trained = Trainer::new(args.training_args(), task)
         .with_callback(progress(args.quiet))
         .with_cancellation(cancel)
@@ -527,6 +528,34 @@ where
         summary,
         model: trained.model,
     })
+}
+
+/// Refuses a run whose parameters alone cannot fit in this machine's available memory: the
+/// weights in f32, plus a gradient and AdamW's two moments for every trainable parameter.
+/// Counting is lazy (nothing is allocated yet), so an absurd `--lora-r` is an error with the
+/// numbers instead of an abort from a failed allocation.
+fn check_memory(counts: &peft_core::ParamCounts) -> Result<()> {
+    let need = (counts.all as u128 + 3 * counts.trainable as u128) * 4;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok())
+            .map(|kib| kib * 1024)
+    });
+    if let Some(avail) = available
+        && need > avail
+    {
+        bail!(
+            "the model and adapter need at least {:.1} GiB ({} parameters, {} trainable: weights, \
+             gradients and AdamW state in f32) but only {:.1} GiB of memory is available; lower \
+             --lora-r or use a smaller model",
+            need as f64 / (1u64 << 30) as f64,
+            counts.all,
+            counts.trainable,
+            avail as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
 }
 
 /// `(step, loss)` of every training row in `metrics.jsonl` (the whole run, across resumes).

@@ -577,3 +577,25 @@ fn out_of_range_ids_are_refused_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn absurd_sizes_are_refused_with_numbers_before_allocating() {
+    let out = std::env::temp_dir().join(format!("peft-cli-sizes-{}", std::process::id()));
+    let o = out.display().to_string();
+    let (ok, _, err) = peft_owned(&train_args(&o, "2", &["--lora-r", "1000000000"]));
+    assert!(!ok);
+    assert!(err.contains("GiB") && err.contains("--lora-r"), "{err}");
+    assert!(!err.contains("memory allocation"), "{err}");
+    // A config.json with a billion layers: refused when read, even by `params`.
+    let model = out.join("huge");
+    std::fs::create_dir_all(&model).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("mt5/config.json")).unwrap())
+            .unwrap();
+    config["num_layers"] = serde_json::json!(1_000_000_000u64);
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let (ok, _, err) = peft(&["params", "--model", &model.display().to_string()]);
+    assert!(!ok);
+    assert!(err.contains("num_layers is 1000000000"), "{err}");
+    std::fs::remove_dir_all(&out).ok();
+}

@@ -138,6 +138,13 @@ impl BertConfig {
             )));
         }
         c.act()?;
+        crate::check_size(
+            &[("num_hidden_layers", c.num_hidden_layers)],
+            (c.vocab_size as u128 + c.max_position_embeddings as u128) * c.hidden_size as u128
+                + c.num_hidden_layers as u128
+                    * (4 * c.hidden_size as u128 * c.hidden_size as u128
+                        + 2 * c.hidden_size as u128 * c.intermediate_size as u128),
+        )?;
         Ok(c)
     }
 

@@ -20,5 +20,32 @@ pub mod t5;
 
 pub use bert::{BertConfig, BertForSequenceClassification, BertModel};
 pub use error::{ModelError, Result};
+
+/// The most layers a config may ask for: far beyond any published model, and small enough that
+/// building the (lazy) layer structs cannot exhaust memory.
+pub const MAX_LAYERS: usize = 4096;
+
+/// The most parameters a config may describe (2^40, 4 TiB of f32): refused before anything is
+/// built.
+pub const MAX_PARAMS: u128 = 1 << 40;
+
+/// Refuses a config whose layer counts or estimated parameter count (`params`, computed with
+/// `u128` so it cannot overflow) no machine could hold, with the numbers.
+pub(crate) fn check_size(layers: &[(&str, usize)], params: u128) -> Result<()> {
+    for (name, n) in layers {
+        if *n > MAX_LAYERS {
+            return Err(ModelError::Config(format!(
+                "{name} is {n}, more than the {MAX_LAYERS} layers this crate accepts"
+            )));
+        }
+    }
+    if params > MAX_PARAMS {
+        return Err(ModelError::Config(format!(
+            "the config describes about {params} parameters ({} GiB of f32), more than the {MAX_PARAMS} accepted",
+            params * 4 / (1 << 30)
+        )));
+    }
+    Ok(())
+}
 pub use hf::{HfParamMut, HfParams};
 pub use t5::{T5Config, T5ForConditionalGeneration};

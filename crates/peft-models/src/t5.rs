@@ -164,7 +164,30 @@ impl T5Config {
             });
         }
         c.activation()?;
+        c.check_size()?;
         Ok(c)
+    }
+
+    /// Refuses layer counts and sizes no machine could hold (see [`crate::MAX_PARAMS`]).
+    pub fn check_size(&self) -> Result<()> {
+        let (v, d, kv, ff, h) = (
+            self.vocab_size as u128,
+            self.d_model as u128,
+            self.d_kv as u128,
+            self.d_ff as u128,
+            self.num_heads as u128,
+        );
+        let attn = 4 * d * h * kv;
+        let ffn = 3 * d * ff;
+        let layers = self.num_layers as u128 + self.decoder_layers() as u128;
+        let params = 2 * v * d + layers * (2 * attn + ffn);
+        crate::check_size(
+            &[
+                ("num_layers", self.num_layers),
+                ("num_decoder_layers", self.decoder_layers()),
+            ],
+            params,
+        )
     }
 
     /// Decoder depth.
@@ -770,6 +793,7 @@ pub struct Seq2SeqOutput<B: Backend> {
 impl<B: Backend> T5ForConditionalGeneration<B> {
     /// A randomly initialised model (lazily: nothing is allocated until used).
     pub fn new(config: &T5Config, device: &B::Device) -> Result<Self> {
+        config.check_size()?;
         Ok(T5ForConditionalGeneration {
             shared: EmbeddingConfig::new(config.vocab_size, config.d_model).init(device),
             encoder: T5Stack::new(config, false, device)?,
