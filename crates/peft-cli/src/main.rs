@@ -90,6 +90,9 @@ enum Cmd {
         /// Beam width (1 = greedy).
         #[arg(long, default_value_t = 1)]
         num_beams: usize,
+        /// Source tokens kept per input (longer prompts are truncated, with a warning).
+        #[arg(long, default_value_t = 512)]
+        max_source_length: usize,
         /// Input texts.
         #[arg(required = true)]
         text: Vec<String>,
@@ -350,16 +353,30 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             adapter,
             max_new_tokens,
             num_beams,
+            max_source_length,
             text,
         } => {
             if num_beams == 0 {
                 bail!("--num-beams must be at least 1");
             }
+            if max_source_length == 0 {
+                bail!("--max-source-length must be at least 1");
+            }
             let m = load_model::<B>(&model, adapter.as_deref(), device)?;
             let tok = TextTokenizer::from_path(&model)?;
             let texts: Vec<&str> = text.iter().map(String::as_str).collect();
             let pad = m.config.pad_token_id.unwrap_or(0) as u32;
-            let batch = tok.encode_batch(&texts, None, pad)?;
+            for (i, t) in texts.iter().enumerate() {
+                let n = tok.encode(t, None)?.len();
+                if n > max_source_length {
+                    eprintln!(
+                        "warning: input {} has {n} tokens; truncated to --max-source-length \
+                         {max_source_length}",
+                        i + 1
+                    );
+                }
+            }
+            let batch = tok.encode_batch(&texts, Some(max_source_length), pad)?;
             let out = m.generate_beam(
                 checked_ids::<B>(
                     "the tokenizer's ids",

@@ -599,3 +599,22 @@ fn absurd_sizes_are_refused_with_numbers_before_allocating() {
     assert!(err.contains("num_layers is 1000000000"), "{err}");
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn a_long_prompt_is_truncated_with_a_warning() {
+    let model = fixtures().join("mt5").display().to_string();
+    let prompt = "word ".repeat(20_000);
+    let (ok, _, err) = peft(&[
+        "generate",
+        "--model",
+        &model,
+        "--max-new-tokens",
+        "2",
+        &prompt,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("truncated to --max-source-length 512"),
+        "{err}"
+    );
+}
