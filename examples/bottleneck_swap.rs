@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
-use burn::backend::NdArray;
-use burn::tensor::{Int, Tensor, TensorData};
+use peft::burn::backend::NdArray;
+use peft::burn::tensor::{Int, Tensor, TensorData};
 use peft::core::{BnConfig, PeftModel};
 
 type B = NdArray;
@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Default::default();
 
     // Two adapters, as if trained for two tasks, saved in AdapterHub's format.
-    <B as burn::tensor::backend::Backend>::seed(&device, 1);
+    <B as peft::burn::tensor::backend::Backend>::seed(&device, 1);
     let (base, _) = peft::io::load_bert::<B>(&model_dir, &device)?;
     let mut trainer_side = PeftModel::new(base, BnConfig::houlsby(), "sentiment")?;
     trainer_side.add_adapter("topic", BnConfig::houlsby())?;

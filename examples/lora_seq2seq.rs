@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::{Autodiff, NdArray};
+use peft::burn::backend::{Autodiff, NdArray};
 use peft::core::{LoraConfig, PeftConfigHeader, PeftModel, TargetModules, TaskType};
 use peft::train::{Seq2SeqLmTask, Trainer, TrainingArgs, read_examples};
 

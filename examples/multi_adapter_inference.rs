@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
-use burn::backend::NdArray;
-use burn::tensor::{Int, Tensor, TensorData};
+use peft::burn::backend::NdArray;
+use peft::burn::tensor::{Int, Tensor, TensorData};
 use peft::core::PeftModel;
 use peft::models::T5ForConditionalGeneration;
 

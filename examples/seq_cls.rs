@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::{Autodiff, NdArray};
+use peft::burn::backend::{Autodiff, NdArray};
 use peft::core::{LoraConfig, PeftConfigHeader, PeftModel, TargetModules, TaskType};
 use peft::train::{EvalStrategy, SeqClsTask, Task, Trainer, TrainingArgs, read_examples};
 
@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     labels.sort();
     labels.dedup();
     let task = SeqClsTask::new(&tok, labels).with_max_length(64);
-    <B as burn::tensor::backend::Backend>::seed(&device, 42);
+    <B as peft::burn::tensor::backend::Backend>::seed(&device, 42);
     let (base, new_head) = task.load_base::<B>(&model_dir, &device)?;
     println!("new head: {new_head:?}");
 

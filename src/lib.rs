@@ -10,6 +10,9 @@
 //!
 //! The backend is chosen by features: `ndarray` (default, CPU), `wgpu`, `cuda`.
 
+/// The Burn version this crate is built on (backends: `peft::burn::backend::{NdArray, Autodiff}`),
+/// so that a user depends on `peft` alone.
+pub use burn;
 pub use peft_core as core;
 pub use peft_io as io;
 pub use peft_models as models;
