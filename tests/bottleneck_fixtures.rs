@@ -16,7 +16,7 @@ mod common;
 
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
-use common::{AB, B, Fixture, check_close, fixture_path, read_json};
+use common::{AB, B, Fixture, check_close, fixture_path, ok, read_json};
 use peft::core::check::Failures;
 use peft::core::{AdapterHost, BnConfig, Ia3Config, PeftModel};
 use peft::io::adapterhub;
@@ -67,17 +67,6 @@ fn t5_out(model: &T5ForConditionalGeneration<B>) -> (Tensor<B, 3>, Tensor<B, 3>)
         fx.get_int("decoder_input_ids", &device),
     );
     (o.logits, o.encoder_last_hidden_state)
-}
-
-/// `Some(value)`, or `None` with the error recorded as a failure of `what`.
-fn ok<T, E: std::fmt::Display>(fails: &mut Failures, r: Result<T, E>, what: &str) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            fails.fail(format!("{what}: {e}"));
-            None
-        }
-    }
 }
 
 /// Panics listing every recorded failure, if any.

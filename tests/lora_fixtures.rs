@@ -7,7 +7,7 @@ mod common;
 
 use burn::tensor::Tensor;
 use common::toy::{Toy, load_peft_tensors};
-use common::{B, Fixture, check_close, read_json};
+use common::{B, Fixture, check_close, ok, read_json};
 use peft::core::check::Failures;
 use peft::core::{AdapterHost, LoraConfig, PeftModel};
 use serde_json::Value;
@@ -30,17 +30,6 @@ fn cases() -> Vec<Case> {
             json: c.clone(),
         })
         .collect()
-}
-
-/// `Some(value)`, or `None` with the error recorded as a failure of `what`.
-fn ok<T, E: std::fmt::Display>(fails: &mut Failures, r: Result<T, E>, what: &str) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            fails.fail(format!("{what}: {e}"));
-            None
-        }
-    }
 }
 
 /// The adapters a case activates, in PEFT's order.

@@ -152,3 +152,18 @@ pub fn read_json(rel: &str) -> serde_json::Value {
     let path = fixture_path(rel);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
+
+/// `Some(value)`, or `None` with the error recorded as a failure of `what`.
+pub fn ok<T, E: std::fmt::Display>(
+    fails: &mut peft::core::check::Failures,
+    r: Result<T, E>,
+    what: &str,
+) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            fails.fail(format!("{what}: {e}"));
+            None
+        }
+    }
+}
