@@ -16,13 +16,19 @@ pub fn save_record<B: Backend, R: Record<B>>(record: R, path: &Path) -> Result<(
     let dir = path.parent().unwrap_or(Path::new("."));
     // The recorder replaces the extension with `.mpk`; a dot-file name has none to replace.
     let tmp = dir.join(format!(".record-{}", std::process::id()));
-    recorder
+    let written = tmp.with_extension("mpk");
+    let result = recorder
         .record(record, tmp.clone())
         .map_err(|e| IoError::Checkpoint {
             path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    std::fs::rename(tmp.with_extension("mpk"), path).map_err(io_err(path))
+            reason: format!("writing the optimizer state failed: {e}"),
+        })
+        .and_then(|()| std::fs::rename(&written, path).map_err(io_err(path)));
+    if result.is_err() {
+        // Never leave the temporary behind (a full disk stays full otherwise).
+        let _ = std::fs::remove_file(&written);
+    }
+    result
 }
 
 /// Loads a burn record saved by [`save_record`] (read from `path` with its extension set to

@@ -88,7 +88,7 @@ pub enum IoError {
         reason: String,
     },
     /// A tensor has a dtype that cannot hold weights.
-    #[error("{}: tensor `{key}` has dtype {dtype}, expected F32, F16 or BF16", path.display())]
+    #[error("{}: tensor `{key}` has dtype {dtype}, expected F32, F16, BF16 or F64", path.display())]
     Dtype {
         /// The file.
         path: PathBuf,

@@ -299,7 +299,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    // A failed write (a full disk) leaves no temporary behind, and names the file the caller
+    // asked for.
+    std::fs::write(&tmp, bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        IoError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    })?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         IoError::Io {
