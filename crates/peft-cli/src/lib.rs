@@ -5,6 +5,33 @@
 pub mod plot;
 pub mod train;
 
+/// The memory this machine has available now (`MemAvailable` of `/proc/meminfo`), in bytes;
+/// `None` where that is not known.
+pub fn available_memory() -> Option<u128> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    m.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok())
+        .map(|kib| kib * 1024)
+}
+
+/// Refuses work that needs `need` bytes when less memory than that is available, before
+/// anything is allocated: the error gives both numbers, what needs them (`what`) and what to
+/// lower (`advice`).
+pub fn ensure_memory(need: u128, what: &str, advice: &str) -> Result<()> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    if let Some(avail) = available_memory()
+        && need > avail
+    {
+        anyhow::bail!(
+            "{what} needs about {:.1} GiB but only {:.1} GiB of memory is available; {advice}",
+            need as f64 / GIB,
+            avail as f64 / GIB
+        );
+    }
+    Ok(())
+}
+
 use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::bottleneck::ReductionFactor;
@@ -124,6 +151,18 @@ impl AdapterArgs {
             (Some(l), None) => Some(TargetModules::List(l.clone())),
             (None, None) => None,
         };
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            anyhow::bail!(
+                "--lora-dropout must be in [0, 1), found {}",
+                self.lora_dropout
+            );
+        }
+        if !self.lora_alpha.is_finite() {
+            anyhow::bail!(
+                "--lora-alpha must be a finite number, found {}",
+                self.lora_alpha
+            );
+        }
         Ok(LoraConfig {
             header: PeftConfigHeader::default().with_task_type(task_type),
             r: self.lora_r,

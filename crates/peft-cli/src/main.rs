@@ -326,6 +326,16 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
                 let batch = tok.encode_batch(&texts, None, pad)?;
                 let dec =
                     decoder_input_ids.unwrap_or_else(|| vec![m.config.decoder_start() as u32]);
+                let src_len = batch.ids.first().map_or(0, Vec::len);
+                peft_cli::ensure_memory(
+                    m.config
+                        .activation_bytes(texts.len(), src_len, dec.len(), false),
+                    &format!(
+                        "a forward pass over {} input(s) of {src_len} tokens",
+                        texts.len()
+                    ),
+                    "give shorter or fewer --text inputs",
+                )?;
                 let dec_rows = vec![dec; texts.len()];
                 let vocab = m.config.vocab_size;
                 let o = m.forward(
@@ -377,6 +387,17 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
                 }
             }
             let batch = tok.encode_batch(&texts, Some(max_source_length), pad)?;
+            let src_len = batch.ids.first().map_or(0, Vec::len);
+            peft_cli::ensure_memory(
+                m.config
+                    .activation_bytes(texts.len() * num_beams, src_len, max_new_tokens, false),
+                &format!(
+                    "generating {max_new_tokens} tokens with {num_beams} beam(s) for {} \
+                     input(s) of {src_len} tokens",
+                    texts.len()
+                ),
+                "lower --max-source-length, --max-new-tokens or --num-beams, or give fewer inputs",
+            )?;
             let out = m.generate_beam(
                 checked_ids::<B>(
                     "the tokenizer's ids",

@@ -14,6 +14,7 @@ use clap::Args;
 use peft_core::{AdapterConfig, AdapterHost, PeftModel, TaskType};
 use peft_io::TextTokenizer;
 use peft_models::{BertForSequenceClassification, T5Config, T5ForConditionalGeneration};
+use peft_train::checkpoint::OutputDirLock;
 use peft_train::{
     CancellationToken, Control, EvalStrategy, Example, Seq2SeqLmTask, SeqClsTask, Task, Trainer,
     TrainerEvent, TrainingArgs, read_examples,
@@ -235,6 +236,8 @@ fn train_seq2seq_with<B: AutodiffBackend>(
     args.validate()?;
     let out = &args.output_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Locked before anything is written into it (the preset's base model below).
+    let lock = OutputDirLock::acquire(out)?;
     let tok_path = match (&args.tokenizer, T5Config::preset_by_name(&args.model)) {
         (Some(t), _) => t.clone(),
         (None, None) => PathBuf::from(&args.model).join("tokenizer.json"),
@@ -258,12 +261,26 @@ fn train_seq2seq_with<B: AutodiffBackend>(
         let dir = PathBuf::from(&args.model);
         (load_t5_warn::<B>(&dir, device)?, dir)
     };
+    crate::ensure_memory(
+        base.config.activation_bytes(
+            args.batch_size,
+            args.max_source_length,
+            args.max_target_length,
+            true,
+        ),
+        &format!(
+            "a training batch of {} x {} source tokens (activations kept for the backward pass)",
+            args.batch_size, args.max_source_length
+        ),
+        "lower --batch-size or --max-source-length",
+    )?;
     let task = Seq2SeqLmTask::new(&tok, &base)
         .with_prompt_template(args.prompt_template.clone())
         .with_max_lengths(args.max_source_length, args.max_target_length);
     let reload = |dir: &Path, d: &B::Device| load_t5_warn(dir, d);
     run(
         &task, args, base, &base_dir, &tok_path, train_data, eval_data, device, cancel, reload,
+        lock,
     )
 }
 
@@ -296,6 +313,7 @@ fn train_seq_cls_with<B: AutodiffBackend>(
     args.validate()?;
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
+    let lock = OutputDirLock::acquire(&args.output_dir)?;
     let dir = PathBuf::from(&args.model);
     let tok_path = args
         .tokenizer
@@ -313,10 +331,23 @@ fn train_seq_cls_with<B: AutodiffBackend>(
     if !new.is_empty() {
         eprintln!("note: new head, initialised from the seed: {new:?}");
     }
+    crate::ensure_memory(
+        base.bert.config.activation_bytes(
+            args.batch_size,
+            args.max_source_length
+                .min(base.bert.config.max_position_embeddings),
+            true,
+        ),
+        &format!(
+            "a training batch of {} x {} tokens (activations kept for the backward pass)",
+            args.batch_size, args.max_source_length
+        ),
+        "lower --batch-size or --max-source-length",
+    )?;
     let base = base.map(&mut Materialize);
     let reload = |d: &Path, dev: &B::Device| Ok(task.load_base::<B::InnerBackend>(d, dev)?.0);
     run(
-        &task, args, base, &dir, &tok_path, train_data, eval_data, device, cancel, reload,
+        &task, args, base, &dir, &tok_path, train_data, eval_data, device, cancel, reload, lock,
     )
 }
 
@@ -387,6 +418,7 @@ fn run<B, T>(
     device: &B::Device,
     cancel: CancellationToken,
     reload: impl Fn(&Path, &B::Device) -> Result<T::Model<B::InnerBackend>>,
+    lock: OutputDirLock,
 ) -> Result<TrainOutcome<B, T::Model<B>>>
 where
     B: AutodiffBackend,
@@ -421,6 +453,7 @@ where
     let trained = Trainer::new(args.training_args(), task)
         .with_callback(progress(args.quiet))
         .with_cancellation(cancel)
+        .with_output_dir_lock(lock)
         .train(peft, &train_data, eval_data.as_deref(), device)
         .map_err(|e| match e {
             peft_train::TrainError::NonFiniteLoss {
@@ -457,6 +490,15 @@ where
         });
     }
     if summary.nothing_to_train {
+        // A run killed at its very end may not have copied its tokenizer yet.
+        let tok_out = out.join("tokenizer.json");
+        if !tok_out.exists() {
+            peft_io::tensors::write_atomic(
+                &tok_out,
+                &std::fs::read(tok_path)
+                    .with_context(|| format!("reading {}", tok_path.display()))?,
+            )?;
+        }
         println!(
             "nothing to train: the checkpoint is at step {} of {}; the adapter in {} was left as it is",
             trained.global_step,
@@ -536,12 +578,7 @@ where
 /// numbers instead of an abort from a failed allocation.
 fn check_memory(counts: &peft_core::ParamCounts) -> Result<()> {
     let need = (counts.all as u128 + 3 * counts.trainable as u128) * 4;
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok())
-            .map(|kib| kib * 1024)
-    });
+    let available = crate::available_memory();
     if let Some(avail) = available
         && need > avail
     {

@@ -515,8 +515,16 @@ fn a_second_run_into_a_locked_output_dir_is_refused_and_a_killed_runs_lock_is_no
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let (ok, _, err) = peft_owned(&train_args(&o, "2", &[]));
+    let base = out.join("base_model/model.safetensors");
+    let base_written = std::fs::metadata(&base).unwrap().modified().unwrap();
+    let (ok, _, err) = peft_owned(&train_args(&o, "2", &["--seed", "99"]));
     assert!(!ok, "a second run into a locked directory must fail");
+    // It was refused before writing anything: the first run's base is untouched.
+    assert_eq!(
+        std::fs::metadata(&base).unwrap().modified().unwrap(),
+        base_written,
+        "the refused run rewrote the first run's base model"
+    );
     assert!(
         err.contains("in use by process") && err.contains(&first.id().to_string()),
         "{err}"

@@ -66,22 +66,18 @@ fn read_dir_config(dir: &Path) -> Result<DirConfig> {
     if adapterhub::is_adapterhub_config(&value) {
         return Ok(DirConfig::Hub(adapterhub::parse_value(&path, value)?));
     }
-    let json_err = |source| IoError::Json {
-        path: path.clone(),
-        source,
-    };
     let peft_err = |source| IoError::Peft {
         path: path.clone(),
         source,
     };
     match value.get("peft_type").and_then(Value::as_str) {
         None | Some("LORA") => {
-            let config = LoraConfig::from_json(&text).map_err(json_err)?;
+            let config: LoraConfig = crate::files::parse_json(&path, &text)?;
             config.validate().map_err(peft_err)?;
             Ok(DirConfig::Peft(AdapterConfig::Lora(config)))
         }
         Some("IA3") => {
-            let config = Ia3Config::from_json(&text).map_err(json_err)?;
+            let config: Ia3Config = crate::files::parse_json(&path, &text)?;
             config.validate().map_err(peft_err)?;
             Ok(DirConfig::Peft(AdapterConfig::Ia3(config)))
         }

@@ -3,32 +3,26 @@
 
 use std::path::Path;
 
-use burn::record::{
-    FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Record, Recorder,
-};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorder};
 use burn::tensor::backend::Backend;
 
-use crate::error::{IoError, Result, io_err};
+use crate::error::{IoError, Result};
 
 /// Saves a burn record (e.g. an optimizer's state) to `path` (`.mpk`), atomically.
+///
+/// The record is serialised in memory first and written with [`write_atomic`], so a failed
+/// write (a full disk, a file size limit) is reported as the I/O error it is, naming `path`, and
+/// leaves no temporary behind.
+///
+/// [`write_atomic`]: crate::tensors::write_atomic
 pub fn save_record<B: Backend, R: Record<B>>(record: R, path: &Path) -> Result<()> {
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    let dir = path.parent().unwrap_or(Path::new("."));
-    // The recorder replaces the extension with `.mpk`; a dot-file name has none to replace.
-    let tmp = dir.join(format!(".record-{}", std::process::id()));
-    let written = tmp.with_extension("mpk");
-    let result = recorder
-        .record(record, tmp.clone())
+    let bytes = NamedMpkBytesRecorder::<FullPrecisionSettings>::new()
+        .record(record, ())
         .map_err(|e| IoError::Checkpoint {
             path: path.to_path_buf(),
-            reason: format!("writing the optimizer state failed: {e}"),
-        })
-        .and_then(|()| std::fs::rename(&written, path).map_err(io_err(path)));
-    if result.is_err() {
-        // Never leave the temporary behind (a full disk stays full otherwise).
-        let _ = std::fs::remove_file(&written);
-    }
-    result
+            reason: format!("serialising the optimizer state failed: {e}"),
+        })?;
+    crate::tensors::write_atomic(path, &bytes)
 }
 
 /// Loads a burn record saved by [`save_record`] (read from `path` with its extension set to

@@ -23,6 +23,16 @@ pub enum IoError {
         /// The parser's error.
         source: serde_json::Error,
     },
+    /// A JSON file is well formed, but a field has the wrong type or value.
+    #[error("{}: field `{field}`: {source}", path.display())]
+    JsonField {
+        /// The file.
+        path: PathBuf,
+        /// The field's path (`target_modules[2]`, `layers_pattern`).
+        field: String,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
     /// A safetensors file is truncated, malformed or hostile.
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
     Safetensors {

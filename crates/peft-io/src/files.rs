@@ -102,3 +102,25 @@ pub fn read_text(path: &Path, limit: u64, what: &'static str) -> Result<String> 
 pub fn read_json_text(path: &Path) -> Result<String> {
     read_text(path, MAX_JSON_BYTES, "a JSON file")
 }
+
+/// Parses the JSON `text` of `path` as a `T`; a field of the wrong type or value is named in the
+/// error ([`IoError::JsonField`]).
+pub fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let source = e.into_inner();
+        if field.is_empty() || field == "." || source.is_syntax() || source.is_eof() {
+            IoError::Json {
+                path: path.to_path_buf(),
+                source,
+            }
+        } else {
+            IoError::JsonField {
+                path: path.to_path_buf(),
+                field,
+                source,
+            }
+        }
+    })
+}

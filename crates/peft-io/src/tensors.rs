@@ -301,7 +301,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     // A failed write (a full disk) leaves no temporary behind, and names the file the caller
     // asked for.
-    std::fs::write(&tmp, bytes).map_err(|e| {
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        // On disk before the rename makes it visible (a power cut leaves the old file or the
+        // new one, never an empty one).
+        f.sync_all()
+    };
+    write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         IoError::Io {
             path: path.to_path_buf(),

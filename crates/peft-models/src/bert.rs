@@ -115,10 +115,28 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
+    /// An estimate of the bytes of activations a forward pass over `batch` rows of
+    /// `seq_len` tokens holds at its peak (f32); with `training`, every layer's are kept for
+    /// the backward pass. Nothing is allocated.
+    pub fn activation_bytes(&self, batch: usize, seq_len: usize, training: bool) -> u128 {
+        let (b, l) = (batch as u128, seq_len as u128);
+        let (h, d, ff) = (
+            self.num_attention_heads as u128,
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+        );
+        let layer = 3 * b * h * l * l + b * l * (10 * d + 2 * ff);
+        let layers = if training {
+            self.num_hidden_layers as u128 * layer
+        } else {
+            layer
+        };
+        4 * (layers + 2 * b * l * d)
+    }
+
     /// Parses `config.json`, refusing other model types and unsupported options.
     pub fn from_json(text: &str) -> Result<Self> {
-        let c: BertConfig =
-            serde_json::from_str(text).map_err(|e| ModelError::Config(e.to_string()))?;
+        let c: BertConfig = crate::parse_config(text)?;
         if c.model_type != "bert" {
             return Err(ModelError::WrongModelType {
                 expected: "bert",

@@ -31,6 +31,20 @@ pub const MAX_PARAMS: u128 = 1 << 40;
 
 /// Refuses a config whose layer counts or estimated parameter count (`params`, computed with
 /// `u128` so it cannot overflow) no machine could hold, with the numbers.
+/// Parses a `config.json` body, naming the field whose type or value is wrong.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field.is_empty() || field == "." || inner.is_syntax() || inner.is_eof() {
+            ModelError::Config(inner.to_string())
+        } else {
+            ModelError::Config(format!("field `{field}`: {inner}"))
+        }
+    })
+}
+
 pub(crate) fn check_size(layers: &[(&str, usize)], params: u128) -> Result<()> {
     for (name, n) in layers {
         if *n > MAX_LAYERS {

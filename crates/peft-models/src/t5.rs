@@ -155,8 +155,7 @@ impl T5Act {
 impl T5Config {
     /// Parses `config.json`, refusing model types other than `t5` / `mt5`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let c: T5Config =
-            serde_json::from_str(text).map_err(|e| ModelError::Config(e.to_string()))?;
+        let c: T5Config = crate::parse_config(text)?;
         if c.model_type != "t5" && c.model_type != "mt5" {
             return Err(ModelError::WrongModelType {
                 expected: "t5 or mt5",
@@ -188,6 +187,45 @@ impl T5Config {
             ],
             params,
         )
+    }
+
+    /// An estimate of the bytes of activations a forward pass over `batch` rows of
+    /// `source_len` encoder and `target_len` decoder tokens holds at its peak (f32): attention
+    /// scores with their bias, mask and softmax copies, hidden states, the feed-forward and the
+    /// logits. With `training`, every layer's activations are kept for the backward pass.
+    /// Nothing is allocated; compare it with the memory available before running.
+    ///
+    /// ```
+    /// let c = peft_models::T5Config::preset_by_name("mt0-small").unwrap();
+    /// let short = c.activation_bytes(1, 128, 8, false);
+    /// assert!(c.activation_bytes(1, 20_000, 8, false) > 1000 * short);
+    /// ```
+    pub fn activation_bytes(
+        &self,
+        batch: usize,
+        source_len: usize,
+        target_len: usize,
+        training: bool,
+    ) -> u128 {
+        let (b, l, t) = (batch as u128, source_len as u128, target_len as u128);
+        let (h, d, ff, v) = (
+            self.num_heads as u128,
+            self.d_model as u128,
+            self.d_ff as u128,
+            self.vocab_size as u128,
+        );
+        let inner = (self.num_heads * self.d_kv) as u128;
+        // Scores with bias and mask, then softmax (the backward keeps both); hidden states,
+        // q/k/v/o and the feed-forward's activations.
+        let enc_layer = 3 * b * h * l * l + b * l * (6 * d + 4 * inner + 2 * ff);
+        let dec_layer =
+            3 * b * h * t * (t + l) + b * t * (8 * d + 6 * inner + 2 * ff) + 2 * b * l * inner;
+        let layers = if training {
+            self.num_layers as u128 * enc_layer + self.decoder_layers() as u128 * dec_layer
+        } else {
+            enc_layer.max(dec_layer) + b * l * d
+        };
+        4 * (layers + 3 * b * t * v)
     }
 
     /// Decoder depth.

@@ -43,6 +43,7 @@ pub struct TrainerState {
 #[derive(Debug)]
 pub struct OutputDirLock {
     _file: File,
+    dir: PathBuf,
 }
 
 impl OutputDirLock {
@@ -76,7 +77,15 @@ impl OutputDirLock {
         file.set_len(0).map_err(file_err(&path))?;
         file.rewind().map_err(file_err(&path))?;
         write!(file, "{}", std::process::id()).map_err(file_err(&path))?;
-        Ok(OutputDirLock { _file: file })
+        Ok(OutputDirLock {
+            _file: file,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -175,6 +184,34 @@ pub fn resolve(out: &Path, resume: &str) -> Result<(PathBuf, Option<String>)> {
             message: format!("{reason}, and there is no checkpoint-N/ with a {STATE}"),
         }),
     }
+}
+
+/// Copies the adapter files of the final checkpoint `ckpt` into `out` when any of them is
+/// missing there (the run was killed between its last checkpoint and its final save). Returns
+/// whether it copied; an output directory that has all of them is left alone.
+pub fn complete_final_save(ckpt: &Path, out: &Path) -> Result<bool> {
+    let files: Vec<PathBuf> = std::fs::read_dir(ckpt)
+        .map_err(file_err(ckpt))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            p.is_file() && !name.starts_with('.') && name != STATE && name != "optimizer.mpk"
+        })
+        .collect();
+    let missing = files
+        .iter()
+        .any(|f| f.file_name().is_some_and(|n| !out.join(n).exists()));
+    if !missing {
+        return Ok(false);
+    }
+    for f in &files {
+        let name = f.file_name().expect("a file name");
+        let bytes = std::fs::read(f).map_err(file_err(f))?;
+        peft_io::tensors::write_atomic(&out.join(name), &bytes)?;
+    }
+    sync_dir(out);
+    Ok(true)
 }
 
 /// Reads a checkpoint's `trainer_state.json`.

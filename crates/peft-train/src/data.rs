@@ -37,6 +37,17 @@ const MAX_DATA_BYTES: u64 = 1 << 30;
 /// arrays, objects and nulls are refused, naming the line and the field.
 pub fn read_examples(path: &Path, text_col: &str, label_col: &str) -> Result<Vec<Example>> {
     let body = read_data_file(path)?;
+    parse_examples(path, &body, text_col, label_col)
+}
+
+/// [`read_examples`] on a file's text already in memory: CSV when `path` ends in `.csv`, JSONL
+/// otherwise (`path` is only named in errors).
+pub fn parse_examples(
+    path: &Path,
+    body: &str,
+    text_col: &str,
+    label_col: &str,
+) -> Result<Vec<Example>> {
     let data_err = |line: usize, message: String| TrainError::Data {
         path: path.to_path_buf(),
         line,
@@ -44,7 +55,7 @@ pub fn read_examples(path: &Path, text_col: &str, label_col: &str) -> Result<Vec
     };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let rows = if ext.eq_ignore_ascii_case("csv") {
-        read_csv(&body, text_col, label_col).map_err(|(line, m)| data_err(line, m))?
+        read_csv(body, text_col, label_col).map_err(|(line, m)| data_err(line, m))?
     } else {
         let mut rows = Vec::new();
         for (i, line) in body.lines().enumerate() {
@@ -79,34 +90,15 @@ pub fn read_examples(path: &Path, text_col: &str, label_col: &str) -> Result<Vec
     Ok(rows)
 }
 
-/// Reads a data file: a regular file (not a FIFO or a device, which could block or never end),
-/// at most [`MAX_DATA_BYTES`], UTF-8.
+/// Reads a data file: a regular file (not a FIFO or a device, which could block or never end;
+/// checked before it is opened), at most [`MAX_DATA_BYTES`], UTF-8.
 fn read_data_file(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let err = |message: String| TrainError::Data {
+    let bytes = peft_io::files::read_limited(path, MAX_DATA_BYTES, "a data file")?;
+    String::from_utf8(bytes).map_err(|e| TrainError::Data {
         path: path.to_path_buf(),
         line: 0,
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(file_err(path))?;
-    let meta = file.metadata().map_err(file_err(path))?;
-    if meta.is_dir() {
-        return Err(err("is a directory, expected a JSONL or CSV file".into()));
-    }
-    if !meta.is_file() {
-        return Err(err("is not a regular file (a FIFO or a device?)".into()));
-    }
-    if meta.len() > MAX_DATA_BYTES {
-        return Err(err(format!(
-            "{} bytes, more than the {MAX_DATA_BYTES} a data file may have",
-            meta.len()
-        )));
-    }
-    let mut body = String::new();
-    file.take(MAX_DATA_BYTES + 1)
-        .read_to_string(&mut body)
-        .map_err(|e| err(format!("not UTF-8 text ({e})")))?;
-    Ok(body)
+        message: format!("not UTF-8 text ({})", e.utf8_error()),
+    })
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

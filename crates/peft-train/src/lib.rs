@@ -51,7 +51,9 @@ pub mod task;
 pub mod trainer;
 
 pub use args::{EvalStrategy, LrSchedulerType, TrainingArgs};
-pub use data::{DataCollatorForSeq2Seq, Example, Seq2SeqBatch, apply_template, read_examples};
+pub use data::{
+    DataCollatorForSeq2Seq, Example, Seq2SeqBatch, apply_template, parse_examples, read_examples,
+};
 pub use error::{Result, TrainError};
 pub use task::{Evaluation, Seq2SeqLmTask, SeqClsTask, StepLoss, Task};
 pub use trainer::{

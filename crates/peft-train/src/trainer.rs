@@ -243,6 +243,7 @@ pub struct Trainer<'a, T: Task> {
     task: &'a T,
     callbacks: Vec<Box<dyn TrainerCallback + 'a>>,
     cancel: CancellationToken,
+    lock: Option<OutputDirLock>,
 }
 
 impl<'a, T: Task> Trainer<'a, T> {
@@ -253,6 +254,7 @@ impl<'a, T: Task> Trainer<'a, T> {
             task,
             callbacks: Vec::new(),
             cancel: CancellationToken::new(),
+            lock: None,
         }
     }
 
@@ -265,6 +267,14 @@ impl<'a, T: Task> Trainer<'a, T> {
     /// Uses `token` to stop the run from elsewhere.
     pub fn with_cancellation(mut self, token: CancellationToken) -> Self {
         self.cancel = token;
+        self
+    }
+
+    /// Trains under a lock the caller already holds on `output_dir`, for a caller that writes
+    /// into the directory before training (a base model, a tokenizer) and must not do so
+    /// unlocked. Without it, [`Trainer::train`] takes the lock itself.
+    pub fn with_output_dir_lock(mut self, lock: OutputDirLock) -> Self {
+        self.lock = Some(lock);
         self
     }
 
@@ -308,7 +318,20 @@ impl<'a, T: Task> Trainer<'a, T> {
         }
         let out = args.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(file_err(&out))?;
-        let _lock = OutputDirLock::acquire(&out)?;
+        let _lock = match self.lock.take() {
+            Some(lock) if same_dir(lock.dir(), &out) => lock,
+            Some(lock) => {
+                return Err(TrainError::InvalidArgument {
+                    name: "output_dir",
+                    message: format!(
+                        "the lock given is on {}, not on {}",
+                        lock.dir().display(),
+                        out.display()
+                    ),
+                });
+            }
+            None => OutputDirLock::acquire(&out)?,
+        };
         let cleaned = checkpoint::remove_stale_temporaries(&out);
         if !cleaned.is_empty() {
             self.emit(TrainerEvent::CleanedUp(&cleaned));
@@ -347,7 +370,17 @@ impl<'a, T: Task> Trainer<'a, T> {
             let state = checkpoint::read_state(&dir)?;
             step = state.global_step;
             if step >= total_steps {
-                self.emit(TrainerEvent::NothingToTrain { step, total_steps });
+                // A run killed between its last checkpoint and its final save left the output
+                // directory without (part of) its adapter: finish that save from the checkpoint.
+                // An adapter that is there is never replaced.
+                let completed = step == total_steps && checkpoint::complete_final_save(&dir, &out)?;
+                if !completed {
+                    self.emit(TrainerEvent::NothingToTrain { step, total_steps });
+                }
+                if completed {
+                    peft_io::adapter::load_adapter_weights(&mut peft, &out, "default")?;
+                    peft.set_adapter(&["default"])?;
+                }
                 return Ok(TrainOutput {
                     model: peft,
                     global_step: step,
@@ -358,7 +391,7 @@ impl<'a, T: Task> Trainer<'a, T> {
                     last_eval: None,
                     interrupted: false,
                     stopped_by_callback: false,
-                    adapter_dir: None,
+                    adapter_dir: completed.then(|| out.clone()),
                 });
             }
             peft_io::adapter::load_adapter_weights(&mut peft, &dir, "default")?;
@@ -534,6 +567,13 @@ impl<'a, T: Task> Trainer<'a, T> {
             stopped_by_callback: stop && !interrupted,
             adapter_dir,
         })
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 
