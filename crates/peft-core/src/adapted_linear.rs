@@ -8,6 +8,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use crate::error::{PeftError, Result};
 use crate::methods::ia3::Ia3Adapter;
 use crate::methods::lora::LoraAdapter;
+use crate::mixed::{BatchAdapters, RowGroup, per_group, row_index};
 use crate::nn::linear;
 use crate::params::{AdapterParams, FileLayout, NamedParam, ParamMut, ParamRef};
 
@@ -57,6 +58,9 @@ pub struct AdaptedLinear<B: Backend> {
     pub merged: Vec<String>,
     /// When true the layer computes `base(x)` alone.
     pub disabled: bool,
+    /// The per-row adapters of a mixed batch while one runs (see [`crate::mixed`]).
+    #[module(skip)]
+    pub batch_adapters: BatchAdapters,
 }
 
 impl<B: Backend> AdaptedLinear<B> {
@@ -91,6 +95,7 @@ impl<B: Backend> AdaptedLinear<B> {
             active: Vec::new(),
             merged: Vec::new(),
             disabled: false,
+            batch_adapters: BatchAdapters::none(),
         }
     }
 
@@ -245,11 +250,61 @@ impl<B: Backend> AdaptedLinear<B> {
         self.active = names.to_vec();
     }
 
-    /// Output: the base layer, plus the active adapters unless disabled or merged.
+    /// Output: the base layer, plus the active adapters unless disabled or merged. During a
+    /// mixed-adapter batch each row takes its own adapter instead (see [`crate::mixed`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if !self.disabled
+            && let Some(groups) = self.batch_adapters.groups(x.dims()[0])
+        {
+            return self.forward_mixed(x, &groups);
+        }
+        self.forward_with(x, &self.active)
+    }
+
+    /// A mixed batch: LoRA-only rows share one base product and get their deltas added in
+    /// place (PEFT's `_mixed_batch_forward`); rows whose adapter has IA3 vectors or a trainable
+    /// copy here run as a sub-batch of their own.
+    fn forward_mixed<const D: usize>(&self, x: Tensor<B, D>, groups: &[RowGroup]) -> Tensor<B, D> {
+        let replaces = |name: Option<&str>| {
+            name.is_some_and(|n| self.ia3_adapter(n).is_some() || self.saved_copy(n).is_some())
+        };
+        if groups.iter().any(|g| replaces(g.adapter.as_deref())) {
+            let d_out = self.d_output();
+            return per_group(
+                x,
+                groups,
+                |mut s| {
+                    s[D - 1] = d_out;
+                    s
+                },
+                |name, xs| {
+                    let active: Vec<String> = name.into_iter().map(str::to_string).collect();
+                    self.forward_with(xs, &active)
+                },
+            );
+        }
+        let device = x.device();
+        let mut y = linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        for g in groups {
+            let Some(a) = g.adapter.as_deref().and_then(|n| self.adapter(n)) else {
+                continue;
+            };
+            let idx = row_index::<B>(&g.rows, &device);
+            let delta = a.forward(x.clone().select(0, idx.clone()));
+            y = y.select_assign(0, idx, delta, burn::tensor::IndexingUpdateOp::Add);
+        }
+        y
+    }
+
+    /// The output with `active` as the active adapters.
+    fn forward_with<const D: usize>(&self, x: Tensor<B, D>, active: &[String]) -> Tensor<B, D> {
         if !self.disabled {
             // modules_to_save: the first active adapter with a copy replaces the base layer.
-            if let Some(copy) = self.active.iter().find_map(|n| self.saved_copy(n)) {
+            if let Some(copy) = active.iter().find_map(|n| self.saved_copy(n)) {
                 return linear(x, copy.weight.val(), copy.bias.as_ref().map(|b| b.val()));
             }
         }
@@ -261,7 +316,7 @@ impl<B: Backend> AdaptedLinear<B> {
         // the output (others), as PEFT's `IA3Layer.forward`.
         let (mut scale_in, mut scale_out): (Option<Tensor<B, 1>>, Option<Tensor<B, 1>>) =
             (None, None);
-        for name in &self.active {
+        for name in active {
             if let Some(a) = self.ia3_adapter(name) {
                 let slot = if a.feedforward {
                     &mut scale_in
@@ -281,7 +336,7 @@ impl<B: Backend> AdaptedLinear<B> {
         if let Some(s) = scale_out {
             y = y * s.unsqueeze();
         }
-        for name in &self.active {
+        for name in active {
             if let Some(a) = self.adapter(name) {
                 y = y + a.forward(x.clone());
             }

@@ -416,6 +416,69 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         Ok(())
     }
 
+    /// Runs `f` on the model with one adapter per row of the batch (PEFT's `adapter_names`):
+    /// `names[i]` is the adapter of input row `i`, [`BASE`](crate::BASE) for none. The active
+    /// adapters are ignored for the call. Generation works too: rows expanded per beam
+    /// (`batch x num_beams`, input by input) take their input's adapter.
+    ///
+    /// LoRA rows share the base computation; IA3, `modules_to_save` and bottleneck rows run as
+    /// one sub-batch per adapter (see [`crate::mixed`]). The result equals running each row
+    /// alone with its adapter.
+    ///
+    /// Refused, as in PEFT, while adapters are merged, and for a name that is not loaded.
+    ///
+    /// ```
+    /// # use burn::backend::NdArray;
+    /// # use peft_core::{AdaptedLinear, AdapterHost};
+    /// # #[derive(burn::module::Module, Debug)]
+    /// # struct Tiny<B: burn::tensor::backend::Backend> { proj: AdaptedLinear<B> }
+    /// # impl<B: burn::tensor::backend::Backend> AdapterHost<B> for Tiny<B> {
+    /// #     fn visit_linears(&self, f: &mut dyn FnMut(&str, &AdaptedLinear<B>)) { f("proj", &self.proj) }
+    /// #     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B>)) { f("proj", &mut self.proj) }
+    /// # }
+    /// # let device = Default::default();
+    /// use burn::tensor::Tensor;
+    /// use peft_core::{BASE, LoraConfig, PeftModel, TargetModules};
+    /// let model = Tiny::<NdArray> { proj: AdaptedLinear::new(16, 16, true, &device) };
+    /// let config = || LoraConfig::new(4, 8.0, TargetModules::list(["proj"]));
+    /// let mut peft = PeftModel::new(model, config(), "support").unwrap();
+    /// peft.add_adapter("sales", config()).unwrap();
+    /// let x = Tensor::<NdArray, 2>::ones([3, 16], &device);
+    /// // Row 0 through `support`, row 1 through the base alone, row 2 through `sales`.
+    /// let y = peft
+    ///     .with_batch_adapters(&["support", BASE, "sales"], |m| m.proj.forward(x.clone()))
+    ///     .unwrap();
+    /// assert_eq!(y.dims(), [3, 16]);
+    /// assert!(peft.with_batch_adapters(&["nope"], |_| ()).is_err());
+    /// ```
+    pub fn with_batch_adapters<R>(&mut self, names: &[&str], f: impl FnOnce(&M) -> R) -> Result<R> {
+        if names.is_empty() {
+            return Err(PeftError::InvalidConfig(
+                "a mixed-adapter batch needs one adapter name per row; none were given".into(),
+            ));
+        }
+        for n in names {
+            if *n != crate::BASE && self.adapter_config(n).is_none() {
+                return Err(self.not_found(n));
+            }
+        }
+        if self.is_merged() {
+            return Err(PeftError::Merged("run a mixed-adapter batch"));
+        }
+        let routing = crate::BatchAdapters::new(names.iter().map(|s| s.to_string()).collect());
+        self.set_batch_adapters(&routing);
+        let out = f(&self.base_model);
+        self.set_batch_adapters(&crate::BatchAdapters::none());
+        Ok(out)
+    }
+
+    fn set_batch_adapters(&mut self, routing: &crate::BatchAdapters) {
+        self.base_model
+            .visit_linears_mut(&mut |_, layer| layer.batch_adapters = routing.clone());
+        self.base_model
+            .visit_sublayers_mut(&mut |_, site| site.batch_adapters = routing.clone());
+    }
+
     /// Turns every adapter off: outputs equal the base model's exactly. Merged adapters are
     /// unmerged first, as PEFT does.
     pub fn disable_adapters(&mut self) {
