@@ -5,6 +5,7 @@
 //! (features `ndarray`, `wgpu`, `cuda`).
 
 mod bench;
+mod serve;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -106,6 +107,9 @@ enum Cmd {
     },
     /// Time one benchmark workload and print one JSON line (run by `cargo xtask bench`).
     Bench(bench::BenchArgs),
+    /// Serve a base model with many adapters over HTTP (mixed-adapter batches, adapters loaded
+    /// at run time, LRU eviction).
+    Serve(Box<serve::ServeArgs>),
     /// Merge an adapter into its base and write a plain HF model directory.
     Merge {
         /// Model directory.
@@ -415,7 +419,9 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             }
         }
         Cmd::Inspect { dir } => inspect(&dir)?,
-        Cmd::Train(_) | Cmd::Bench(_) => unreachable!("dispatched with an autodiff backend"),
+        Cmd::Train(_) | Cmd::Bench(_) | Cmd::Serve(_) => {
+            unreachable!("dispatched before")
+        }
         Cmd::Merge {
             model,
             adapter,
@@ -781,6 +787,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             std::process::exit(130);
         }
         return Ok(());
+    }
+    if let Cmd::Serve(args) = &cli.cmd {
+        return on_backend!(cli.device, |Bk| serve::run::<Bk>(args, Default::default()));
     }
     if let Cmd::Bench(args) = &cli.cmd {
         let name = format!("{:?}", cli.device).to_lowercase();

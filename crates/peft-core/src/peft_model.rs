@@ -246,6 +246,21 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         Ok(this)
     }
 
+    /// The base model frozen, with no adapter yet (add them with
+    /// [`add_adapter`](Self::add_adapter) or `peft_io::load_adapter`): a server that loads
+    /// adapters at run time starts here.
+    pub fn without_adapters(model: M) -> Self {
+        PeftModel {
+            base_model: model.map(&mut Freeze),
+            configs: Vec::new(),
+            frozen: Vec::new(),
+            targeted: Vec::new(),
+            active: Vec::new(),
+            disabled: false,
+            _backend: PhantomData,
+        }
+    }
+
     /// The adapter names, in the order they were added.
     pub fn adapter_names(&self) -> Vec<String> {
         self.configs.iter().map(|(n, _)| n.clone()).collect()
