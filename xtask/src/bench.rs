@@ -42,6 +42,8 @@ struct Opts {
     torch: bool,
     /// Also run peft with `PEFT_GEMM_KERNEL=matrixmultiply` (ndarray's own kernel), as `peft-mm`.
     kernels: bool,
+    /// `--workload serve`: the load test's requests, clients and adapters.
+    serve: crate::serve_bench::ServeOpts,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -57,6 +59,13 @@ fn parse(args: &[String]) -> Result<Opts> {
         preset: "small".into(),
         torch: true,
         kernels: false,
+        serve: crate::serve_bench::ServeOpts {
+            requests: 400,
+            clients: 32,
+            adapters: 8,
+            preset: "mt0-small".into(),
+            json: false,
+        },
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -68,8 +77,8 @@ fn parse(args: &[String]) -> Result<Opts> {
         match a.as_str() {
             "--workload" => {
                 let w = val()?;
-                if !WORKLOADS.contains(&w.as_str()) {
-                    bail!("unknown workload {w:?} ({})", WORKLOADS.join(", "));
+                if !WORKLOADS.contains(&w.as_str()) && w != "serve" {
+                    bail!("unknown workload {w:?} ({}, serve)", WORKLOADS.join(", "));
                 }
                 o.workloads.push(w);
             }
@@ -83,15 +92,23 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--device" => o.device = val()?,
             "--dtype" => o.dtype = val()?,
             "--model-preset" => o.preset = val()?,
+            "--requests" => o.serve.requests = val()?.parse()?,
+            "--clients" => o.serve.clients = val()?.parse()?,
+            "--adapters" => o.serve.adapters = val()?.parse()?,
             other => bail!(
                 "unknown option {other:?}; usage: cargo xtask bench [--workload NAME]... [--json] \
                  [--rounds N] [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] \
-                 [--dtype f32|bf16] [--model-preset small|large] [--no-torch] [--compare-kernels]"
+                 [--dtype f32|bf16] [--model-preset small|large] [--no-torch] [--compare-kernels] \
+                 [--requests N --clients N --adapters N (serve)]"
             ),
         }
     }
     if o.workloads.is_empty() {
         o.workloads = WORKLOADS.iter().map(|s| s.to_string()).collect();
+    }
+    o.serve.json = o.json;
+    if o.workloads.iter().any(|w| w == "serve") && o.workloads.len() > 1 {
+        bail!("--workload serve is a load test of its own: run it alone");
     }
     if o.rounds == 0 || o.steps == 0 {
         bail!("--rounds and --steps must be at least 1");
@@ -179,6 +196,13 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
         .map(|d| root.join(d))
         .unwrap_or_else(|| root.join("target"));
     let peft = target.join("release/peft");
+    if o.workloads == ["serve"] {
+        let mut so = crate::serve_bench::ServeOpts { ..o.serve };
+        if o.preset != "small" {
+            so.preset = o.preset.clone();
+        }
+        return crate::serve_bench::run(root, &peft, &so);
+    }
     let python = if o.torch { find_python(root) } else { None };
     if o.torch && python.is_none() {
         eprintln!(

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Inputs in one request at most.
     #[arg(long, default_value_t = 64)]
     pub max_inputs: usize,
+    /// How to load the base: SEQ_CLS puts a classification head on a BERT encoder (default:
+    /// the first adapter's task_type).
+    #[arg(long)]
+    pub task_type: Option<String>,
 }
 
 impl ServeArgs {
@@ -77,6 +81,12 @@ impl ServeArgs {
                 max_inputs: self.max_inputs,
                 ..Limits::default()
             });
+        if let Some(t) = &self.task_type {
+            let task: peft_core::TaskType =
+                serde_json::from_value(serde_json::Value::String(t.clone()))
+                    .with_context(|| format!("unknown --task-type {t:?}"))?;
+            c = c.with_task_type(task);
+        }
         for a in &self.adapters {
             let Some((name, dir)) = a.split_once('=') else {
                 bail!("--adapter {a:?}: expected NAME=DIR");
@@ -125,8 +135,9 @@ where
         println!("listening on http://{addr}");
         std::io::stdout().flush().ok();
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("a SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

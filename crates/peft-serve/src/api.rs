@@ -31,7 +31,8 @@ type Body = Result<Bytes, BytesRejection>;
 
 impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({"error": {"code": self.status(), "type": self.kind(), "message": self.to_string()}});
         (status, axum::Json(body)).into_response()
     }
@@ -83,11 +84,9 @@ async fn track(State(s): Shared, req: Request, next: Next) -> Response {
         .to_string();
     let t0 = Instant::now();
     let res = next.run(req).await;
-    s.engine.metrics().request(
-        &endpoint,
-        res.status().as_u16(),
-        t0.elapsed().as_secs_f64(),
-    );
+    s.engine
+        .metrics()
+        .request(&endpoint, res.status().as_u16(), t0.elapsed().as_secs_f64());
     res
 }
 
@@ -117,7 +116,8 @@ fn body_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ServeError
             ServeError::BadRequest(format!("reading the request body: {e}"))
         }
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| ServeError::BadRequest(format!("invalid request: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ServeError::BadRequest(format!("invalid request: {e}")))
 }
 
 fn inputs(v: Value, limits: &Limits) -> Result<Vec<String>, ServeError> {
@@ -291,9 +291,7 @@ async fn embed(State(s): Shared, body: Body) -> Response {
 }
 
 async fn list_adapters(State(s): Shared) -> Response {
-    answer(
-        async { Ok(json!({ "adapters": s.engine.adapters().await? })) }.await,
-    )
+    answer(async { Ok(json!({ "adapters": s.engine.adapters().await? })) }.await)
 }
 
 #[derive(Deserialize)]

@@ -78,6 +78,9 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// Request limits.
     pub limits: Limits,
+    /// How to load the base (`SEQ_CLS` puts a classification head on a BERT encoder); by
+    /// default the first start-up adapter's `task_type`, else the base's `architectures`.
+    pub task_type: Option<peft_core::TaskType>,
 }
 
 impl ServeConfig {
@@ -94,6 +97,7 @@ impl ServeConfig {
             batching: Batching::Mixed,
             api_key: None,
             limits: Limits::default(),
+            task_type: None,
         }
     }
 
@@ -142,6 +146,12 @@ impl ServeConfig {
     /// Sets the request limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Sets [`task_type`](Self::task_type).
+    pub fn with_task_type(mut self, task: peft_core::TaskType) -> Self {
+        self.task_type = Some(task);
         self
     }
 

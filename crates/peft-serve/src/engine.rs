@@ -238,6 +238,8 @@ impl Engine {
     }
 }
 
+// One value, owned by the worker for its whole life: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Served<B: Backend> {
     T5(PeftModel<B, T5ForConditionalGeneration<B>>),
     Cls(PeftModel<B, BertForSequenceClassification<B>>),
@@ -284,7 +286,14 @@ impl<B: Backend> Worker<B> {
     fn load(config: ServeConfig, device: B::Device, metrics: Arc<Metrics>) -> Result<Self> {
         let dir = config.model.clone();
         let tok = TextTokenizer::from_path(&dir).map_err(startup)?;
-        let (model, _) = AutoModel::<B>::from_pretrained(&dir, None, &device).map_err(startup)?;
+        let task = match (config.task_type, config.adapters.first()) {
+            (Some(t), _) => Some(t),
+            (None, Some((name, path))) => peft_io::adapter::read_adapter_config(path)
+                .map_err(|e| ServeError::Startup(format!("adapter {name}: {e}")))?
+                .task_type(),
+            (None, None) => None,
+        };
+        let (model, _) = AutoModel::<B>::from_pretrained(&dir, task, &device).map_err(startup)?;
         let (model, pad, vocab, labels) = match model {
             AutoModel::T5(m) => {
                 let pad = m.config.pad_token_id.unwrap_or(0) as u32;
@@ -359,14 +368,12 @@ impl<B: Backend> Worker<B> {
         while let Ok(first) = rx.recv() {
             let mut jobs = Vec::new();
             let mut rows = 0;
-            let take = |c: Command, w: &mut Self, jobs: &mut Vec<Job>, rows: &mut usize| {
-                match c {
-                    Command::Run(j) => {
-                        *rows += j.request.inputs.len();
-                        jobs.push(j);
-                    }
-                    other => w.admin(other),
+            let take = |c: Command, w: &mut Self, jobs: &mut Vec<Job>, rows: &mut usize| match c {
+                Command::Run(j) => {
+                    *rows += j.request.inputs.len();
+                    jobs.push(j);
                 }
+                other => w.admin(other),
             };
             take(first, self, &mut jobs, &mut rows);
             if !jobs.is_empty() {
@@ -423,7 +430,8 @@ impl<B: Backend> Worker<B> {
     }
 
     fn attach(&mut self, path: &Path, internal: &str) -> Result<()> {
-        let r = with_peft!(&mut self.model, p => peft_io::load_adapter(p, path, internal).map(|_| ()));
+        let r =
+            with_peft!(&mut self.model, p => peft_io::load_adapter(p, path, internal).map(|_| ()));
         r.map_err(|e| ServeError::Unprocessable(e.to_string()))
     }
 
@@ -559,7 +567,8 @@ impl<B: Backend> Worker<B> {
                 continue;
             }
             let last = chunks.last_mut().expect("non-empty");
-            let mut distinct: Vec<&Option<String>> = last.iter().map(|j| &j.request.adapter).collect();
+            let mut distinct: Vec<&Option<String>> =
+                last.iter().map(|j| &j.request.adapter).collect();
             distinct.push(&j.request.adapter);
             distinct.sort();
             distinct.dedup();
@@ -575,7 +584,10 @@ impl<B: Backend> Worker<B> {
     }
 
     fn run_chunk(&mut self, task: Task, jobs: Vec<Job>) {
-        let pinned: Vec<String> = jobs.iter().filter_map(|j| j.request.adapter.clone()).collect();
+        let pinned: Vec<String> = jobs
+            .iter()
+            .filter_map(|j| j.request.adapter.clone())
+            .collect();
         let pinned_refs: Vec<&str> = pinned.iter().map(String::as_str).collect();
         let mut ready = Vec::new();
         for j in jobs {
@@ -613,7 +625,9 @@ impl<B: Backend> Worker<B> {
                 .unwrap_or_default();
             // The routing of the failed batch must not outlive it.
             let _ = with_peft!(&mut self.model, p => p.with_batch_adapters(&[BASE], |_| ()));
-            Err(ServeError::Internal(format!("the model failed on a batch: {what}")))
+            Err(ServeError::Internal(format!(
+                "the model failed on a batch: {what}"
+            )))
         });
         match result {
             Ok(out) => {
@@ -642,7 +656,12 @@ impl<B: Backend> Worker<B> {
             .tok
             .encode_batch(texts, Some(self.config.limits.max_source_length), self.pad)
             .map_err(|e| ServeError::Internal(e.to_string()))?;
-        if let Some(id) = batch.ids.iter().flatten().find(|&&i| i as usize >= self.vocab) {
+        if let Some(id) = batch
+            .ids
+            .iter()
+            .flatten()
+            .find(|&&i| i as usize >= self.vocab)
+        {
             return Err(ServeError::Internal(format!(
                 "the tokenizer gave id {id}, outside the model's vocab_size {}",
                 self.vocab
@@ -651,7 +670,9 @@ impl<B: Backend> Worker<B> {
         let rows = batch.ids.len();
         let len = batch.ids.first().map_or(0, Vec::len);
         let flat = |v: &[Vec<u32>]| -> Vec<i64> { v.iter().flatten().map(|&x| x as i64).collect() };
-        let t = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [rows, len]), &self.device);
+        let t = |v: Vec<i64>| {
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [rows, len]), &self.device)
+        };
         Ok((t(flat(&batch.ids)), t(flat(&batch.mask))))
     }
 

@@ -42,7 +42,11 @@ impl Histogram {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
         let braces = if labels.is_empty() {
             String::new()
         } else {
@@ -94,7 +98,9 @@ impl Metrics {
     /// A request to `endpoint` answered with `status` after `seconds`.
     pub fn request(&self, endpoint: &str, status: u16, seconds: f64) {
         self.with(|m| {
-            *m.requests.entry((endpoint.to_string(), status)).or_default() += 1;
+            *m.requests
+                .entry((endpoint.to_string(), status))
+                .or_default() += 1;
             m.latency
                 .entry(endpoint.to_string())
                 .or_insert_with(|| Histogram::new(&LATENCY_BOUNDS))
