@@ -6,7 +6,8 @@
 //! ```
 //!
 //! It makes a base (a preset with seeded random weights, saved by `peft train`) and N LoRA
-//! adapters (each trained a few steps from its own seed, so that they answer differently), then
+//! adapters (the layout `peft train` writes, with seeded random values, so that they answer
+//! differently), then
 //! runs the same requests (adapter `i % N`, one of four prompts, 8 new tokens, greedy) through
 //! three servers in turn: one request at a time (`--max-batch-size 1`), one batch per adapter
 //! (`--batching per-adapter`) and mixed-adapter batches. Every answer is checked against the
@@ -189,32 +190,70 @@ pub fn run(root: &Path, peft: &Path, o: &ServeOpts) -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let data = root.join("examples/data/complaints");
-    // N adapters, each a few steps of LoRA from its own seed over the same seeded base.
+    // One short LoRA run gives the base (a seeded preset, saved next to the adapter) and an
+    // adapter layout; the N adapters are that layout with seeded random values, so that they
+    // answer differently from each other and from the base.
+    let first = work.join("adapter-0");
+    eprintln!(
+        "[serve bench] making the base and an adapter layout ({})",
+        first.display()
+    );
+    let status = Command::new(peft)
+        .args(["train", "--model", &o.preset, "--tokenizer"])
+        .arg(data.join("tokenizer.json"))
+        .arg("--data")
+        .arg(data.join("train.jsonl"))
+        .arg("--output-dir")
+        .arg(&first)
+        .args(["--max-steps", "1", "--seed", "42", "--lora-r", "8"])
+        .args(["--quiet", "--show-examples", "0", "--save-steps", "1000"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("making the base failed");
+    }
+    let layout = std::fs::read(first.join("adapter_model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&layout)?;
     let mut names = Vec::new();
     for i in 0..o.adapters {
-        let out = work.join(format!("adapter-{i}"));
-        eprintln!("[serve bench] training adapter {i} ({})", out.display());
-        let status = Command::new(peft)
-            .args(["train", "--model", &o.preset, "--tokenizer"])
-            .arg(data.join("tokenizer.json"))
-            .arg("--data")
-            .arg(data.join("train.jsonl"))
-            .arg("--output-dir")
-            .arg(&out)
-            // Same seed (same base), a learning rate and rank of its own.
-            .args(["--max-steps", "3", "--seed", "42"])
-            .args(["--learning-rate", &format!("{}", 0.02 + 0.01 * i as f64)])
-            .args(["--lora-r", &(4 + 4 * (i % 3)).to_string()])
-            .args(["--quiet", "--show-examples", "0", "--save-steps", "1000"])
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("training adapter {i} failed");
+        let dir = work.join(format!("adapter-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        if i > 0 {
+            std::fs::copy(
+                first.join("adapter_config.json"),
+                dir.join("adapter_config.json"),
+            )?;
         }
+        let mut state = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1) | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Uniform in [-0.05, 0.05): deltas of the size trained adapters have.
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        };
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| {
+                let n: usize = t.shape().iter().product();
+                let bytes = (0..n).flat_map(|_| next().to_le_bytes()).collect();
+                (k, t.shape().to_vec(), bytes)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(k, s, b)| {
+                Ok((
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors"))?;
         names.push(format!("a{i}"));
     }
-    // Every run trained over the same seeded preset: one base for all.
-    let base = work.join("adapter-0/base_model");
+    let base = first.join("base_model");
     let adapter_args: Vec<String> = names
         .iter()
         .enumerate()
@@ -280,7 +319,18 @@ pub fn run(root: &Path, peft: &Path, o: &ServeOpts) -> Result<()> {
                 reference = Some(r.answers.clone());
                 r.answers.len()
             }
-            Some(want) => want.iter().zip(&r.answers).filter(|(a, b)| a == b).count(),
+            Some(want) => {
+                for (i, (a, b)) in want.iter().zip(&r.answers).enumerate() {
+                    if a != b {
+                        eprintln!(
+                            "[serve bench] {mode}: request {i} (adapter {}, prompt {}): {b:?}, alone {a:?}",
+                            names[i % names.len()],
+                            (i / names.len()) % PROMPTS.len()
+                        );
+                    }
+                }
+                want.iter().zip(&r.answers).filter(|(a, b)| a == b).count()
+            }
         };
         rows.push(json!({
             "mode": mode,
