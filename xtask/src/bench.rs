@@ -5,6 +5,7 @@
 //! cargo xtask bench [--workload NAME]... [--json] [--rounds 3] [--steps 5] [--warmup 2]
 //!                   [--threads N] [--device cpu|flex|cuda] [--dtype f32|bf16]
 //!                   [--model-preset small|large] [--no-torch] [--compare-kernels]
+//!                   [--compare-allocators]
 //! ```
 //!
 //! The PyTorch side (`xtask/bench/bench_torch.py`, pinned in `xtask/bench/requirements.txt`) runs
@@ -42,6 +43,9 @@ struct Opts {
     torch: bool,
     /// Also run peft with `PEFT_GEMM_KERNEL=matrixmultiply` (ndarray's own kernel), as `peft-mm`.
     kernels: bool,
+    /// Run peft with `PEFT_ALLOCATOR=mimalloc` and with `PEFT_ALLOCATOR=system` (as
+    /// `peft-sys`), whatever the command would choose.
+    allocators: bool,
     /// `--workload serve`: the load test's requests, clients and adapters.
     serve: crate::serve_bench::ServeOpts,
 }
@@ -59,6 +63,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         preset: "small".into(),
         torch: true,
         kernels: false,
+        allocators: false,
         serve: crate::serve_bench::ServeOpts {
             requests: 400,
             clients: 32,
@@ -85,6 +90,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--json" => o.json = true,
             "--no-torch" => o.torch = false,
             "--compare-kernels" => o.kernels = true,
+            "--compare-allocators" => o.allocators = true,
             "--rounds" => o.rounds = val()?.parse()?,
             "--steps" => o.steps = val()?.parse()?,
             "--warmup" => o.warmup = val()?.parse()?,
@@ -99,7 +105,7 @@ fn parse(args: &[String]) -> Result<Opts> {
                 "unknown option {other:?}; usage: cargo xtask bench [--workload NAME]... [--json] \
                  [--rounds N] [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] \
                  [--dtype f32|bf16] [--model-preset small|large] [--no-torch] [--compare-kernels] \
-                 [--requests N --clients N --adapters N (serve)]"
+                 [--compare-allocators] [--requests N --clients N --adapters N (serve)]"
             ),
         }
     }
@@ -226,18 +232,26 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
             if o.kernels {
                 order.insert(1, "peft-mm");
             }
+            if o.allocators {
+                order.insert(1, "peft-sys");
+            }
             if round % 2 == 1 {
                 order.reverse();
             }
             for imp in order {
                 let out = match (imp, &python) {
-                    ("peft" | "peft-mm", _) => {
+                    ("peft" | "peft-mm" | "peft-sys", _) => {
                         let mut c = Command::new(&peft);
                         c.args(["--device", &o.device, "bench"])
                             .env("RAYON_NUM_THREADS", o.threads.to_string())
                             .env("MATMUL_NUM_THREADS", o.threads.to_string());
                         if imp == "peft-mm" {
                             c.env("PEFT_GEMM_KERNEL", "matrixmultiply");
+                        }
+                        if imp == "peft-sys" {
+                            c.env("PEFT_ALLOCATOR", "system");
+                        } else if o.allocators {
+                            c.env("PEFT_ALLOCATOR", "mimalloc");
                         }
                         common(&mut c, w);
                         c.output().context("running peft bench")?
@@ -301,7 +315,7 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
     }
     if o.json {
         for w in &o.workloads {
-            for imp in ["peft", "peft-mm", "torch"] {
+            for imp in ["peft", "peft-mm", "peft-sys", "torch"] {
                 if let Some(l) = summary.get(&(w.clone(), imp.to_string())) {
                     println!("{l}");
                 }
@@ -364,6 +378,29 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
                     .map_or("-".into(), |(a, b)| format!("{:.2}x", a / b)),
                 f(get(w, "peft-mm", "gflop_per_s"), 1),
                 f(get(w, "peft", "gflop_per_s"), 1),
+            );
+        }
+    }
+    if o.allocators {
+        println!(
+            "\nthe allocator: mimalloc (PEFT_ALLOCATOR=mimalloc) vs the system allocator \
+             (PEFT_ALLOCATOR=system), same binary; without the variable, training uses the \
+             system allocator and inference mimalloc\n"
+        );
+        println!(
+            "| workload | system s | mimalloc s | speed-up | system RSS MiB | mimalloc RSS MiB |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for w in &o.workloads {
+            let (sys, mi) = (get(w, "peft-sys", "median_s"), get(w, "peft", "median_s"));
+            println!(
+                "| {w} | {} | {} | {} | {} | {} |",
+                f(sys, 3),
+                f(mi, 3),
+                sys.zip(mi)
+                    .map_or("-".into(), |(a, b)| format!("{:.2}x", a / b)),
+                f(get(w, "peft-sys", "peak_rss_mib"), 0),
+                f(get(w, "peft", "peak_rss_mib"), 0),
             );
         }
     }

@@ -4,8 +4,12 @@
 //! `--max-new-tokens`). `--device cpu|wgpu|cuda` picks the backend among those compiled in
 //! (features `ndarray`, `wgpu`, `cuda`).
 
+mod alloc;
 mod bench;
 mod serve;
+
+#[global_allocator]
+static ALLOCATOR: alloc::Switch = alloc::Switch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
