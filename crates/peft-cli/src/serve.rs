@@ -114,6 +114,9 @@ impl ServeArgs {
     }
 }
 
+/// How long requests in flight may take to finish after SIGTERM or Ctrl-C.
+const DRAIN_S: u64 = 60;
+
 /// Loads the model, binds, prints `listening on http://ADDR`, and serves until SIGTERM or
 /// Ctrl-C, finishing the requests in flight.
 pub fn run<B: Backend>(args: &ServeArgs, device: B::Device) -> Result<()>
@@ -142,7 +145,20 @@ where
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
-            eprintln!("stopping: finishing the requests in flight");
+            eprintln!(
+                "stopping: finishing the requests in flight (at most {DRAIN_S} s; a second \
+                 signal stops at once)"
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(DRAIN_S)) => {
+                        eprintln!("stopped after {DRAIN_S} s with requests still in flight");
+                    }
+                }
+                std::process::exit(1);
+            });
         };
         peft_serve::serve(listener, peft_serve::router(engine, &config), shutdown)
             .await

@@ -283,6 +283,20 @@ fn loading_replacing_and_dropping_adapters_during_traffic_loses_no_request() {
         b"not safetensors",
     )
     .unwrap();
+    // An adapter that trains base biases would change the base for every adapter: refused.
+    std::fs::create_dir_all(dir.join("biased")).unwrap();
+    let mut c: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&fx("t5/mt5_lora")).join("adapter_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    c["bias"] = json!("all");
+    std::fs::write(dir.join("biased/adapter_config.json"), c.to_string()).unwrap();
+    std::fs::copy(
+        Path::new(&fx("t5/mt5_lora")).join("adapter_model.safetensors"),
+        dir.join("biased/adapter_model.safetensors"),
+    )
+    .unwrap();
 
     let s = Arc::new(Server::start(&[
         "--adapter",
@@ -324,6 +338,9 @@ fn loading_replacing_and_dropping_adapters_during_traffic_loses_no_request() {
         assert_eq!(st, 200, "round {round}: {body}");
         let (st, body) = post(&s, "/v1/adapters", json!({"name": "x", "path": "broken"}));
         assert_eq!(st, 422, "round {round}: {body}");
+        let (st, body) = post(&s, "/v1/adapters", json!({"name": "y", "path": "biased"}));
+        assert_eq!(st, 422, "round {round}: {body}");
+        assert!(body.to_string().contains("base biases"), "{body}");
         let (st, _) = call("DELETE", &format!("{adapters}/b"), None, &[]);
         assert_eq!(st, 200);
         let (st, _) = call("DELETE", &format!("{adapters}/c"), None, &[]);
@@ -364,6 +381,8 @@ fn every_error_is_a_json_body_with_its_status() {
         "sesame",
         "--max-inputs",
         "4",
+        "--max-new-tokens",
+        "16",
     ]);
     let key = [("authorization", "Bearer sesame")];
     let u = |p: &str| format!("{}{p}", s.url);
@@ -474,6 +493,14 @@ fn every_error_is_a_json_body_with_its_status() {
             "no such route",
         ),
         (
+            "GET",
+            "/v1/generate",
+            None,
+            key.to_vec(),
+            405,
+            "method not allowed",
+        ),
+        (
             "POST",
             "/v1/adapters",
             Some(json!({"name": "x", "path": fx("t5/mt5_lora")}).to_string()),
@@ -554,6 +581,14 @@ fn every_error_is_a_json_body_with_its_status() {
         "POST",
         &u("/v1/generate"),
         Some(&json!({"inputs": "x", "adapter": "a", "max_new_tokens": 2}).to_string()),
+        &key,
+    );
+    assert_eq!(st, 200, "{body}");
+    // Without max_new_tokens, the default (32) is capped by --max-new-tokens 16, not refused.
+    let (st, body) = call(
+        "POST",
+        &u("/v1/generate"),
+        Some(&json!({"inputs": "x"}).to_string()),
         &key,
     );
     assert_eq!(st, 200, "{body}");

@@ -482,9 +482,13 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         }
         let routing = crate::BatchAdapters::new(names.iter().map(|s| s.to_string()).collect());
         self.set_batch_adapters(&routing);
-        let out = f(&self.base_model);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.base_model)));
+        // The routing never outlives the call, not even a panicking one.
         self.set_batch_adapters(&crate::BatchAdapters::none());
-        Ok(out)
+        match out {
+            Ok(out) => Ok(out),
+            Err(p) => std::panic::resume_unwind(p),
+        }
     }
 
     fn set_batch_adapters(&mut self, routing: &crate::BatchAdapters) {

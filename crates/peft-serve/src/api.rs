@@ -59,6 +59,7 @@ pub fn router(engine: Engine, config: &ServeConfig) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ServeError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ServeError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
@@ -104,8 +105,13 @@ async fn auth(State(s): Shared, headers: HeaderMap, req: Request, next: Next) ->
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Equal, in a time that depends on the given key's length only.
+fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
+    let mut diff = (given.len() != key.len()) as u8;
+    for (i, g) in given.iter().enumerate() {
+        diff |= g ^ key.get(i % key.len().max(1)).copied().unwrap_or(0);
+    }
+    diff == 0
 }
 
 fn body_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ServeError> {
@@ -201,7 +207,9 @@ async fn generate(State(s): Shared, body: Body) -> Response {
         async {
             need(s.engine.kind(), &[ModelKind::Seq2Seq], "/v1/generate")?;
             let b: GenerateBody = body_json(body)?;
-            let max_new_tokens = b.max_new_tokens.unwrap_or(32);
+            let max_new_tokens = b
+                .max_new_tokens
+                .unwrap_or(32.min(s.limits.max_new_tokens));
             let num_beams = b.num_beams.unwrap_or(1);
             if max_new_tokens == 0 || num_beams == 0 {
                 return Err(ServeError::BadRequest(
@@ -367,7 +375,11 @@ async fn unload_adapter(
 }
 
 async fn health(State(s): Shared) -> Response {
-    ok_json(json!({"status": "ok", "model": s.engine.kind()}))
+    if s.engine.alive().await {
+        ok_json(json!({"status": "ok", "model": s.engine.kind()}))
+    } else {
+        ServeError::Unavailable.into_response()
+    }
 }
 
 async fn metrics(State(s): Shared) -> Response {

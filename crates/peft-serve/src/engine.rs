@@ -147,12 +147,18 @@ enum Command {
     List {
         reply: oneshot::Sender<Vec<AdapterInfo>>,
     },
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
 }
+
+/// Requests waiting for the model at most; beyond it the server answers 503.
+const QUEUE: usize = 4096;
 
 /// A handle on the model worker; cheap to clone, usable from any thread or task.
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::SyncSender<Command>,
     kind: ModelKind,
     metrics: Arc<Metrics>,
 }
@@ -171,7 +177,7 @@ impl Engine {
         B::Device: Send + 'static,
     {
         config.validate()?;
-        let (tx, rx) = mpsc::channel::<Command>();
+        let (tx, rx) = mpsc::sync_channel::<Command>(QUEUE);
         let (ready_tx, ready_rx) = mpsc::channel();
         let metrics = Arc::new(Metrics::default());
         let (cfg, m) = (config.clone(), metrics.clone());
@@ -208,9 +214,10 @@ impl Engine {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> std::result::Result<T, ServeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .map_err(|_| ServeError::Unavailable)?;
+        self.tx.try_send(make(reply)).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => ServeError::Busy(QUEUE),
+            mpsc::TrySendError::Disconnected(_) => ServeError::Unavailable,
+        })?;
         rx.await.map_err(|_| ServeError::Unavailable)
     }
 
@@ -230,6 +237,11 @@ impl Engine {
     /// Drops adapter `name`.
     pub async fn unload_adapter(&self, name: String) -> Result<()> {
         self.call(|reply| Command::Unload { name, reply }).await?
+    }
+
+    /// Whether the model thread answers.
+    pub async fn alive(&self) -> bool {
+        self.call(|reply| Command::Ping { reply }).await.is_ok()
     }
 
     /// The adapters the server knows, loaded or not.
@@ -335,6 +347,15 @@ impl<B: Backend> Worker<B> {
                 )
             }
         };
+        let mut config = config;
+        if let Served::Cls(p) = &model {
+            let n = p.base_model.bert.config.max_position_embeddings;
+            config.limits.max_source_length = config.limits.max_source_length.min(n);
+        }
+        if let Served::Bert(p) = &model {
+            let n = p.base_model.config.max_position_embeddings;
+            config.limits.max_source_length = config.limits.max_source_length.min(n);
+        }
         let mut w = Worker {
             model,
             tok,
@@ -373,7 +394,11 @@ impl<B: Backend> Worker<B> {
                     *rows += j.request.inputs.len();
                     jobs.push(j);
                 }
-                other => w.admin(other),
+                other => {
+                    // A panic while loading must not end the model thread.
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.admin(other)));
+                }
             };
             take(first, self, &mut jobs, &mut rows);
             if !jobs.is_empty() {
@@ -404,6 +429,9 @@ impl<B: Backend> Worker<B> {
             Command::List { reply } => {
                 let _ = reply.send(self.list());
             }
+            Command::Ping { reply } => {
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -430,8 +458,24 @@ impl<B: Backend> Worker<B> {
     }
 
     fn attach(&mut self, path: &Path, internal: &str) -> Result<()> {
-        let r =
-            with_peft!(&mut self.model, p => peft_io::load_adapter(p, path, internal).map(|_| ()));
+        let config = peft_io::adapter::read_adapter_config(path)
+            .map_err(|e| ServeError::Unprocessable(e.to_string()))?;
+        if config.bias() != peft_core::lora::Bias::None {
+            // Its biases live in the shared base layers: every other adapter would see them.
+            return Err(ServeError::Unprocessable(format!(
+                "{}: the adapter trains base biases (bias = {:?}); they would change the base \
+                 for every adapter, so it cannot be served next to others (merge it instead)",
+                path.display(),
+                config.bias()
+            )));
+        }
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_peft!(&mut self.model, p => peft_io::load_adapter(p, path, internal).map(|_| ()))
+        }))
+        .map_err(|_| ServeError::Internal(format!("loading {} failed", path.display())))?;
+        if r.is_err() {
+            self.detach(internal);
+        }
         r.map_err(|e| ServeError::Unprocessable(e.to_string()))
     }
 
@@ -439,9 +483,10 @@ impl<B: Backend> Worker<B> {
         let _ = with_peft!(&mut self.model, p => p.delete_adapter(internal));
     }
 
-    /// Evicts least recently used adapters (never one in `pinned`) until one more fits.
-    fn make_room(&mut self, pinned: &[&str]) {
-        while self.loaded_count() >= self.config.max_loaded {
+    /// Evicts least recently used adapters (never one in `pinned`) until at most
+    /// `max_loaded` are held. Called after a load succeeded, so a failed load evicts nothing.
+    fn evict_over_cap(&mut self, pinned: &[&str]) {
+        while self.loaded_count() > self.config.max_loaded {
             let victim = self
                 .adapters
                 .iter()
@@ -463,7 +508,6 @@ impl<B: Backend> Worker<B> {
     /// Loads (or replaces) `name` from `path`: the new one under a fresh internal name first,
     /// then the switch, then the old one dropped.
     fn load_named(&mut self, name: &str, path: &Path) -> Result<AdapterInfo> {
-        self.make_room(&[name]);
         self.generation += 1;
         let internal = format!("{name}#{}", self.generation);
         self.attach(path, &internal)?;
@@ -480,7 +524,7 @@ impl<B: Backend> Worker<B> {
             self.detach(&old);
         }
         self.metrics.loaded();
-        self.update_gauge();
+        self.evict_over_cap(&[name]);
         Ok(AdapterInfo {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -513,7 +557,6 @@ impl<B: Backend> Worker<B> {
             return Ok(i.clone());
         }
         let path = slot.path.clone();
-        self.make_room(pinned);
         self.generation += 1;
         let internal = format!("{name}#{}", self.generation);
         self.attach(&path, &internal)?;
@@ -521,7 +564,7 @@ impl<B: Backend> Worker<B> {
             s.internal = Some(internal.clone());
         }
         self.metrics.loaded();
-        self.update_gauge();
+        self.evict_over_cap(pinned);
         Ok(internal)
     }
 
@@ -590,7 +633,12 @@ impl<B: Backend> Worker<B> {
             .collect();
         let pinned_refs: Vec<&str> = pinned.iter().map(String::as_str).collect();
         let mut ready = Vec::new();
+        let alone = jobs.len() == 1;
         for j in jobs {
+            if j.reply.is_closed() {
+                // The client went away: nothing to compute.
+                continue;
+            }
             let internal = match &j.request.adapter {
                 None => Ok(BASE.to_string()),
                 Some(a) => self.ensure_loaded(a, &pinned_refs),
@@ -643,9 +691,16 @@ impl<B: Backend> Worker<B> {
                     let _ = j.reply.send(Ok(part));
                 }
             }
-            Err(e) => {
+            Err(e) if alone => {
                 for (j, _) in ready {
                     let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+            Err(_) => {
+                // One request's input may have failed the batch: each runs alone, so that only
+                // the one at fault gets the error.
+                for (j, _) in ready {
+                    self.run_chunk(task, vec![j]);
                 }
             }
         }

@@ -26,9 +26,15 @@ pub enum ServeError {
     /// The model failed on a batch (500).
     #[error("{0}")]
     Internal(String),
-    /// The server is stopping (503).
-    #[error("the server is shutting down")]
+    /// The server is stopping, or its model thread is gone (503).
+    #[error("the server is shutting down or its model thread is gone")]
     Unavailable,
+    /// The queue is full (503).
+    #[error("the server is busy: {0} requests are already waiting")]
+    Busy(usize),
+    /// A method the route does not take (405).
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
     /// The model could not be loaded at start.
     #[error("{0}")]
     Startup(String),
@@ -45,7 +51,8 @@ impl ServeError {
             ServeError::TooLarge(_) => 413,
             ServeError::Unprocessable(_) => 422,
             ServeError::Internal(_) | ServeError::Startup(_) => 500,
-            ServeError::Unavailable => 503,
+            ServeError::Unavailable | ServeError::Busy(_) => 503,
+            ServeError::MethodNotAllowed => 405,
         }
     }
 
@@ -60,6 +67,8 @@ impl ServeError {
             ServeError::Unprocessable(_) => "unprocessable",
             ServeError::Internal(_) | ServeError::Startup(_) => "internal",
             ServeError::Unavailable => "unavailable",
+            ServeError::Busy(_) => "busy",
+            ServeError::MethodNotAllowed => "method_not_allowed",
         }
     }
 }
