@@ -153,7 +153,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_bit_for
         let resume = !complete_checkpoints(&out).is_empty();
         let mut child = train(&out, resume).spawn().unwrap();
         let pid = child.id();
-        if kills >= wanted {
+        if kills >= wanted && in_checkpoint >= 1 {
             let o = child.wait_with_output().unwrap();
             assert!(
                 o.status.success(),
@@ -162,7 +162,9 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_bit_for
             );
             break;
         }
-        let at_checkpoint = kills % 2 == 1;
+        // Every other kill aims at a write, and all of them once enough kills have landed
+        // but none inside a write yet.
+        let at_checkpoint = kills % 2 == 1 || kills >= wanted;
         let start = Instant::now();
         // Half the kills land while a checkpoint (or `latest`, or the metrics) is being
         // written; the others at a random moment of the run.
@@ -174,8 +176,11 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter_bit_for
             }
             if at_checkpoint {
                 if writing(&out, pid) {
-                    // Somewhere inside the write: at once, or a few hundred microseconds on.
-                    std::thread::sleep(Duration::from_micros(rng.below(300)));
+                    // Inside the write: at once (on a fast disk a checkpoint takes well under a
+                    // millisecond), or every other time up to 200 microseconds on.
+                    if rng.below(2) == 1 {
+                        std::thread::sleep(Duration::from_micros(rng.below(200)));
+                    }
                     break;
                 }
                 std::thread::sleep(Duration::from_micros(50));
