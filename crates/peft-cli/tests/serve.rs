@@ -290,6 +290,18 @@ fn loading_replacing_and_dropping_adapters_during_traffic_loses_no_request() {
             .unwrap(),
     )
     .unwrap();
+    // A directory inside whose weights link to a file outside: refused (403).
+    std::fs::create_dir_all(dir.join("linked")).unwrap();
+    std::fs::copy(
+        Path::new(&fx("t5/mt5_lora")).join("adapter_config.json"),
+        dir.join("linked/adapter_config.json"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        Path::new(&fx("t5/mt5_lora")).join("adapter_model.safetensors"),
+        dir.join("linked/adapter_model.safetensors"),
+    )
+    .unwrap();
     c["bias"] = json!("all");
     std::fs::write(dir.join("biased/adapter_config.json"), c.to_string()).unwrap();
     std::fs::copy(
@@ -341,6 +353,9 @@ fn loading_replacing_and_dropping_adapters_during_traffic_loses_no_request() {
         let (st, body) = post(&s, "/v1/adapters", json!({"name": "y", "path": "biased"}));
         assert_eq!(st, 422, "round {round}: {body}");
         assert!(body.to_string().contains("base biases"), "{body}");
+        let (st, body) = post(&s, "/v1/adapters", json!({"name": "z", "path": "linked"}));
+        assert_eq!(st, 403, "round {round}: {body}");
+        assert!(body.to_string().contains("links outside"), "{body}");
         let (st, _) = call("DELETE", &format!("{adapters}/b"), None, &[]);
         assert_eq!(st, 200);
         let (st, _) = call("DELETE", &format!("{adapters}/c"), None, &[]);

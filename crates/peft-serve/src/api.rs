@@ -99,7 +99,12 @@ async fn auth(State(s): Shared, headers: HeaderMap, req: Request, next: Next) ->
             .and_then(|v| v.strip_prefix("Bearer "))
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-            return ServeError::Unauthorized.into_response();
+            let mut res = ServeError::Unauthorized.into_response();
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return res;
         }
     }
     next.run(req).await
@@ -336,7 +341,23 @@ fn inside(root: &Path, path: &str) -> Result<PathBuf, ServeError> {
         ))
     };
     match lexical(&root_c, Path::new(path)).canonicalize() {
-        Ok(p) if p.starts_with(&root_c) => Ok(p),
+        Ok(p) if p.starts_with(&root_c) => {
+            // The files in it too: a symlink to a file elsewhere is refused.
+            let entries = std::fs::read_dir(&p)
+                .map_err(|e| ServeError::Unprocessable(format!("{path:?}: {e}")))?;
+            for e in entries.flatten() {
+                let f = e.path();
+                let target = f.canonicalize().unwrap_or_else(|_| f.clone());
+                if !target.starts_with(&root_c) {
+                    return Err(ServeError::Forbidden(format!(
+                        "{path:?}: {} links outside the adapter directory {}",
+                        e.file_name().to_string_lossy(),
+                        root.display()
+                    )));
+                }
+            }
+            Ok(p)
+        }
         Ok(_) => Err(outside()),
         Err(_) if !lexical(&root_c, Path::new(path)).starts_with(&root_c) => Err(outside()),
         Err(e) => Err(ServeError::Unprocessable(format!("{path:?}: {e}"))),
