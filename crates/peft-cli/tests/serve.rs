@@ -767,3 +767,60 @@ fn embed_and_classify_on_real_minilm() {
     std::fs::remove_dir_all(&adapter).ok();
     std::fs::remove_file(&out).ok();
 }
+
+/// Continuous batching: a short greedy request that arrives while a long one is generating
+/// joins the running batch, is answered as soon as its own rows are done (long before the long
+/// one), and its answer is the one it gets alone.
+#[test]
+fn a_short_request_joins_a_running_generation_and_leaves_it_first() {
+    let s = Arc::new(Server::start(&[
+        "--adapter",
+        &format!("a={}", fx("t5/mt5_lora")),
+        "--adapter",
+        &format!("b={}", fx("mixed/mt5_lora_b")),
+        "--batch-wait-ms",
+        "0",
+        "--max-batch-size",
+        "32",
+    ]));
+    let t = texts();
+    let short = |s: &Server| {
+        let (st, body) = post(
+            s,
+            "/v1/generate",
+            json!({"inputs": ["x"], "adapter": "b", "max_new_tokens": 3}),
+        );
+        assert_eq!(st, 200, "{body}");
+        body["outputs"].clone()
+    };
+    let alone = short(&s);
+    let long_body = json!({"inputs": vec![t[2].clone(); 8], "adapter": "a", "max_new_tokens": 250});
+    let t_alone = std::time::Instant::now();
+    let alone_long = post(&s, "/v1/generate", long_body.clone()).1["outputs"].clone();
+    // The short request is sent a tenth of the way into the long one, whatever this
+    // machine's speed.
+    let delay = t_alone.elapsed() / 10;
+    let t0 = std::time::Instant::now();
+    let long = {
+        let s = s.clone();
+        let body = long_body.clone();
+        std::thread::spawn(move || {
+            let r = post(&s, "/v1/generate", body);
+            (r, t0.elapsed())
+        })
+    };
+    std::thread::sleep(delay);
+    let got = short(&s);
+    let short_done = t0.elapsed();
+    let ((st, body), long_done) = long.join().unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(got, alone, "the short request's answer changed by joining");
+    assert_eq!(
+        body["outputs"], alone_long,
+        "the long request's answer changed"
+    );
+    assert!(
+        short_done < long_done,
+        "the short request ({short_done:?}) waited for the long one ({long_done:?})"
+    );
+}

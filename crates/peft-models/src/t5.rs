@@ -657,6 +657,53 @@ pub struct DecoderCache<B: Backend> {
     pub len: usize,
 }
 
+impl<B: Backend> DecoderCache<B> {
+    /// Keeps the rows `rows` (in that order) of every self- and cross-attention cache.
+    pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
+        for kv in self.self_kv.iter_mut().chain(self.cross_kv.iter_mut()) {
+            kv.k = kv.k.clone().select(0, rows.clone());
+            kv.v = kv.v.clone().select(0, rows.clone());
+        }
+    }
+
+    /// Appends the rows of `other`, a cache of no more steps than this one and possibly of
+    /// another source length: its self-attention keys and values are left-padded with zeros to
+    /// this cache's length (mask those slots in the decoder mask), and the cross-attention ones
+    /// of both are padded at the end to the longer source (mask them in the encoder mask).
+    pub fn append_rows(&mut self, other: DecoderCache<B>) {
+        if self.self_kv.is_empty() {
+            *self = other;
+            return;
+        }
+        let pad_front = |t: Tensor<B, 4>, len: usize| {
+            let [b, h, l, d] = t.dims();
+            if l >= len {
+                return t;
+            }
+            let z = Tensor::zeros([b, h, len - l, d], &t.device());
+            Tensor::cat(vec![z, t], 2)
+        };
+        let pad_back = |t: Tensor<B, 4>, len: usize| {
+            let [b, h, l, d] = t.dims();
+            if l >= len {
+                return t;
+            }
+            let z = Tensor::zeros([b, h, len - l, d], &t.device());
+            Tensor::cat(vec![t, z], 2)
+        };
+        for (a, b) in self.self_kv.iter_mut().zip(other.self_kv) {
+            let len = a.k.dims()[2];
+            a.k = Tensor::cat(vec![a.k.clone(), pad_front(b.k, len)], 0);
+            a.v = Tensor::cat(vec![a.v.clone(), pad_front(b.v, len)], 0);
+        }
+        for (a, b) in self.cross_kv.iter_mut().zip(other.cross_kv) {
+            let len = a.k.dims()[2].max(b.k.dims()[2]);
+            a.k = Tensor::cat(vec![pad_back(a.k.clone(), len), pad_back(b.k, len)], 0);
+            a.v = Tensor::cat(vec![pad_back(a.v.clone(), len), pad_back(b.v, len)], 0);
+        }
+    }
+}
+
 /// The encoder output the decoder attends to, with its attention mask.
 pub type EncoderMemory<B> = (Tensor<B, 3>, Option<Tensor<B, 2, Int>>);
 
@@ -865,6 +912,27 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
             None,
             Some((encoder_out, encoder_mask)),
             cache,
+        );
+        self.lm_logits(h)
+    }
+
+    /// Decoder step(s) with a mask over the decoder's own positions, cached and new
+    /// (`[batch, cache.len + len]`, 1 = attend): rows that joined a running batch later than
+    /// others have their earlier slots masked, and compute exactly what they would alone (T5's
+    /// position bias depends on distances only).
+    pub fn decode_masked(
+        &self,
+        decoder_input_ids: Tensor<B, 2, Int>,
+        encoder_out: Tensor<B, 3>,
+        encoder_mask: Option<Tensor<B, 2, Int>>,
+        decoder_mask: Tensor<B, 2, Int>,
+        cache: &mut DecoderCache<B>,
+    ) -> Tensor<B, 3> {
+        let h = self.decoder.forward(
+            self.shared.forward(decoder_input_ids),
+            Some(decoder_mask),
+            Some((encoder_out, encoder_mask)),
+            Some(cache),
         );
         self.lm_logits(h)
     }

@@ -386,7 +386,16 @@ impl<B: Backend> Worker<B> {
     }
 
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
-        while let Ok(first) = rx.recv() {
+        // Commands that arrived while a continuous generation ran, in arrival order.
+        let mut deferred: std::collections::VecDeque<Command> = Default::default();
+        loop {
+            let first = match deferred.pop_front() {
+                Some(c) => c,
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
             let mut jobs = Vec::new();
             let mut rows = 0;
             let take = |c: Command, w: &mut Self, jobs: &mut Vec<Job>, rows: &mut usize| match c {
@@ -404,6 +413,10 @@ impl<B: Backend> Worker<B> {
             if !jobs.is_empty() {
                 let deadline = Instant::now() + self.config.batch_wait;
                 while rows < self.config.max_batch_size {
+                    if let Some(c) = deferred.pop_front() {
+                        take(c, self, &mut jobs, &mut rows);
+                        continue;
+                    }
                     let left = deadline.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(left) {
                         Ok(c) => take(c, self, &mut jobs, &mut rows),
@@ -411,8 +424,21 @@ impl<B: Backend> Worker<B> {
                     }
                 }
             }
-            if !jobs.is_empty() {
-                self.run_jobs(jobs);
+            if jobs.is_empty() {
+                continue;
+            }
+            // Greedy generation with mixed batches runs continuously: finished rows leave the
+            // batch and waiting requests join it between steps.
+            let continuous =
+                matches!(self.model, Served::T5(_)) && self.config.batching == Batching::Mixed;
+            let (greedy, rest): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| {
+                continuous && matches!(j.request.task, Task::Generate { num_beams: 1, .. })
+            });
+            if !rest.is_empty() {
+                self.run_jobs(rest);
+            }
+            if !greedy.is_empty() {
+                self.generate_continuous(greedy, &rx, &mut deferred);
             }
         }
     }
@@ -566,6 +592,339 @@ impl<B: Backend> Worker<B> {
         self.metrics.loaded();
         self.evict_over_cap(pinned);
         Ok(internal)
+    }
+
+    /// Greedy generation as a running batch: rows that finish leave it (their request is
+    /// answered as soon as all its rows are done) and waiting greedy requests (any
+    /// `max_new_tokens`) join it between steps, up to `max_batch_size` rows. A joining row is
+    /// encoded and takes its first step alone, then its cache is appended with its earlier
+    /// self-attention slots masked, so it computes what it would alone. Adapter changes that
+    /// arrive meanwhile wait (admission stops) until the batch drains, so no row sees an
+    /// adapter change mid-sequence.
+    fn generate_continuous(
+        &mut self,
+        jobs: Vec<Job>,
+        rx: &mpsc::Receiver<Command>,
+        deferred: &mut std::collections::VecDeque<Command>,
+    ) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.continuous_inner(jobs, rx, deferred)
+        }));
+        if result.is_err() {
+            // The routing of the failed step must not outlive it; replies of the rows in
+            // flight were dropped with the state (their clients get 503).
+            let _ = with_peft!(&mut self.model, p => p.with_batch_adapters(&[BASE], |_| ()));
+        }
+    }
+
+    fn continuous_inner(
+        &mut self,
+        jobs: Vec<Job>,
+        rx: &mpsc::Receiver<Command>,
+        deferred: &mut std::collections::VecDeque<Command>,
+    ) {
+        struct Live {
+            reply: oneshot::Sender<Result<Output>>,
+            outputs: Vec<Option<String>>,
+        }
+        struct Row {
+            job: usize,
+            input: usize,
+            tokens: Vec<usize>,
+            limit: usize,
+        }
+        let greedy = |t: &Task| matches!(t, Task::Generate { num_beams: 1, .. });
+        let (start, eos) = match &self.model {
+            Served::T5(p) => (
+                p.base_model.config.decoder_start(),
+                p.base_model.config.eos_token_id,
+            ),
+            _ => return,
+        };
+        let mut live: Vec<Option<Live>> = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut state: Option<Running<B>> = None;
+        let mut queue: std::collections::VecDeque<Job> = jobs.into();
+        let mut admitting = true;
+        loop {
+            // Admit waiting requests while there is room.
+            if admitting {
+                while let Ok(c) = rx.try_recv() {
+                    match c {
+                        Command::Run(j) if greedy(&j.request.task) => queue.push_back(j),
+                        other => {
+                            // Anything else (an adapter change, another task) waits for the
+                            // batch to drain, and stops admission so that it does soon.
+                            admitting = false;
+                            deferred.push_back(other);
+                        }
+                    }
+                }
+            }
+            let mut joining: Vec<(Job, String)> = Vec::new();
+            let mut room = self.config.max_batch_size.saturating_sub(rows.len());
+            while let Some(j) = queue.front() {
+                let n = j.request.inputs.len();
+                if n > room && !(rows.is_empty() && joining.is_empty()) {
+                    break;
+                }
+                let j = queue.pop_front().expect("front");
+                if j.reply.is_closed() {
+                    continue;
+                }
+                let mut pinned: Vec<&str> = names
+                    .iter()
+                    .map(|n| n.split('#').next().unwrap_or(n))
+                    .collect();
+                pinned.extend(
+                    joining
+                        .iter()
+                        .filter_map(|(j, _)| j.request.adapter.as_deref()),
+                );
+                let pinned: Vec<String> = pinned.iter().map(|s| s.to_string()).collect();
+                let pinned_refs: Vec<&str> = pinned.iter().map(String::as_str).collect();
+                let internal = match &j.request.adapter {
+                    None => Ok(BASE.to_string()),
+                    Some(a) => self.ensure_loaded(a, &pinned_refs),
+                };
+                match internal {
+                    Ok(i) => {
+                        room = room.saturating_sub(n);
+                        joining.push((j, i));
+                    }
+                    Err(e) => {
+                        let _ = j.reply.send(Err(e));
+                    }
+                }
+            }
+            if !joining.is_empty() {
+                let texts: Vec<&str> = joining
+                    .iter()
+                    .flat_map(|(j, _)| j.request.inputs.iter().map(String::as_str))
+                    .collect();
+                let new_names: Vec<String> = joining
+                    .iter()
+                    .flat_map(|(j, i)| std::iter::repeat_n(i.clone(), j.request.inputs.len()))
+                    .collect();
+                let (ids, mask) = match self.tensors(&texts) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        for (j, _) in joining {
+                            let _ = j.reply.send(Err(e.clone()));
+                        }
+                        continue;
+                    }
+                };
+                self.metrics.batch(texts.len());
+                let n = texts.len();
+                let refs: Vec<&str> = new_names.iter().map(String::as_str).collect();
+                let device = self.device.clone();
+                let Served::T5(p) = &mut self.model else {
+                    return;
+                };
+                // The new rows' encoding and first step, alone.
+                let (enc, first, cache) = p
+                    .with_batch_adapters(&refs, |m| {
+                        let enc = m.encode(ids, Some(mask.clone()));
+                        let mut cache = peft_models::t5::DecoderCache::default();
+                        let start_ids = Tensor::<B, 2, Int>::from_data(
+                            TensorData::new(vec![start as i64; n], [n, 1]),
+                            &device,
+                        );
+                        let logits = m.decode_masked(
+                            start_ids,
+                            enc.clone(),
+                            Some(mask.clone()),
+                            Tensor::ones([n, 1], &device),
+                            &mut cache,
+                        );
+                        (enc, logits, cache)
+                    })
+                    .expect("names checked when admitted");
+                let first: Vec<i64> = first
+                    .argmax(2)
+                    .reshape([n])
+                    .into_data()
+                    .convert::<i64>()
+                    .to_vec()
+                    .expect("argmax ids");
+                let dec_mask_new = |past: usize| {
+                    let mut v = vec![0i64; n * past.max(1)];
+                    for r in 0..n {
+                        v[r * past.max(1) + past.max(1) - 1] = 1;
+                    }
+                    Tensor::<B, 2, Int>::from_data(TensorData::new(v, [n, past.max(1)]), &device)
+                };
+                state = Some(match state.take() {
+                    None => (enc, mask, dec_mask_new(1), cache),
+                    Some((e, m, d, mut c)) => {
+                        let len = e.dims()[1].max(enc.dims()[1]);
+                        let pad3 = |t: Tensor<B, 3>| {
+                            let [b, l, h] = t.dims();
+                            if l == len {
+                                t
+                            } else {
+                                Tensor::cat(vec![t, Tensor::zeros([b, len - l, h], &device)], 1)
+                            }
+                        };
+                        let pad2 = |t: Tensor<B, 2, Int>| {
+                            let [b, l] = t.dims();
+                            if l == len {
+                                t
+                            } else {
+                                Tensor::cat(vec![t, Tensor::zeros([b, len - l], &device)], 1)
+                            }
+                        };
+                        let past = d.dims()[1];
+                        c.append_rows(cache);
+                        (
+                            Tensor::cat(vec![pad3(e), pad3(enc)], 0),
+                            Tensor::cat(vec![pad2(m), pad2(mask)], 0),
+                            Tensor::cat(vec![d, dec_mask_new(past)], 0),
+                            c,
+                        )
+                    }
+                });
+                let mut at = 0;
+                for (j, i) in joining {
+                    let k = live.len();
+                    let Task::Generate { max_new_tokens, .. } = j.request.task else {
+                        unreachable!("only greedy generation is admitted")
+                    };
+                    for input in 0..j.request.inputs.len() {
+                        rows.push(Row {
+                            job: k,
+                            input,
+                            tokens: vec![start, first[at] as usize],
+                            limit: max_new_tokens,
+                        });
+                        names.push(i.clone());
+                        at += 1;
+                    }
+                    live.push(Some(Live {
+                        outputs: vec![None; j.request.inputs.len()],
+                        reply: j.reply,
+                    }));
+                }
+            }
+            // Rows that are done (EOS or max_new_tokens) leave; their requests are answered
+            // when complete.
+            let mut keep = Vec::new();
+            for (r, row) in rows.iter().enumerate() {
+                let last = *row.tokens.last().expect("start token");
+                if Some(last) == eos || row.tokens.len() > row.limit {
+                    let ids: Vec<u32> = row.tokens.iter().map(|&t| t as u32).collect();
+                    let text = self.tok.decode(&ids).unwrap_or_default();
+                    if let Some(l) = live[row.job].as_mut() {
+                        l.outputs[row.input] = Some(text);
+                        if l.outputs.iter().all(Option::is_some) {
+                            let l = live[row.job].take().expect("live");
+                            let _ = l.reply.send(Ok(Output::Texts(
+                                l.outputs
+                                    .into_iter()
+                                    .map(Option::unwrap_or_default)
+                                    .collect(),
+                            )));
+                        }
+                    }
+                } else {
+                    keep.push(r);
+                }
+            }
+            if keep.len() < rows.len() {
+                let device = self.device.clone();
+                let idx = crate::engine::index::<B>(&keep, &device);
+                if let Some((e, m, d, c)) = state.as_mut() {
+                    *e = e.clone().select(0, idx.clone());
+                    *m = m.clone().select(0, idx.clone());
+                    *d = d.clone().select(0, idx.clone());
+                    c.select_rows(idx);
+                }
+                let mut k = keep.iter().peekable();
+                let mut r = 0;
+                rows.retain(|_| {
+                    let kept = k.peek() == Some(&&r);
+                    if kept {
+                        k.next();
+                    }
+                    r += 1;
+                    kept
+                });
+                let mut k = keep.iter().peekable();
+                let mut r = 0;
+                names.retain(|_| {
+                    let kept = k.peek() == Some(&&r);
+                    if kept {
+                        k.next();
+                    }
+                    r += 1;
+                    kept
+                });
+            }
+            if rows.is_empty() {
+                state = None;
+                if admitting {
+                    // What waits for this task joins a fresh batch; anything else ends it.
+                    while let Ok(c) = rx.try_recv() {
+                        deferred.push_back(c);
+                    }
+                    if deferred
+                        .iter()
+                        .any(|c| !matches!(c, Command::Run(j) if greedy(&j.request.task)))
+                    {
+                        admitting = false;
+                    } else {
+                        queue.extend(deferred.drain(..).filter_map(|c| match c {
+                            Command::Run(j) => Some(j),
+                            _ => None,
+                        }));
+                    }
+                }
+                if queue.is_empty() {
+                    return;
+                }
+                continue;
+            }
+            // One step for every row in flight.
+            let device = self.device.clone();
+            let b = rows.len();
+            let last: Vec<i64> = rows
+                .iter()
+                .map(|r| *r.tokens.last().expect("token") as i64)
+                .collect();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [b, 1]), &device);
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let Some((enc, mask, dmask, cache)) = state.as_mut() else {
+                return;
+            };
+            let step_mask = Tensor::cat(vec![dmask.clone(), Tensor::ones([b, 1], &device)], 1);
+            let Served::T5(p) = &mut self.model else {
+                return;
+            };
+            let logits = p
+                .with_batch_adapters(&refs, |m| {
+                    m.decode_masked(
+                        ids,
+                        enc.clone(),
+                        Some(mask.clone()),
+                        step_mask.clone(),
+                        cache,
+                    )
+                })
+                .expect("names checked when admitted");
+            *dmask = step_mask;
+            let best: Vec<i64> = logits
+                .argmax(2)
+                .reshape([b])
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .expect("argmax ids");
+            for (row, t) in rows.iter_mut().zip(best) {
+                row.tokens.push(t as usize);
+            }
+        }
     }
 
     fn run_jobs(&mut self, jobs: Vec<Job>) {
@@ -822,4 +1181,18 @@ fn to_f32(d: TensorData) -> Result<Vec<f32>> {
     d.convert::<f32>()
         .to_vec::<f32>()
         .map_err(|e| ServeError::Internal(format!("{e:?}")))
+}
+
+/// A running generation batch: encoder states, encoder mask, decoder mask, decoder cache.
+type Running<B> = (
+    Tensor<B, 3>,
+    Tensor<B, 2, Int>,
+    Tensor<B, 2, Int>,
+    peft_models::t5::DecoderCache<B>,
+);
+
+/// Row indices as an index tensor.
+fn index<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let v: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    Tensor::from_data(TensorData::new(v, [rows.len()]), device)
 }
