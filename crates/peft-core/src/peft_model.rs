@@ -232,15 +232,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
     /// assert_eq!(peft.parameter_counts().trainable, 4 * 16 + 4 * 16);
     /// ```
     pub fn new(model: M, config: impl Into<AdapterConfig>, adapter_name: &str) -> Result<Self> {
-        let mut this = PeftModel {
-            base_model: model.map(&mut Freeze),
-            configs: Vec::new(),
-            frozen: Vec::new(),
-            targeted: Vec::new(),
-            active: Vec::new(),
-            disabled: false,
-            _backend: PhantomData,
-        };
+        let mut this = Self::without_adapters(model);
         this.add_adapter(adapter_name, config)?;
         this.set_adapter(&[adapter_name])?;
         Ok(this)
