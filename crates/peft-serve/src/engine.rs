@@ -632,6 +632,10 @@ impl<B: Backend> Worker<B> {
             input: usize,
             tokens: Vec<usize>,
             limit: usize,
+            /// The adapter as requested (kept loaded while the row runs).
+            adapter: Option<String>,
+            /// The name it is loaded under, or BASE.
+            internal: String,
         }
         let greedy = |t: &Task| matches!(t, Task::Generate { num_beams: 1, .. });
         let (start, eos) = match &self.model {
@@ -643,7 +647,6 @@ impl<B: Backend> Worker<B> {
         };
         let mut live: Vec<Option<Live>> = Vec::new();
         let mut rows: Vec<Row> = Vec::new();
-        let mut names: Vec<String> = Vec::new();
         let mut state: Option<Running<B>> = None;
         let mut queue: std::collections::VecDeque<Job> = jobs.into();
         let mut admitting = true;
@@ -673,20 +676,19 @@ impl<B: Backend> Worker<B> {
                 if j.reply.is_closed() {
                     continue;
                 }
-                let mut pinned: Vec<&str> = names
+                // The adapters of the rows in flight and of those joining stay loaded.
+                let pinned: Vec<&str> = rows
                     .iter()
-                    .map(|n| n.split('#').next().unwrap_or(n))
+                    .filter_map(|r| r.adapter.as_deref())
+                    .chain(
+                        joining
+                            .iter()
+                            .filter_map(|(j, _)| j.request.adapter.as_deref()),
+                    )
                     .collect();
-                pinned.extend(
-                    joining
-                        .iter()
-                        .filter_map(|(j, _)| j.request.adapter.as_deref()),
-                );
-                let pinned: Vec<String> = pinned.iter().map(|s| s.to_string()).collect();
-                let pinned_refs: Vec<&str> = pinned.iter().map(String::as_str).collect();
                 let internal = match &j.request.adapter {
                     None => Ok(BASE.to_string()),
-                    Some(a) => self.ensure_loaded(a, &pinned_refs),
+                    Some(a) => self.ensure_loaded(a, &pinned),
                 };
                 match internal {
                     Ok(i) => {
@@ -798,8 +800,9 @@ impl<B: Backend> Worker<B> {
                             input,
                             tokens: vec![start, first[at] as usize],
                             limit: max_new_tokens,
+                            adapter: j.request.adapter.clone(),
+                            internal: i.clone(),
                         });
-                        names.push(i.clone());
                         at += 1;
                     }
                     live.push(Some(Live {
@@ -811,9 +814,12 @@ impl<B: Backend> Worker<B> {
             // Rows that are done (EOS or max_new_tokens) leave; their requests are answered
             // when complete.
             let mut keep = Vec::new();
+            let mut done = Vec::with_capacity(rows.len());
             for (r, row) in rows.iter().enumerate() {
                 let last = *row.tokens.last().expect("start token");
-                if Some(last) == eos || row.tokens.len() > row.limit {
+                let finished = Some(last) == eos || row.tokens.len() > row.limit;
+                done.push(finished);
+                if finished {
                     let ids: Vec<u32> = row.tokens.iter().map(|&t| t as u32).collect();
                     let text = self.tok.decode(&ids).unwrap_or_default();
                     if let Some(l) = live[row.job].as_mut() {
@@ -834,33 +840,15 @@ impl<B: Backend> Worker<B> {
             }
             if keep.len() < rows.len() {
                 let device = self.device.clone();
-                let idx = crate::engine::index::<B>(&keep, &device);
+                let idx = peft_core::mixed::row_index::<B>(&keep, &device);
                 if let Some((e, m, d, c)) = state.as_mut() {
                     *e = e.clone().select(0, idx.clone());
                     *m = m.clone().select(0, idx.clone());
                     *d = d.clone().select(0, idx.clone());
                     c.select_rows(idx);
                 }
-                let mut k = keep.iter().peekable();
-                let mut r = 0;
-                rows.retain(|_| {
-                    let kept = k.peek() == Some(&&r);
-                    if kept {
-                        k.next();
-                    }
-                    r += 1;
-                    kept
-                });
-                let mut k = keep.iter().peekable();
-                let mut r = 0;
-                names.retain(|_| {
-                    let kept = k.peek() == Some(&&r);
-                    if kept {
-                        k.next();
-                    }
-                    r += 1;
-                    kept
-                });
+                let mut finished = done.into_iter();
+                rows.retain(|_| !finished.next().expect("a flag per row"));
             }
             if rows.is_empty() {
                 state = None;
@@ -894,7 +882,7 @@ impl<B: Backend> Worker<B> {
                 .map(|r| *r.tokens.last().expect("token") as i64)
                 .collect();
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(last, [b, 1]), &device);
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let refs: Vec<&str> = rows.iter().map(|r| r.internal.as_str()).collect();
             let Some((enc, mask, dmask, cache)) = state.as_mut() else {
                 return;
             };
@@ -1190,9 +1178,3 @@ type Running<B> = (
     Tensor<B, 2, Int>,
     peft_models::t5::DecoderCache<B>,
 );
-
-/// Row indices as an index tensor.
-fn index<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
-    let v: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-    Tensor::from_data(TensorData::new(v, [rows.len()]), device)
-}
