@@ -35,6 +35,22 @@ fn row<const D: usize, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B
     t.narrow(0, r, 1)
 }
 
+/// `f` on the model with `name` active for every row (the base alone for `BASE`).
+fn alone<M: peft::core::AdapterHost<B>, R>(
+    peft: &mut PeftModel<B, M>,
+    name: &str,
+    f: impl FnOnce(&M) -> R,
+) -> R {
+    if name == BASE {
+        peft.disable_adapters();
+    } else {
+        peft.set_adapter(&[name]).unwrap();
+    }
+    let out = f(&peft.base_model);
+    peft.enable_adapters();
+    out
+}
+
 #[test]
 fn mt5_mixed_batch_matches_peft_adapter_names() {
     let device = Default::default();
@@ -79,23 +95,14 @@ fn mt5_mixed_batch_matches_peft_adapter_names() {
 
     // Each row alone, with its adapter active (or none): equal to its row of the mixed batch.
     for (r, name) in NAMES_T5.iter().enumerate() {
-        let alone = |m: &T5ForConditionalGeneration<B>| {
+        let y = alone(&mut peft, name, |m: &T5ForConditionalGeneration<B>| {
             m.forward(
                 row(ids.clone(), r),
                 Some(row(mask.clone(), r)),
                 row(dec.clone(), r),
             )
             .logits
-        };
-        let y = if *name == BASE {
-            peft.disable_adapters();
-            let y = alone(&peft.base_model);
-            peft.enable_adapters();
-            y
-        } else {
-            peft.set_adapter(&[name]).unwrap();
-            alone(&peft.base_model)
-        };
+        });
         let d = max_abs_diff(&to_vec(y), &to_vec(row(logits.clone(), r)));
         assert!(d <= 1e-5, "row {r} ({name}) alone vs mixed: {d}");
     }
@@ -206,22 +213,20 @@ fn ia3_mixed_batch_equals_each_row_alone() {
         })
         .unwrap();
     for (r, name) in names.iter().enumerate() {
-        if *name == BASE {
-            peft.disable_adapters();
-        } else {
-            peft.set_adapter(&[name]).unwrap();
-        }
-        let m = &peft.base_model;
-        let alone = m
-            .forward(
-                row(ids.clone(), r),
-                Some(row(mask.clone(), r)),
-                row(dec.clone(), r),
+        let (y, g) = alone(&mut peft, name, |m| {
+            let y = m
+                .forward(
+                    row(ids.clone(), r),
+                    Some(row(mask.clone(), r)),
+                    row(dec.clone(), r),
+                )
+                .logits;
+            (
+                y,
+                m.generate_greedy(row(ids.clone(), r), Some(row(mask.clone(), r)), 5),
             )
-            .logits;
-        let g = m.generate_greedy(row(ids.clone(), r), Some(row(mask.clone(), r)), 5);
-        peft.enable_adapters();
-        let d = max_abs_diff(&to_vec(alone), &to_vec(row(mixed.clone(), r)));
+        });
+        let d = max_abs_diff(&to_vec(y), &to_vec(row(mixed.clone(), r)));
         assert!(d <= 1e-5, "IA3 row {r} ({name}): {d}");
         // In the batch, a row that ended early is padded (id 0) to the longest.
         let (head, pad) = greedy[r].split_at(g[0].len().min(greedy[r].len()));
@@ -251,34 +256,20 @@ fn bottleneck_mixed_batch_equals_each_row_alone() {
         })
         .unwrap();
     for (r, name) in names.iter().enumerate() {
-        if *name == BASE {
-            peft.disable_adapters();
-        } else {
-            peft.set_adapter(&[name]).unwrap();
-        }
-        let alone = peft
-            .base_model
-            .forward(
+        let hidden = |m: &peft::models::BertModel<B>| {
+            m.forward(
                 row(ids.clone(), r),
                 Some(row(mask.clone(), r)),
                 Some(row(types.clone(), r)),
             )
-            .last_hidden_state;
-        peft.enable_adapters();
-        let d = max_abs_diff(&to_vec(alone), &to_vec(row(mixed.clone(), r)));
+            .last_hidden_state
+        };
+        let y = alone(&mut peft, name, hidden);
+        let d = max_abs_diff(&to_vec(y), &to_vec(row(mixed.clone(), r)));
         assert!(d <= 1e-5, "bottleneck row {r} ({name}): {d}");
         if *name != BASE {
             // and the adapter changed the row
-            peft.disable_adapters();
-            let plain = peft
-                .base_model
-                .forward(
-                    row(ids.clone(), r),
-                    Some(row(mask.clone(), r)),
-                    Some(row(types.clone(), r)),
-                )
-                .last_hidden_state;
-            peft.enable_adapters();
+            let plain = alone(&mut peft, BASE, hidden);
             let d = max_abs_diff(&to_vec(plain), &to_vec(row(mixed.clone(), r)));
             assert!(d > 1e-3, "bottleneck row {r} ({name}) equals the base: {d}");
         }
