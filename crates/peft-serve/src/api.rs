@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -27,7 +26,11 @@ struct AppState {
 }
 
 type Shared = State<Arc<AppState>>;
-type Body = Result<Bytes, BytesRejection>;
+type Body = axum::body::Body;
+
+/// How much of an oversized body is still read (and dropped) so that the client, which is
+/// still sending, receives the 413 instead of a broken connection.
+const DRAIN_LIMIT: usize = 64 << 20;
 
 impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
@@ -60,7 +63,6 @@ pub fn router(engine: Engine, config: &ServeConfig) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ServeError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ServeError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -119,14 +121,33 @@ fn constant_time_eq(given: &[u8], key: &[u8]) -> bool {
     diff == 0
 }
 
-fn body_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ServeError> {
-    let bytes = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServeError::TooLarge(format!("the request body is over the limit: {e}"))
-        } else {
-            ServeError::BadRequest(format!("reading the request body: {e}"))
+/// The body as JSON, refused (413) over `limit` bytes. An oversized body is read to its end
+/// (up to [`DRAIN_LIMIT`]) before the answer, so the client gets the 413.
+async fn body_json<T: serde::de::DeserializeOwned>(
+    body: Body,
+    limit: usize,
+) -> Result<T, ServeError> {
+    let mut body = body;
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ServeError::BadRequest(format!("reading the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= limit {
+            bytes.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            break;
         }
-    })?;
+    }
+    if seen > limit {
+        return Err(ServeError::TooLarge(format!(
+            "the request body is over the limit: {seen} bytes or more, at most {limit}"
+        )));
+    }
     serde_json::from_slice(&bytes)
         .map_err(|e| ServeError::BadRequest(format!("invalid request: {e}")))
 }
@@ -211,7 +232,7 @@ async fn generate(State(s): Shared, body: Body) -> Response {
     answer(
         async {
             need(s.engine.kind(), &[ModelKind::Seq2Seq], "/v1/generate")?;
-            let b: GenerateBody = body_json(body)?;
+            let b: GenerateBody = body_json(body, s.limits.max_body_bytes).await?;
             let max_new_tokens = b
                 .max_new_tokens
                 .unwrap_or(32.min(s.limits.max_new_tokens));
@@ -260,7 +281,7 @@ async fn classify(State(s): Shared, body: Body) -> Response {
                 &[ModelKind::SequenceClassification],
                 "/v1/classify",
             )?;
-            let b: ClassifyBody = body_json(body)?;
+            let b: ClassifyBody = body_json(body, s.limits.max_body_bytes).await?;
             let job = Job {
                 inputs: inputs(b.inputs, &s.limits)?,
                 adapter: b.adapter,
@@ -288,7 +309,7 @@ struct EmbedBody {
 async fn embed(State(s): Shared, body: Body) -> Response {
     answer(
         async {
-            let b: EmbedBody = body_json(body)?;
+            let b: EmbedBody = body_json(body, s.limits.max_body_bytes).await?;
             let job = Job {
                 inputs: inputs(b.inputs, &s.limits)?,
                 adapter: b.adapter,
@@ -367,7 +388,7 @@ fn inside(root: &Path, path: &str) -> Result<PathBuf, ServeError> {
 async fn load_adapter(State(s): Shared, body: Body) -> Response {
     answer(
         async {
-            let b: LoadBody = body_json(body)?;
+            let b: LoadBody = body_json(body, s.limits.max_body_bytes).await?;
             let root = s.adapter_dir.as_ref().ok_or_else(|| {
                 ServeError::Forbidden(
                     "loading adapters at run time is off: start the server with --adapter-dir"
