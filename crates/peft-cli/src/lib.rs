@@ -2,6 +2,7 @@
 //! flags onto `peft_train` with its progress display, and the loss plot, usable from tests.
 //! (The benchmark workloads of `peft bench` live in the binary, not here: xtask runs them.)
 
+pub mod launch;
 pub mod plot;
 pub mod train;
 

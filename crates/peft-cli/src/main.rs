@@ -774,7 +774,46 @@ macro_rules! on_backend {
     };
 }
 
+/// The backend's device number `index` (its default device when `None`).
+fn indexed_device<D: burn::tensor::backend::DeviceOps>(index: Option<usize>) -> D {
+    match index {
+        None => D::default(),
+        Some(i) => {
+            let mut id = D::default().to_id();
+            id.index_id = i as u16;
+            D::from_id(id)
+        }
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
+    if let Cmd::Train(args) = &cli.cmd
+        && args.nproc > 1
+    {
+        // The workers handle Ctrl-C (they share this terminal's process group); the launcher
+        // waits for them.
+        let _ = ctrlc::set_handler(|| {});
+        let code = peft_cli::launch::run(args.nproc, args.local_rank.is_some())?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        return Ok(());
+    }
+    if let Cmd::Train(args) = &cli.cmd
+        && args.world_size.is_some()
+    {
+        // Burn's tensor transport panics in its own tasks when a peer disappears; the worker
+        // reports the lost peer by rank instead, so those panics are not shown.
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let io = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("peft-collective-io"));
+            if !io {
+                default(info);
+            }
+        }));
+    }
     if let Cmd::Train(args) = &cli.cmd {
         // Ctrl-C asks the trainer to save a checkpoint and stop; a second one exits at once.
         let cancel = peft_train::CancellationToken::new();
@@ -784,8 +823,17 @@ fn dispatch(cli: Cli) -> Result<()> {
                 std::process::exit(130);
             }
         });
+        // A data-parallel worker trains on its own GPU (CPU workers share the CPU).
+        let index = match cli.device {
+            DeviceArg::Cuda | DeviceArg::Wgpu => args.local_rank,
+            _ => None,
+        };
         let summary = on_backend!(cli.device, |Bk| {
-            peft_cli::train::train::<burn::backend::Autodiff<Bk>>(args, &Default::default(), cancel)
+            peft_cli::train::train::<burn::backend::Autodiff<Bk>>(
+                args,
+                &indexed_device(index),
+                cancel,
+            )
         })?;
         if summary.interrupted {
             std::process::exit(130);

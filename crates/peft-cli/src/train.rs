@@ -96,6 +96,32 @@ pub struct TrainArgs {
     /// No progress bar (logs one line per epoch).
     #[arg(long)]
     pub quiet: bool,
+    /// Data-parallel on this machine: N worker processes (one per device), each taking
+    /// --batch-size examples of every global batch of N x --batch-size.
+    #[arg(long, default_value_t = 1, conflicts_with = "world_size")]
+    pub nproc: usize,
+    /// Data-parallel across machines: the number of workers in all, one process each, started
+    /// by any launcher (ssh, Slurm, Kubernetes) with the same flags and its own --rank.
+    #[arg(long, requires = "rank", requires = "coordinator")]
+    pub world_size: Option<usize>,
+    /// This worker's rank, 0..--world-size; rank 0 runs the coordinator and alone writes
+    /// --output-dir.
+    #[arg(long, requires = "world_size")]
+    pub rank: Option<usize>,
+    /// HOST:PORT where rank 0 meets the others, the same for every worker (each worker then
+    /// serves its tensors on a free port of its own).
+    #[arg(long, requires = "world_size")]
+    pub coordinator: Option<String>,
+    /// The address other workers reach this one at (default: this machine's address on the
+    /// route to the coordinator).
+    #[arg(long)]
+    pub node_host: Option<String>,
+    /// The GPU (CUDA/wgpu index) this worker trains on: default its rank under --nproc, else 0.
+    #[arg(long)]
+    pub local_rank: Option<usize>,
+    /// Seconds a worker waits for the others, to join and inside one gradient all-reduce.
+    #[arg(long, default_value_t = 600)]
+    pub collective_timeout: u64,
 }
 
 /// What a run reports.
@@ -166,6 +192,34 @@ impl TrainArgs {
         }
     }
 
+    /// The data-parallel group these flags describe (`None` for one process).
+    pub fn world(&self) -> Result<Option<peft_train::distributed::WorldConfig>> {
+        let (Some(world), Some(rank), Some(coord)) =
+            (self.world_size, self.rank, &self.coordinator)
+        else {
+            return Ok(None);
+        };
+        if world == 0 {
+            bail!("--world-size must be at least 1, found 0");
+        }
+        if rank >= world {
+            bail!("--rank must be below --world-size {world}, found {rank}");
+        }
+        let mut w = peft_train::distributed::WorldConfig::new(world, rank, coord.clone())
+            .with_timeout(std::time::Duration::from_secs(
+                self.collective_timeout.max(1),
+            ));
+        if let Some(h) = &self.node_host {
+            w = w.with_node_host(h.clone());
+        }
+        Ok(Some(w))
+    }
+
+    /// This process's rank (0 outside data parallelism).
+    pub fn rank(&self) -> usize {
+        self.rank.unwrap_or(0)
+    }
+
     /// Refuses flags no run can use, naming the flag.
     pub fn validate(&self) -> Result<()> {
         for (flag, v) in [
@@ -204,12 +258,29 @@ pub fn train<B: AutodiffBackend>(
     cancel: CancellationToken,
 ) -> Result<TrainSummary> {
     let task = args.lora.task()?.unwrap_or(TaskType::Seq2SeqLm);
-    match task {
-        TaskType::Seq2SeqLm => Ok(train_seq2seq_with::<B>(args, device, cancel)?.summary),
-        TaskType::SeqCls => Ok(train_seq_cls_with::<B>(args, device, cancel)?.summary),
-        other => bail!("task {other:?} is not supported by `peft train` (SEQ_2_SEQ_LM, SEQ_CLS)"),
+    let mut group = match args.world()? {
+        Some(w) => Some(peft_train::distributed::WorkerGroup::join(&w)?),
+        None => None,
+    };
+    let result = match task {
+        TaskType::Seq2SeqLm => {
+            train_seq2seq_with::<B>(args, device, cancel, group.as_mut()).map(|o| o.summary)
+        }
+        TaskType::SeqCls => {
+            train_seq_cls_with::<B>(args, device, cancel, group.as_mut()).map(|o| o.summary)
+        }
+        other => Err(anyhow::anyhow!(
+            "task {other:?} is not supported by `peft train` (SEQ_2_SEQ_LM, SEQ_CLS)"
+        )),
+    };
+    // The others learn why this worker stops (the trainer has told them already if it failed).
+    if let (Some(g), Err(e)) = (group.as_mut(), &result) {
+        peft_train::distributed::Collective::abort(g, &format!("{e:#}"));
     }
+    result
 }
+
+type Group<'g> = Option<&'g mut peft_train::distributed::WorkerGroup>;
 
 fn read_data(args: &TrainArgs) -> Result<(Vec<Example>, Option<Vec<Example>>)> {
     let train_data = read_examples(&args.data, &args.text_column, &args.label_column)?;
@@ -225,19 +296,30 @@ pub fn train_seq2seq<B: AutodiffBackend>(
     args: &TrainArgs,
     device: &B::Device,
 ) -> Result<TrainOutcome<B, Model<B>>> {
-    train_seq2seq_with(args, device, CancellationToken::new())
+    train_seq2seq_with(args, device, CancellationToken::new(), None)
+}
+
+/// Rank 0 (or a run of one process) locks the output directory before writing anything into
+/// it; the other workers of a data-parallel run never write there.
+fn lock_output(args: &TrainArgs) -> Result<Option<OutputDirLock>> {
+    if args.rank() != 0 {
+        return Ok(None);
+    }
+    let out = &args.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(Some(OutputDirLock::acquire(out)?))
 }
 
 fn train_seq2seq_with<B: AutodiffBackend>(
     args: &TrainArgs,
     device: &B::Device,
     cancel: CancellationToken,
+    group: Group<'_>,
 ) -> Result<TrainOutcome<B, Model<B>>> {
     args.validate()?;
     let out = &args.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // Locked before anything is written into it (the preset's base model below).
-    let lock = OutputDirLock::acquire(out)?;
+    let lock = lock_output(args)?;
     let tok_path = match (&args.tokenizer, T5Config::preset_by_name(&args.model)) {
         (Some(t), _) => t.clone(),
         (None, None) => PathBuf::from(&args.model).join("tokenizer.json"),
@@ -253,9 +335,11 @@ fn train_seq2seq_with<B: AutodiffBackend>(
         B::seed(device, args.seed);
         let base = T5ForConditionalGeneration::<B>::new(&config, device)?.map(&mut Materialize);
         let d = out.join("base_model");
-        let mut m = base.clone();
-        peft_io::save_hf_model(&mut m, &config.to_hf_json(), &d, None)?;
-        std::fs::copy(&tok_path, d.join("tokenizer.json")).context("copying tokenizer.json")?;
+        if lock.is_some() {
+            let mut m = base.clone();
+            peft_io::save_hf_model(&mut m, &config.to_hf_json(), &d, None)?;
+            std::fs::copy(&tok_path, d.join("tokenizer.json")).context("copying tokenizer.json")?;
+        }
         (base, d)
     } else {
         let dir = PathBuf::from(&args.model);
@@ -280,7 +364,7 @@ fn train_seq2seq_with<B: AutodiffBackend>(
     let reload = |dir: &Path, d: &B::Device| load_t5_warn(dir, d);
     run(
         &task, args, base, &base_dir, &tok_path, train_data, eval_data, device, cancel, reload,
-        lock,
+        lock, group,
     )
 }
 
@@ -302,18 +386,17 @@ pub fn train_seq_cls<B: AutodiffBackend>(
     args: &TrainArgs,
     device: &B::Device,
 ) -> Result<TrainOutcome<B, BertForSequenceClassification<B>>> {
-    train_seq_cls_with(args, device, CancellationToken::new())
+    train_seq_cls_with(args, device, CancellationToken::new(), None)
 }
 
 fn train_seq_cls_with<B: AutodiffBackend>(
     args: &TrainArgs,
     device: &B::Device,
     cancel: CancellationToken,
+    group: Group<'_>,
 ) -> Result<TrainOutcome<B, BertForSequenceClassification<B>>> {
     args.validate()?;
-    std::fs::create_dir_all(&args.output_dir)
-        .with_context(|| format!("creating {}", args.output_dir.display()))?;
-    let lock = OutputDirLock::acquire(&args.output_dir)?;
+    let lock = lock_output(args)?;
     let dir = PathBuf::from(&args.model);
     let tok_path = args
         .tokenizer
@@ -328,7 +411,7 @@ fn train_seq_cls_with<B: AutodiffBackend>(
     // The new classifier head is drawn from the seed.
     B::seed(device, args.seed);
     let (base, new) = task.load_base::<B>(&dir, device)?;
-    if !new.is_empty() {
+    if !new.is_empty() && args.rank() == 0 {
         eprintln!("note: new head, initialised from the seed: {new:?}");
     }
     crate::ensure_memory(
@@ -348,6 +431,7 @@ fn train_seq_cls_with<B: AutodiffBackend>(
     let reload = |d: &Path, dev: &B::Device| Ok(task.load_base::<B::InnerBackend>(d, dev)?.0);
     run(
         &task, args, base, &dir, &tok_path, train_data, eval_data, device, cancel, reload, lock,
+        group,
     )
 }
 
@@ -418,7 +502,8 @@ fn run<B, T>(
     device: &B::Device,
     cancel: CancellationToken,
     reload: impl Fn(&Path, &B::Device) -> Result<T::Model<B::InnerBackend>>,
-    lock: OutputDirLock,
+    lock: Option<OutputDirLock>,
+    group: Group<'_>,
 ) -> Result<TrainOutcome<B, T::Model<B>>>
 where
     B: AutodiffBackend,
@@ -448,12 +533,24 @@ where
             }
         }
     }
+    // The adapter's initial weights are drawn from the seed (HF's `set_seed` before
+    // `get_peft_model`): runs repeat, and data-parallel workers start from the same adapter.
+    B::seed(device, args.seed.wrapping_add(1));
     let peft = PeftModel::new(base, config, "default")?;
     check_memory(&peft.parameter_counts())?;
-    let trained = Trainer::new(args.training_args(), task)
-        .with_callback(progress(args.quiet))
-        .with_cancellation(cancel)
-        .with_output_dir_lock(lock)
+    let rank = args.rank();
+    let mut trainer = Trainer::new(args.training_args(), task).with_cancellation(cancel);
+    if rank == 0 {
+        // The other workers of a data-parallel run are silent: rank 0 speaks for the run.
+        trainer = trainer.with_callback(progress(args.quiet));
+    }
+    if let Some(lock) = lock {
+        trainer = trainer.with_output_dir_lock(lock);
+    }
+    if let Some(g) = group {
+        trainer = trainer.with_collective(g);
+    }
+    let trained = trainer
         .train(peft, &train_data, eval_data.as_deref(), device)
         .map_err(|e| match e {
             peft_train::TrainError::NonFiniteLoss {
@@ -479,6 +576,13 @@ where
         interrupted: trained.interrupted,
         nothing_to_train: trained.adapter_dir.is_none() && !trained.interrupted,
     };
+    if rank != 0 {
+        // Rank 0 wrote the adapter and checks it.
+        return Ok(TrainOutcome {
+            summary,
+            model: trained.model,
+        });
+    }
     if trained.interrupted {
         eprintln!(
             "\ninterrupted: checkpoint saved in {} (resume with --resume latest)",

@@ -299,6 +299,19 @@ impl<'a> DataCollatorForSeq2Seq<'a> {
         apply_template(&self.prompt_template, &e.text)
     }
 
+    /// The label tokens [`collate`](Self::collate) would count in the loss for `examples`,
+    /// without building tensors.
+    pub fn count_targets(&self, examples: &[&Example]) -> Result<usize> {
+        let mut n = 0;
+        for e in examples {
+            n += self
+                .tokenizer
+                .encode(&e.label, Some(self.max_target_length))?
+                .len();
+        }
+        Ok(n)
+    }
+
     /// Builds one batch. Lengths of 0 are refused (nothing would be left to learn from).
     pub fn collate<B: Backend>(
         &self,

@@ -78,6 +78,20 @@ pub enum TrainError {
         /// Who holds it.
         holder: String,
     },
+    /// A data-parallel worker died, went silent or failed: the run stops on every worker.
+    #[error(
+        "data-parallel worker rank {rank} {reason}; the run stopped (resume from the last \
+         checkpoint, with the same or another number of workers)"
+    )]
+    WorkerLost {
+        /// The rank that was lost.
+        rank: usize,
+        /// What happened to it.
+        reason: String,
+    },
+    /// The collective layer (registration, an all-reduce) failed or timed out.
+    #[error("data-parallel collective: {0}")]
+    Collective(String),
     /// Not supported by this trainer.
     #[error("{0}")]
     Unsupported(String),

@@ -46,6 +46,7 @@
 pub mod args;
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 mod error;
 pub mod task;
 pub mod trainer;

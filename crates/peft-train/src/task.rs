@@ -32,6 +32,10 @@ pub struct Evaluation {
     pub loss: f64,
     /// Share of examples whose prediction equals the label.
     pub accuracy: f64,
+    /// Loss targets counted (tokens for seq2seq, labelled examples for classification).
+    pub targets: usize,
+    /// Examples evaluated.
+    pub examples: usize,
 }
 
 /// A training objective over a model type.
@@ -54,6 +58,15 @@ pub trait Task {
         data: &[Example],
         device: &B::Device,
     ) -> Result<Vec<String>>;
+
+    /// The number of loss targets [`loss`](Self::loss) would count for `batch`, without
+    /// running the model. Data-parallel workers weight their shard's mean loss by its share of
+    /// the global micro-batch's targets, which makes N workers' summed gradient the one of a
+    /// single process. The default counts examples, exact for a loss that is a mean over
+    /// examples.
+    fn count_targets(&self, batch: &[&Example]) -> Result<usize> {
+        Ok(batch.len())
+    }
 
     /// How an example is shown to the model (its prompt).
     fn render(&self, e: &Example) -> String {
@@ -86,6 +99,8 @@ pub trait Task {
         Ok(Evaluation {
             loss: total / count.max(1) as f64,
             accuracy: correct as f64 / data.len().max(1) as f64,
+            targets: count,
+            examples: data.len(),
         })
     }
 }
@@ -129,6 +144,10 @@ impl Task for Seq2SeqLmTask<'_> {
 
     fn render(&self, e: &Example) -> String {
         self.collator.prompt(e)
+    }
+
+    fn count_targets(&self, batch: &[&Example]) -> Result<usize> {
+        self.collator.count_targets(batch)
     }
 
     fn loss<B: Backend>(
@@ -251,6 +270,13 @@ impl<'a> SeqClsTask<'a> {
 
 impl Task for SeqClsTask<'_> {
     type Model<B: Backend> = BertForSequenceClassification<B>;
+
+    fn count_targets(&self, batch: &[&Example]) -> Result<usize> {
+        Ok(batch
+            .iter()
+            .filter(|e| self.class_of(&e.label) >= 0)
+            .count())
+    }
 
     fn loss<B: Backend>(
         &self,

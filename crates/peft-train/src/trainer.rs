@@ -24,6 +24,7 @@ use serde_json::json;
 use crate::args::{EvalStrategy, LrSchedulerType, TrainingArgs};
 use crate::checkpoint::{self, OutputDirLock};
 use crate::data::Example;
+use crate::distributed::{self, Collective, ReduceStats};
 use crate::error::{Result, TrainError, file_err};
 use crate::task::{Evaluation, Task};
 
@@ -71,6 +72,8 @@ pub struct StepLog {
     pub elapsed_s: f64,
     /// Steps done in this process (less than `step` after a resume).
     pub steps_this_run: usize,
+    /// Data-parallel runs: the gradient all-reduce of this step.
+    pub reduce: Option<ReduceStats>,
 }
 
 /// What the trainer reports to callbacks.
@@ -244,6 +247,7 @@ pub struct Trainer<'a, T: Task> {
     callbacks: Vec<Box<dyn TrainerCallback + 'a>>,
     cancel: CancellationToken,
     lock: Option<OutputDirLock>,
+    collective: Option<Box<dyn Collective + 'a>>,
 }
 
 impl<'a, T: Task> Trainer<'a, T> {
@@ -255,6 +259,7 @@ impl<'a, T: Task> Trainer<'a, T> {
             callbacks: Vec::new(),
             cancel: CancellationToken::new(),
             lock: None,
+            collective: None,
         }
     }
 
@@ -275,6 +280,19 @@ impl<'a, T: Task> Trainer<'a, T> {
     /// unlocked. Without it, [`Trainer::train`] takes the lock itself.
     pub fn with_output_dir_lock(mut self, lock: OutputDirLock) -> Self {
         self.lock = Some(lock);
+        self
+    }
+
+    /// Trains data-parallel as one worker of `collective`'s group (see [`distributed`]): the
+    /// global micro-batch is `per_device_train_batch_size x world_size` examples and this
+    /// worker takes its rank's slice; gradients of the trainable parameters are summed across
+    /// workers before every optimizer step; rank 0 alone locks and writes `output_dir`.
+    /// Every worker must be given the same arguments, data and model; the trainer checks it
+    /// (and the starting adapter) with one reduce before the first step. Callbacks run on
+    /// every worker and see the reduced loss and evaluation, the same everywhere, so a callback
+    /// that stops on those stops every worker at the same step.
+    pub fn with_collective(mut self, collective: impl Collective + 'a) -> Self {
+        self.collective = Some(Box::new(collective));
         self
     }
 
@@ -299,6 +317,27 @@ impl<'a, T: Task> Trainer<'a, T> {
     /// AdapterHub's) format.
     pub fn train<B>(
         mut self,
+        peft: PeftModel<B, T::Model<B>>,
+        train_data: &[Example],
+        eval_data: Option<&[Example]>,
+        device: &B::Device,
+    ) -> Result<TrainOutput<B, T::Model<B>>>
+    where
+        B: AutodiffBackend,
+        T::Model<B>: AutodiffModule<B, InnerModule = T::Model<B::InnerBackend>>,
+    {
+        let result = self.run(peft, train_data, eval_data, device);
+        if let Some(c) = self.collective.as_mut() {
+            match &result {
+                Ok(_) => c.finish(),
+                Err(e) => c.abort(&e.to_string()),
+            }
+        }
+        result
+    }
+
+    fn run<B>(
+        &mut self,
         mut peft: PeftModel<B, T::Model<B>>,
         train_data: &[Example],
         eval_data: Option<&[Example]>,
@@ -317,9 +356,18 @@ impl<'a, T: Task> Trainer<'a, T> {
             });
         }
         let out = args.output_dir.clone();
-        std::fs::create_dir_all(&out).map_err(file_err(&out))?;
+        let (rank, world) = match &self.collective {
+            Some(c) => (c.rank(), c.world_size()),
+            None => (0, 1),
+        };
+        // Rank 0 alone writes the output directory (the others only read a checkpoint).
+        let writer = rank == 0;
+        if writer {
+            std::fs::create_dir_all(&out).map_err(file_err(&out))?;
+        }
         let _lock = match self.lock.take() {
-            Some(lock) if same_dir(lock.dir(), &out) => lock,
+            _ if !writer => None,
+            Some(lock) if same_dir(lock.dir(), &out) => Some(lock),
             Some(lock) => {
                 return Err(TrainError::InvalidArgument {
                     name: "output_dir",
@@ -330,17 +378,21 @@ impl<'a, T: Task> Trainer<'a, T> {
                     ),
                 });
             }
-            None => OutputDirLock::acquire(&out)?,
+            None => Some(OutputDirLock::acquire(&out)?),
         };
-        let cleaned = checkpoint::remove_stale_temporaries(&out);
-        if !cleaned.is_empty() {
-            self.emit(TrainerEvent::CleanedUp(&cleaned));
+        if writer {
+            let cleaned = checkpoint::remove_stale_temporaries(&out);
+            if !cleaned.is_empty() {
+                self.emit(TrainerEvent::CleanedUp(&cleaned));
+            }
         }
         stable_ids(&mut peft);
 
         let batch_size = args.per_device_train_batch_size;
         let accum = args.gradient_accumulation_steps;
-        let micro_per_epoch = train_data.len().div_ceil(batch_size);
+        // One global micro-batch is `batch_size` examples per worker.
+        let global_batch = batch_size * world;
+        let micro_per_epoch = train_data.len().div_ceil(global_batch);
         let steps_per_epoch = (micro_per_epoch / accum).max(1);
         let total_steps = args
             .max_steps
@@ -373,7 +425,8 @@ impl<'a, T: Task> Trainer<'a, T> {
                 // A run killed between its last checkpoint and its final save left the output
                 // directory without (part of) its adapter: finish that save from the checkpoint.
                 // An adapter that is there is never replaced.
-                let completed = step == total_steps && checkpoint::complete_final_save(&dir, &out)?;
+                let completed =
+                    writer && step == total_steps && checkpoint::complete_final_save(&dir, &out)?;
                 if !completed {
                     self.emit(TrainerEvent::NothingToTrain { step, total_steps });
                 }
@@ -399,23 +452,37 @@ impl<'a, T: Task> Trainer<'a, T> {
             let record =
                 peft_io::checkpoint::load_record::<B, _>(&dir.join("optimizer.mpk"), device)?;
             optim = optim.load_record(record);
-            checkpoint::truncate_metrics(&out, step)?;
+            if writer {
+                checkpoint::truncate_metrics(&out, step)?;
+            }
             self.emit(TrainerEvent::Resumed {
                 checkpoint: &dir,
                 step,
             });
-        } else {
+        } else if writer {
             checkpoint::truncate_metrics(&out, 0)?;
         }
         let metrics_path = out.join(checkpoint::METRICS);
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(file_err(&metrics_path))?;
-        let mut log = |v: serde_json::Value| -> Result<()> {
-            writeln!(metrics, "{v}").map_err(file_err(&metrics_path))
+        let mut metrics = if writer {
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(file_err(&metrics_path))?,
+            )
+        } else {
+            None
         };
+        let mut log = |v: serde_json::Value| -> Result<()> {
+            match &mut metrics {
+                Some(m) => writeln!(m, "{v}").map_err(file_err(&metrics_path)),
+                None => Ok(()),
+            }
+        };
+        if let Some(c) = self.collective.as_deref_mut() {
+            check_same_run(c, &peft, &args, train_data, eval_data, step)?;
+        }
 
         let trainable = peft.trainable_parameters_line();
         let mut stop = self.emit(TrainerEvent::Begin {
@@ -442,7 +509,7 @@ impl<'a, T: Task> Trainer<'a, T> {
             let order = SplitMix(args.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9))
                 .permutation(train_data.len());
             let batches: Vec<Vec<&Example>> = order
-                .chunks(batch_size)
+                .chunks(global_batch)
                 .map(|c| c.iter().map(|i| &train_data[*i]).collect())
                 .collect();
             for s in 0..steps_per_epoch {
@@ -458,20 +525,36 @@ impl<'a, T: Task> Trainer<'a, T> {
                 let mut loss_sum = 0.0;
                 let mut tokens = 0usize;
                 for m in 0..accum {
-                    let Some(batch) = batches.get(s * accum + m) else {
+                    let Some(global_micro) = batches.get(s * accum + m) else {
                         break;
                     };
-                    // Dropout randomness is a function of (seed, micro-step): resumable.
+                    let batch = distributed::shard(global_micro, batch_size, rank);
+                    // This shard's share of the global micro-batch's mean loss (1 alone).
+                    let share = if world > 1 {
+                        let all = self.task.count_targets(global_micro)?;
+                        if batch.is_empty() || all == 0 {
+                            continue;
+                        }
+                        Some(all)
+                    } else {
+                        None
+                    };
+                    // Dropout randomness is a function of (seed, micro-step, rank): resumable.
                     let micro_seed = args
                         .seed
                         .wrapping_mul(1_000_003)
-                        .wrapping_add((global * accum + m) as u64);
+                        .wrapping_add((global * accum + m) as u64)
+                        .wrapping_add((rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                     B::seed(device, micro_seed);
                     peft_core::dropout::seed(micro_seed);
                     let l = self.task.loss(&peft.base_model, batch, device)?;
                     tokens += l.tokens;
+                    let weight = match share {
+                        Some(all) => l.targets as f64 / all as f64 / accum as f64,
+                        None => 1.0 / accum as f64,
+                    };
                     let value = l.loss.clone().into_scalar().elem::<f64>();
-                    if !value.is_finite() {
+                    if !value.is_finite() && world == 1 {
                         return Err(TrainError::NonFiniteLoss {
                             value,
                             step,
@@ -479,12 +562,41 @@ impl<'a, T: Task> Trainer<'a, T> {
                             dir: out.clone(),
                         });
                     }
-                    loss_sum += value / accum as f64;
-                    let grads = (l.loss / accum as f64).backward();
+                    loss_sum += value * weight;
+                    let grads = (l.loss * weight).backward();
                     let grads = GradientsParams::from_grads(grads, &peft.base_model);
                     acc.accumulate(&peft.base_model, grads);
                 }
                 let mut grads = acc.grads();
+                let mut reduce = None;
+                if let Some(c) = self.collective.as_deref_mut() {
+                    // One reduce: gradients, then the loss, the tokens and the stop votes.
+                    let mut flat = Vec::new();
+                    distributed::flatten_grads(&peft.base_model, &grads, &mut flat);
+                    let at = flat.len();
+                    flat.extend([
+                        loss_sum as f32,
+                        tokens as f32,
+                        self.cancel.is_cancelled() as u8 as f32,
+                    ]);
+                    let (sum, stats) = distributed::timed_reduce(c, flat)?;
+                    let (g, _) = distributed::unflatten_grads(&peft.base_model, &sum[..at]);
+                    grads = g;
+                    loss_sum = sum[at] as f64;
+                    tokens = sum[at + 1] as usize;
+                    if sum[at + 2] > 0.0 {
+                        self.cancel.cancel();
+                    }
+                    if !loss_sum.is_finite() {
+                        return Err(TrainError::NonFiniteLoss {
+                            value: loss_sum,
+                            step,
+                            epoch,
+                            dir: out.clone(),
+                        });
+                    }
+                    reduce = Some(stats);
+                }
                 let grad_norm = (args.max_grad_norm > 0.0)
                     .then(|| clip_grad_norm(&peft.base_model, &mut grads, args.max_grad_norm));
                 let lr = match args.lr_scheduler_type {
@@ -506,15 +618,20 @@ impl<'a, T: Task> Trainer<'a, T> {
                     tokens_per_s: tokens as f64 / dt.max(1e-9),
                     elapsed_s: run_start.elapsed().as_secs_f64(),
                     steps_this_run: step - start_step,
+                    reduce,
                 };
-                log(
-                    json!({"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
-                    "grad_norm": grad_norm.unwrap_or(f64::NAN), "tokens_per_s": entry.tokens_per_s}),
-                )?;
+                let mut row = json!({"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
+                    "grad_norm": grad_norm.unwrap_or(f64::NAN), "tokens_per_s": entry.tokens_per_s});
+                if let Some(r) = reduce {
+                    row["world_size"] = json!(world);
+                    row["reduce_s"] = json!(r.seconds);
+                    row["reduce_payload_bytes"] = json!(r.payload_bytes);
+                }
+                log(row)?;
                 stop |= self.emit(TrainerEvent::Step(&entry)) == Control::Stop;
                 interrupted = self.cancel.is_cancelled();
                 let periodic = args.save_steps.is_some_and(|n| step.is_multiple_of(n));
-                if periodic || interrupted || stop {
+                if (periodic || interrupted || stop) && writer {
                     let dir = checkpoint::save(&peft, &optim, &out, &state(step, epoch))?;
                     self.emit(TrainerEvent::Saved(&dir));
                 }
@@ -532,9 +649,34 @@ impl<'a, T: Task> Trainer<'a, T> {
             }) == Control::Stop;
             if let (EvalStrategy::Epoch, Some(eval)) = (args.eval_strategy, eval_data) {
                 let model = peft.base_model.valid();
-                let ev =
-                    self.task
-                        .evaluate(&model, eval, args.per_device_eval_batch_size, device)?;
+                let bs = args.per_device_eval_batch_size;
+                let ev = match self.collective.as_deref_mut() {
+                    None => self.task.evaluate(&model, eval, bs, device)?,
+                    Some(c) => {
+                        // Each worker evaluates a contiguous shard; the sums are reduced.
+                        let part = distributed::shard(eval, eval.len().div_ceil(world), rank);
+                        let mine = if part.is_empty() {
+                            None
+                        } else {
+                            Some(self.task.evaluate(&model, part, bs, device)?)
+                        };
+                        let local = mine.map_or([0.0; 4], |e| {
+                            [
+                                e.loss * e.targets as f64,
+                                e.targets as f64,
+                                e.accuracy * e.examples as f64,
+                                e.examples as f64,
+                            ]
+                        });
+                        let sum = c.all_reduce_sum(local.iter().map(|v| *v as f32).collect())?;
+                        Evaluation {
+                            loss: sum[0] as f64 / (sum[1] as f64).max(1.0),
+                            accuracy: sum[2] as f64 / (sum[3] as f64).max(1.0),
+                            targets: sum[1] as usize,
+                            examples: sum[3] as usize,
+                        }
+                    }
+                };
                 log(
                     json!({"step": step, "epoch": epoch + 1, "eval_loss": ev.loss,
                     "eval_accuracy": ev.accuracy}),
@@ -548,7 +690,7 @@ impl<'a, T: Task> Trainer<'a, T> {
             }
         }
 
-        let adapter_dir = if interrupted {
+        let adapter_dir = if interrupted || !writer {
             None
         } else {
             // The output directory is exactly what Python PEFT (or AdapterHub) loads.
@@ -592,4 +734,85 @@ pub fn stable_ids<B: AutodiffBackend, M: AdapterHost<B>>(peft: &mut PeftModel<B,
             p.param.set_id(id);
         });
     }
+}
+
+/// Before the first step of a data-parallel run: every worker must run the same job from the
+/// same adapter. One reduce carries each worker's fingerprint of its arguments and data (which
+/// must sum to `world` times rank 0's) and rank 0's trainable parameters (zeros from the
+/// others), which every worker compares with its own.
+fn check_same_run<B: AutodiffBackend, M: AdapterHost<B> + AutodiffModule<B>>(
+    c: &mut dyn Collective,
+    peft: &PeftModel<B, M>,
+    args: &TrainingArgs,
+    train_data: &[Example],
+    eval_data: Option<&[Example]>,
+    step: usize,
+) -> Result<()> {
+    let (rank, world) = (c.rank(), c.world_size());
+    let mut text = format!(
+        "{} {} {} {:?} {} {} {} {} {} {} {:?} {:?} {} {}",
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.seed,
+        args.max_steps,
+        args.num_train_epochs,
+        args.learning_rate,
+        args.weight_decay,
+        args.max_grad_norm,
+        args.warmup_steps,
+        args.adam_epsilon,
+        args.lr_scheduler_type,
+        args.eval_strategy,
+        step,
+        train_data.len(),
+    );
+    for e in train_data.iter().chain(eval_data.unwrap_or_default()) {
+        text.push_str(&e.text);
+        text.push('\u{1f}');
+        text.push_str(&e.label);
+        text.push('\u{1e}');
+    }
+    let fingerprint = distributed::chunks16(fnv(&text));
+    let mut params = Vec::new();
+    distributed::flatten_params(&peft.base_model, &mut params);
+    let mut flat: Vec<f32> = fingerprint.to_vec();
+    if rank == 0 {
+        flat.extend(&params);
+    } else {
+        flat.extend(std::iter::repeat_n(0.0, params.len()));
+    }
+    let sum = c.all_reduce_sum(flat)?;
+    if sum.len() != 4 + params.len() {
+        return Err(TrainError::Collective(format!(
+            "rank {rank} has {} trainable values, the group reduced {}: the workers train \
+             different adapters",
+            params.len(),
+            sum.len().saturating_sub(4)
+        )));
+    }
+    if sum[..4]
+        .iter()
+        .zip(fingerprint)
+        .any(|(s, f)| *s != f * world as f32)
+    {
+        return Err(TrainError::InvalidArgument {
+            name: "world",
+            message: format!(
+                "rank {rank}'s training arguments, resume step or data differ from another \
+                 worker's; start every worker with the same flags and files"
+            ),
+        });
+    }
+    if let Some(i) = (0..params.len()).find(|i| sum[4 + i].to_bits() != params[*i].to_bits()) {
+        return Err(TrainError::InvalidArgument {
+            name: "world",
+            message: format!(
+                "rank {rank}'s starting adapter differs from rank 0's (value {i}: {} vs {}); \
+                 give every worker the same --seed and checkpoint",
+                params[i],
+                sum[4 + i]
+            ),
+        });
+    }
+    Ok(())
 }
