@@ -48,6 +48,9 @@ struct Opts {
     allocators: bool,
     /// `--workload serve`: the load test's requests, clients and adapters.
     serve: crate::serve_bench::ServeOpts,
+    /// `--workload lora-train-dp`: examples per optimizer step, split over the workers.
+    global_batch: usize,
+    steps_given: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -71,6 +74,8 @@ fn parse(args: &[String]) -> Result<Opts> {
             preset: "mt0-small".into(),
             json: false,
         },
+        global_batch: 8,
+        steps_given: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -82,8 +87,11 @@ fn parse(args: &[String]) -> Result<Opts> {
         match a.as_str() {
             "--workload" => {
                 let w = val()?;
-                if !WORKLOADS.contains(&w.as_str()) && w != "serve" {
-                    bail!("unknown workload {w:?} ({}, serve)", WORKLOADS.join(", "));
+                if !WORKLOADS.contains(&w.as_str()) && w != "serve" && w != "lora-train-dp" {
+                    bail!(
+                        "unknown workload {w:?} ({}, serve, lora-train-dp)",
+                        WORKLOADS.join(", ")
+                    );
                 }
                 o.workloads.push(w);
             }
@@ -92,7 +100,10 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--compare-kernels" => o.kernels = true,
             "--compare-allocators" => o.allocators = true,
             "--rounds" => o.rounds = val()?.parse()?,
-            "--steps" => o.steps = val()?.parse()?,
+            "--steps" => {
+                o.steps = val()?.parse()?;
+                o.steps_given = true;
+            }
             "--warmup" => o.warmup = val()?.parse()?,
             "--threads" => o.threads = val()?.parse()?,
             "--device" => o.device = val()?,
@@ -101,11 +112,13 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--requests" => o.serve.requests = val()?.parse()?,
             "--clients" => o.serve.clients = val()?.parse()?,
             "--adapters" => o.serve.adapters = val()?.parse()?,
+            "--global-batch" => o.global_batch = val()?.parse()?,
             other => bail!(
                 "unknown option {other:?}; usage: cargo xtask bench [--workload NAME]... [--json] \
                  [--rounds N] [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] \
                  [--dtype f32|bf16] [--model-preset small|large] [--no-torch] [--compare-kernels] \
-                 [--compare-allocators] [--requests N --clients N --adapters N (serve)]"
+                 [--compare-allocators] [--requests N --clients N --adapters N (serve)] \
+                 [--global-batch N (lora-train-dp)]"
             ),
         }
     }
@@ -113,8 +126,10 @@ fn parse(args: &[String]) -> Result<Opts> {
         o.workloads = WORKLOADS.iter().map(|s| s.to_string()).collect();
     }
     o.serve.json = o.json;
-    if o.workloads.iter().any(|w| w == "serve") && o.workloads.len() > 1 {
-        bail!("--workload serve is a load test of its own: run it alone");
+    for alone in ["serve", "lora-train-dp"] {
+        if o.workloads.iter().any(|w| w == alone) && o.workloads.len() > 1 {
+            bail!("--workload {alone} is a test of its own: run it alone");
+        }
     }
     if o.rounds == 0 || o.steps == 0 {
         bail!("--rounds and --steps must be at least 1");
@@ -208,6 +223,21 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
             so.preset = o.preset.clone();
         }
         return crate::serve_bench::run(root, &peft, &so);
+    }
+    if o.workloads == ["lora-train-dp"] {
+        let dp = crate::dp_bench::DpOpts {
+            rounds: o.rounds,
+            steps: if o.steps_given { o.steps } else { 12 },
+            warmup: o.warmup,
+            preset: if o.preset == "small" {
+                "mt0-small".into()
+            } else {
+                o.preset.clone()
+            },
+            global_batch: o.global_batch,
+            json: o.json,
+        };
+        return crate::dp_bench::run(root, &peft, cargo, &dp);
     }
     let python = if o.torch { find_python(root) } else { None };
     if o.torch && python.is_none() {

@@ -24,6 +24,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod dp_bench;
 mod serve_bench;
 
 const FIXTURE_SCRIPTS: &[&str] = &[

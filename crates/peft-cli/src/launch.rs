@@ -103,7 +103,9 @@ pub fn run(nproc: usize, has_local_rank: bool) -> Result<i32> {
         }
     }
 
-    let mut first_failure: Option<(usize, u32, ExitStatus)> = None;
+    // Failures in the order seen; the one reported is the first death by a signal (the others
+    // then failed because they lost it), else the first failure.
+    let mut failures: Vec<(usize, u32, ExitStatus)> = Vec::new();
     let mut interrupted = false;
     let mut failed_at: Option<Instant> = None;
     let mut running: Vec<(usize, Child)> = children;
@@ -115,16 +117,14 @@ pub fn run(nproc: usize, has_local_rank: bool) -> Result<i32> {
                 Ok(Some(status)) => {
                     if status.code() == Some(130) {
                         interrupted = true;
-                    } else if first_failure.is_none() {
-                        first_failure = Some((rank, child.id(), status));
-                        failed_at = Some(Instant::now());
+                    } else {
+                        failures.push((rank, child.id(), status));
+                        failed_at.get_or_insert_with(Instant::now);
                     }
                 }
                 Ok(None) => still.push((rank, child)),
                 Err(e) => {
-                    if first_failure.is_none() {
-                        eprintln!("error: waiting for worker rank {rank}: {e}");
-                    }
+                    eprintln!("error: waiting for worker rank {rank}: {e}");
                     let _ = child.kill();
                 }
             }
@@ -146,7 +146,13 @@ pub fn run(nproc: usize, has_local_rank: bool) -> Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if let Some((rank, pid, status)) = first_failure {
+    let signalled = |s: &ExitStatus| s.code().is_none();
+    let root = failures
+        .iter()
+        .find(|f| signalled(&f.2))
+        .or(failures.first())
+        .copied();
+    if let Some((rank, pid, status)) = root {
         eprintln!(
             "error: worker rank {rank} (pid {pid}) {}; the data-parallel run stopped. Resume with \
              --resume latest, with any --nproc (keep --nproc x --batch-size to repeat the same \

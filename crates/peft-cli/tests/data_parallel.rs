@@ -454,3 +454,47 @@ fn workers_with_different_arguments_or_no_rank_0_are_refused() {
     assert!(e.contains("--rank must be below --world-size 2"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }
+
+mod common;
+
+#[test]
+fn seq_cls_on_real_minilm_two_workers_train_lora_and_the_head_as_one_process() {
+    // all-MiniLM-L6-v2 with its dropout off (weights copied: peft-io opens regular files only).
+    let src = common::minilm_dir();
+    let model = tmp("minilm");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    config["hidden_dropout_prob"] = 0.0.into();
+    config["attention_probs_dropout_prob"] = 0.0.into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let cls = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_peft"));
+        c.args(["train", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(data().join("train.jsonl"))
+            .arg("--output-dir")
+            .arg(out)
+            .args(["--task-type", "SEQ_CLS", "--max-steps", "6", "--seed", "7"])
+            .args(["--lora-dropout", "0", "--max-source-length", "32"])
+            .args(["--quiet", "--show-examples", "0", "--learning-rate", "2e-3"])
+            .args(extra);
+        c
+    };
+    let (one, two) = (tmp("cls-one"), tmp("cls-two"));
+    run(cls(&one, ONE));
+    run(cls(&two, TWO));
+    // LoRA on query/value and the classifier (`modules_to_save`) both travel in the reduce.
+    let keys: Vec<String> = adapter(&two).into_iter().map(|t| t.0).collect();
+    assert!(keys.iter().any(|k| k.contains("classifier")), "{keys:?}");
+    let d = max_diff(&one, &two);
+    eprintln!("SEQ_CLS --nproc 2: adapters differ by {d}");
+    assert!(d < 1e-5, "adapters differ by {d}");
+    for d in [&one, &two, &model] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}

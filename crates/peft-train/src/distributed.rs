@@ -231,3 +231,30 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 mod group;
 #[cfg(feature = "collective")]
 pub use group::{WorkerGroup, WorldConfig};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_global_batch_in_order() {
+        let global: Vec<usize> = (0..5).collect();
+        assert_eq!(shard(&global, 4, 0), &[0, 1, 2, 3]);
+        assert_eq!(shard(&global, 4, 1), &[4]);
+        assert!(shard(&global, 4, 2).is_empty());
+        assert_eq!(shard(&global, 2, 2), &[4]);
+    }
+
+    #[test]
+    fn fingerprint_chunks_are_exact_in_f32() {
+        let v = 0xFFFF_1234_ABCD_0001u64;
+        let c = chunks16(v);
+        let back = c
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (i, x)| acc | ((*x as u64) << (16 * i)));
+        assert_eq!(back, v);
+        // Summed over 256 workers, a chunk is still exact.
+        assert_eq!(c[3] * 256.0, 65535.0 * 256.0);
+    }
+}

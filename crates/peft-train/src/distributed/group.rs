@@ -155,14 +155,16 @@ fn heartbeat(status: Shared, lines: Vec<Line>) {
 /// Data-parallel workers in separate processes (one per device, on one machine or several).
 /// Implements [`Collective`] for [`Trainer::with_collective`](crate::Trainer::with_collective).
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use peft_train::distributed::{Collective, WorkerGroup, WorldConfig};
-/// // Run this in two processes, with rank 0 and rank 1.
-/// let rank = std::env::var("RANK")?.parse()?;
-/// let mut group = WorkerGroup::join(&WorldConfig::new(2, rank, "127.0.0.1:29500"))?;
+/// // With WORLD=2 and RANK=0 / RANK=1 in two processes, each gets [3.0]; alone, [1.0].
+/// let world = std::env::var("WORLD").map_or(Ok(1), |w| w.parse())?;
+/// let rank: usize = std::env::var("RANK").map_or(Ok(0), |r| r.parse())?;
+/// let coordinator = if world == 1 { "127.0.0.1:0" } else { "127.0.0.1:29500" };
+/// let mut group = WorkerGroup::join(&WorldConfig::new(world, rank, coordinator))?;
 /// let sum = group.all_reduce_sum(vec![rank as f32 + 1.0])?;
-/// assert_eq!(sum, vec![3.0]);
+/// assert_eq!(sum, vec![(1..=world).sum::<usize>() as f32]);
 /// group.finish();
 /// # Ok(()) }
 /// ```
