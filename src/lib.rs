@@ -6,7 +6,9 @@
 //! - [`core`] (`peft-core`): adapter methods (LoRA, IA3, bottleneck adapters), configs, targeting, `PeftModel`;
 //! - [`models`] (`peft-models`): model architectures with adapter sites;
 //! - [`io`] (`peft-io`): PEFT and Hugging Face file formats;
-//! - [`train`] (`peft-train`): `TrainingArguments`, tasks, collators, the training loop.
+//! - [`train`] (`peft-train`): `TrainingArguments`, tasks, collators, the training loop, and
+//!   data parallelism (`train::distributed`; the multi-process `WorkerGroup` with the
+//!   `distributed` feature).
 //!
 //! The backend is chosen by features: `ndarray` (default, CPU), `wgpu`, `cuda`.
 

@@ -153,7 +153,7 @@ fn transport(root: &Path, cargo: impl Fn() -> Command) -> Result<Vec<Value>> {
 }
 
 pub fn run(root: &Path, peft: &Path, cargo: impl Fn() -> Command, o: &DpOpts) -> Result<()> {
-    if o.global_batch % 2 != 0 {
+    if !o.global_batch.is_multiple_of(2) {
         bail!("--global-batch must be even (it is split over 2 workers)");
     }
     let dir = std::env::temp_dir().join(format!("peft-dp-bench-{}", std::process::id()));
