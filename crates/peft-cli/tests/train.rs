@@ -345,11 +345,17 @@ fn seq_cls_on_real_minilm_learns_and_saves_peft_layout() {
     a.model = dir.display().to_string();
     a.lora.target_modules = None; // PEFT's default for bert: query, value
     let done = peft_cli::train::train_seq_cls::<AB>(&a, &Default::default()).unwrap();
-    assert!(
-        done.summary.last_loss < done.summary.first_loss,
-        "{:?}",
-        done.summary
-    );
+    // One batch's loss is noisy: compare the mean of the first four steps with the last four.
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 16);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (early, late) = (mean(&losses[..4]), mean(&losses[12..]));
+    eprintln!("SEQ_CLS loss: first four steps {early:.4}, last four {late:.4}");
+    assert!(late < early, "{losses:?} {:?}", done.summary);
     let keys: Vec<String> = st_tensors(&out.join("adapter_model.safetensors"))
         .into_iter()
         .map(|t| t.0)
