@@ -32,7 +32,7 @@ def load_peft(base_dir, adapter_dir, cfg):
         fresh_cfg = IA3Config(**{k: v for k, v in cfg.items() if k in fields})
     else:
         fields = ("r", "lora_alpha", "target_modules", "task_type", "bias", "lora_bias", "modules_to_save",
-                  "layers_to_transform")
+                  "layers_to_transform", "use_dora", "use_rslora")
         fresh_cfg = LoraConfig(**{k: v for k, v in cfg.items() if k in fields})
     fresh = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(base_dir), fresh_cfg)
     expected = set(get_peft_model_state_dict(fresh).keys())

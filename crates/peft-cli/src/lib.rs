@@ -89,6 +89,10 @@ pub struct AdapterArgs {
     /// rsLoRA scaling alpha / sqrt(r).
     #[arg(long)]
     pub use_rslora: bool,
+    /// DoRA (weight-decomposed LoRA): a trainable magnitude per output; `--method dora` is
+    /// `--method lora --use-dora`.
+    #[arg(long)]
+    pub use_dora: bool,
     /// Which biases train: none, all, lora_only.
     #[arg(long, default_value = "none")]
     pub bias: String,
@@ -109,6 +113,10 @@ impl AdapterArgs {
         let lora = self.config()?;
         match self.method.to_ascii_lowercase().as_str() {
             "lora" => Ok(AdapterConfig::Lora(lora)),
+            "dora" => Ok(AdapterConfig::Lora(LoraConfig {
+                use_dora: true,
+                ..lora
+            })),
             "ia3" => Ok(AdapterConfig::Ia3(Ia3Config {
                 header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
                 target_modules: lora.target_modules,
@@ -129,7 +137,9 @@ impl AdapterArgs {
                 c.validate()?;
                 Ok(AdapterConfig::Bottleneck(c))
             }
-            other => anyhow::bail!("unknown --method {other:?} (lora, ia3, houlsby, pfeiffer)"),
+            other => {
+                anyhow::bail!("unknown --method {other:?} (lora, dora, ia3, houlsby, pfeiffer)")
+            }
         }
     }
 
@@ -177,6 +187,7 @@ impl AdapterArgs {
                 .map(LayersToTransform::Many),
             modules_to_save: self.modules_to_save.clone(),
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
             bias,
             init_lora_weights: InitLoraWeights::Default,
             ..Default::default()

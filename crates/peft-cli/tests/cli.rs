@@ -49,6 +49,26 @@ fn params_prints_the_seed_line_for_mt0_large() {
         out.trim(),
         "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915"
     );
+    // DoRA adds a magnitude per output of every target (144 q/v layers x 1024); PEFT 0.21.2
+    // prints this line for the same config (on a meta-device mt0-large).
+    let (ok, out, err) = peft(&[
+        "params",
+        "--model",
+        "mt0-large",
+        "--method",
+        "dora",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0.1",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "trainable params: 2,506,752 || all params: 1,232,088,064 || trainable%: 0.2035"
+    );
     let (ok, out, _) = peft(&[
         "params",
         "--model",

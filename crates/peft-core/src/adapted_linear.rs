@@ -205,13 +205,27 @@ impl<B: Backend> AdaptedLinear<B> {
         }
     }
 
-    /// Adds a LoRA adapter (active only if [`set_active`](Self::set_active) says so).
-    pub fn add_lora(&mut self, adapter: LoraAdapter<B>) -> Result<()> {
+    /// Adds a LoRA adapter (active only if [`set_active`](Self::set_active) says so). A DoRA
+    /// adapter gets its magnitude here, as PEFT's `dora_init`: the norm of every output's
+    /// weights in `W + scaling * B A` (this materialises the layer's weight and the adapter).
+    pub fn add_lora(&mut self, mut adapter: LoraAdapter<B>) -> Result<()> {
         if self.has_adapter(&adapter.name) {
             return Err(PeftError::AdapterExists(adapter.name));
         }
+        if adapter.use_dora && adapter.magnitude.is_none() {
+            let norm = dora_weight_norm(self.weight.val(), adapter.delta_weight()).detach();
+            adapter.magnitude = Some(Param::from_tensor(norm.require_grad()));
+        }
         self.lora.push(adapter);
         Ok(())
+    }
+
+    /// The base weight without merged adapters (what DoRA's norm is taken of).
+    fn unmerged_weight(&self) -> Tensor<B, 2> {
+        match &self.backup {
+            Some(b) => b.weight.clone(),
+            None => self.weight.val(),
+        }
     }
 
     /// Adds a trainable copy of this layer's base weights for adapter `name`.
@@ -337,9 +351,31 @@ impl<B: Backend> AdaptedLinear<B> {
             y = y * s.unsqueeze();
         }
         for name in active {
-            if let Some(a) = self.adapter(name) {
+            let Some(a) = self.adapter(name) else {
+                continue;
+            };
+            let Some(m) = &a.magnitude else {
                 y = y + a.forward(x.clone());
-            }
+                continue;
+            };
+            // DoRA, as PEFT's `DoraLinearLayer.forward`: the norm of W + s B A is detached;
+            // without active dropout the base product is the output so far minus the bias,
+            // with it, the product of the dropped-out input (no bias).
+            let w = self.weight.val();
+            let norm = dora_weight_norm(w.clone(), a.delta_weight().detach()).detach();
+            let scale = (m.val() / norm).unsqueeze::<D>();
+            let (xa, base) = if a.dropout.is_active::<B>(&x.device()) {
+                let xd = a.dropout.forward(x.clone());
+                (xd.clone(), linear(xd, w, None))
+            } else {
+                let base = match self.bias.as_ref().map(|b| b.val()) {
+                    Some(b) => y.clone() - b.unsqueeze::<D>(),
+                    None => y.clone(),
+                };
+                (x.clone(), base)
+            };
+            let lora = a.branch(xa);
+            y = y + base * (scale.clone() - 1.0) + lora * scale;
         }
         y
     }
@@ -377,7 +413,16 @@ impl<B: Backend> AdaptedLinear<B> {
                 continue;
             }
             let a = self.adapter(n).expect("filtered above");
-            weight = weight + a.delta_weight();
+            let delta = a.delta_weight();
+            weight = match &a.magnitude {
+                // DoRA (PEFT's `DoraLinearVariant.merge`): W' = m / |W0 + dW| * (W + dW), the
+                // norm taken of the unmerged base W0.
+                Some(m) => {
+                    let norm = dora_weight_norm(self.unmerged_weight(), delta.clone());
+                    (weight + delta) * (m.val() / norm).unsqueeze_dim::<2>(0)
+                }
+                None => weight + delta,
+            };
             if let Some(db) = a.delta_bias() {
                 bias = Some(match bias {
                     Some(b) => b + db,
@@ -450,6 +495,17 @@ impl<B: Backend> AdaptedLinear<B> {
         self.merged.clear();
         self.disabled = false;
     }
+}
+
+/// DoRA's weight norm: the L2 norm of every output's weights in `weight + delta` (`[in, out]`,
+/// so the norm runs over the input dimension), `[out]`.
+pub fn dora_weight_norm<B: Backend>(weight: Tensor<B, 2>, delta: Tensor<B, 2>) -> Tensor<B, 1> {
+    let d_out = weight.dims()[1];
+    (weight + delta)
+        .powi_scalar(2)
+        .sum_dim(0)
+        .sqrt()
+        .reshape([d_out])
 }
 
 /// Writes `SavedLinear`'s tensor list once, for the shared and the mutable walk (`$m` is
@@ -532,6 +588,7 @@ mod tests {
             use_rslora: false,
             init: InitLoraWeights::Default,
             lora_bias: bias.is_some(),
+            use_dora: false,
         };
         let mut ad = LoraAdapter::new(name, D_IN, D_OUT, &spec, &Default::default());
         ad.lora_a = Param::from_tensor(t2(a, [D_IN, 2]));

@@ -65,6 +65,13 @@ impl Dropout {
         Dropout { prob }
     }
 
+    /// Whether [`forward`](Self::forward) changes its input on backend `B` (training on an
+    /// autodiff backend, with `prob > 0`): PEFT's "dropout is not `nn.Identity` and the module
+    /// is training".
+    pub fn is_active<B: Backend>(&self, device: &B::Device) -> bool {
+        B::ad_enabled(device) && self.prob != 0.0
+    }
+
     /// Applies dropout (identity outside training or with `prob == 0`).
     pub fn forward<B: Backend, const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         let device = input.device();

@@ -75,7 +75,7 @@ pub mod sublayer;
 pub mod targeting;
 pub mod train;
 
-pub use adapted_linear::{AdaptedLinear, MergeBackup, SavedLinear};
+pub use adapted_linear::{AdaptedLinear, MergeBackup, SavedLinear, dora_weight_norm};
 pub use config::{PeftConfigHeader, PeftType, TargetModules, TaskType};
 pub use dropout::Dropout;
 pub use error::{PeftError, Result};

@@ -472,6 +472,15 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         if self.is_merged() {
             return Err(PeftError::Merged("run a mixed-adapter batch"));
         }
+        // As PEFT's `_check_forward_args`: a DoRA row would need its own weight norm.
+        if let Some(n) = names.iter().find(
+            |n| matches!(self.adapter_config(n), Some(crate::AdapterConfig::Lora(c)) if c.use_dora),
+        ) {
+            return Err(PeftError::Unsupported(format!(
+                "adapter `{n}` uses DoRA, which mixed-adapter batches do not support (PEFT \
+                 refuses `adapter_names` with DoRA too); run it alone, or convert it to LoRA"
+            )));
+        }
         let routing = crate::BatchAdapters::new(names.iter().map(|s| s.to_string()).collect());
         self.set_batch_adapters(&routing);
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.base_model)));

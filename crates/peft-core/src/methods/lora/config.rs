@@ -229,9 +229,6 @@ impl LoraConfig {
                 self.lora_dropout
             )));
         }
-        if self.use_dora {
-            return Err(PeftError::Unsupported("use_dora = true (DoRA)".into()));
-        }
         if let InitLoraWeights::Other(o) = &self.init_lora_weights {
             return Err(PeftError::Unsupported(format!("init_lora_weights = {o:?}")));
         }
@@ -383,13 +380,6 @@ mod tests {
                 "lora_dropout",
             );
         }
-        unsupported(
-            &LoraConfig {
-                use_dora: true,
-                ..base()
-            },
-            "use_dora",
-        );
         for init in ["pissa", "olora", "loftq", "eva"] {
             unsupported(
                 &LoraConfig {

@@ -10,7 +10,9 @@ use super::config::{InitLoraWeights, lora_scaling};
 use crate::dropout::Dropout;
 use crate::nn::linear;
 
-/// One LoRA adapter on one linear layer: `B(A(dropout(x))) * scaling`.
+/// One LoRA adapter on one linear layer: `B(A(dropout(x))) * scaling`; with DoRA
+/// (`use_dora`), also a magnitude per output that rescales the adapted weight (computed by
+/// [`AdaptedLinear`](crate::AdaptedLinear), which holds the base weight).
 ///
 /// Weights are stored in burn's `[d_input, d_output]` layout, the transpose of PEFT's:
 /// `lora_a` is `[in, r]` (PEFT `lora_A.weight` is `[r, in]`) and `lora_b` is `[r, out]`
@@ -33,6 +35,11 @@ pub struct LoraAdapter<B: Backend> {
     pub alpha: f64,
     /// `alpha / r` or, with rsLoRA, `alpha / sqrt(r)`.
     pub scaling: f64,
+    /// DoRA (PEFT's `use_dora`): the magnitude is set when the adapter joins its layer.
+    pub use_dora: bool,
+    /// DoRA's magnitude vector `m`, `[out]` (PEFT `lora_magnitude_vector`): at creation the
+    /// norm of every output's weights in `W + scaling * B A`.
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
 /// Hyper-parameters of one LoRA adapter on one layer, resolved from a [`crate::LoraConfig`].
@@ -50,6 +57,8 @@ pub struct LoraSpec {
     pub init: InitLoraWeights,
     /// Trainable bias on `lora_B`.
     pub lora_bias: bool,
+    /// DoRA: weight-decomposed adaptation.
+    pub use_dora: bool,
 }
 
 impl<B: Backend> LoraAdapter<B> {
@@ -104,12 +113,19 @@ impl<B: Backend> LoraAdapter<B> {
             r,
             alpha: spec.alpha,
             scaling: lora_scaling(spec.alpha, r, spec.use_rslora),
+            use_dora: spec.use_dora,
+            magnitude: None,
         }
     }
 
-    /// The adapter's contribution `B(A(dropout(x))) * scaling`.
+    /// The adapter's contribution `B(A(dropout(x))) * scaling` (without DoRA's rescaling).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = linear(self.dropout.forward(x), self.lora_a.val(), None);
+        self.branch(self.dropout.forward(x))
+    }
+
+    /// `B(A(x)) * scaling`, no dropout.
+    pub fn branch<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let h = linear(x, self.lora_a.val(), None);
         linear(
             h,
             self.lora_b.val(),
@@ -154,6 +170,13 @@ macro_rules! lora_params {
                 key: "lora_B.bias",
                 layout: FileLayout::AsIs,
                 param: $P::D1(b),
+            });
+        }
+        if let Some(m) = & $($m)? self.magnitude {
+            f(NamedParam {
+                key: "lora_magnitude_vector",
+                layout: FileLayout::AsIs,
+                param: $P::D1(m),
             });
         }
         }

@@ -26,6 +26,7 @@ pub fn attach<B: Backend, M: AdapterHost<B>>(
             use_rslora: config.use_rslora,
             init: config.init_lora_weights.clone(),
             lora_bias: config.lora_bias,
+            use_dora: config.use_dora,
         };
         layer.add_lora(LoraAdapter::new(
             name,
