@@ -69,6 +69,7 @@ fn init_statistics_match_peft() {
             use_rslora: false,
             init: init.clone(),
             lora_bias: false,
+            use_dora: false,
         };
         let a = LoraAdapter::<B>::new("default", fan_in, 512, &spec, &device);
         let va = to_vec(a.lora_a.val());
@@ -102,6 +103,7 @@ fn init_statistics_match_peft() {
         use_rslora: false,
         init: InitLoraWeights::Random,
         lora_bias: false,
+        use_dora: false,
     };
     let a = LoraAdapter::<B>::new("x", 64, 64, &spec, &device);
     let b = to_vec(a.lora_b.val());
@@ -295,13 +297,6 @@ fn invalid_configs_are_refused() {
             ..base.clone()
         })
         .contains("`r` should be a positive integer")
-    );
-    assert!(
-        bad(LoraConfig {
-            use_dora: true,
-            ..base.clone()
-        })
-        .contains("DoRA")
     );
     let with_pattern = LoraConfig {
         layers_pattern: Some(peft::core::config::StringOrList::One("layer".into())),
