@@ -252,3 +252,74 @@ fn dora_saves_peft_keys_and_mixed_batches_refuse_it() {
         .to_string();
     assert!(err.contains("DoRA"), "{err}");
 }
+
+/// The weights of every linear site, by path.
+fn weights(peft: &PeftModel<B, T5ForConditionalGeneration<B>>) -> Vec<(String, Vec<f32>)> {
+    let mut v = Vec::new();
+    peft.base_model
+        .visit_linears(&mut |p, l| v.push((p.to_string(), to_vec(l.weight.val()))));
+    v
+}
+
+#[test]
+fn dora_converts_to_lora_with_the_error_it_reports() {
+    use peft::core::methods::lora::convert::dora_to_lora;
+    let device = Default::default();
+    let fx = Fixture::load("dora/outputs.safetensors");
+    let ids = fx.get_int::<B, 2>("input_ids", &device);
+    let mask = fx.get_int::<B, 2>("attention_mask", &device);
+    let dec = int2::<B>(&decoder_inputs(&fx.rows_i64("labels")), &device);
+    let logits = |p: &PeftModel<B, T5ForConditionalGeneration<B>>| {
+        to_vec(
+            p.base_model
+                .forward(ids.clone(), Some(mask.clone()), dec.clone())
+                .logits,
+        )
+    };
+
+    // Full rank (the sites are at most 32 x 48): the LoRA is DoRA's change itself.
+    let mut peft = mt5_dora::<B>();
+    let dora_logits = logits(&peft);
+    let report = dora_to_lora(&mut peft, "default", "lora", 32).unwrap();
+    assert_eq!(report.sites.len(), 21);
+    assert!(report.relative_error < 1e-5, "{}", report.relative_error);
+    peft.set_adapter(&["lora"]).unwrap();
+    let d = max_abs_diff(&logits(&peft), &dora_logits);
+    assert!(d < 1e-4, "full-rank LoRA vs DoRA logits: {d}");
+
+    // Rank 2: the reported error is the one of the merged weights.
+    let mut peft = mt5_dora::<B>();
+    let base = weights(&peft);
+    peft.merge_adapter(None, true).unwrap();
+    let dora_w = weights(&peft);
+    peft.unmerge_adapter();
+    let report = dora_to_lora(&mut peft, "default", "lora", 2).unwrap();
+    peft.set_adapter(&["lora"]).unwrap();
+    peft.merge_adapter(None, true).unwrap();
+    let lora_w = weights(&peft);
+    for s in &report.sites {
+        let i = base.iter().position(|b| b.0 == s.path).unwrap();
+        let (mut e2, mut n2) = (0.0f64, 0.0f64);
+        for ((w0, wd), wl) in base[i].1.iter().zip(&dora_w[i].1).zip(&lora_w[i].1) {
+            let (d, l) = ((wd - w0) as f64, (wl - w0) as f64);
+            e2 += (d - l) * (d - l);
+            n2 += d * d;
+        }
+        let measured = (e2 / n2).sqrt();
+        assert!(
+            (measured - s.relative_error).abs() < 1e-3 * s.relative_error.max(1e-3),
+            "{}: reported {} measured {measured}",
+            s.path,
+            s.relative_error
+        );
+    }
+    assert!(
+        report.relative_error > 0.01,
+        "rank 2 cannot hold DoRA's rescaling of W"
+    );
+    let plain = match peft.adapter_config("lora") {
+        Some(AdapterConfig::Lora(c)) => c.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(!plain.use_dora && plain.r == 2 && plain.lora_alpha == 2.0);
+}

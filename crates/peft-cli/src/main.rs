@@ -130,6 +130,25 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Convert a DoRA adapter to a plain LoRA adapter (truncated SVD of DoRA's weight change),
+    /// printing the approximation error, for servers that accept LoRA only.
+    Convert {
+        /// Model directory (the adapter's base).
+        #[arg(long)]
+        model: PathBuf,
+        /// DoRA adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Target format (`lora`).
+        #[arg(long, default_value = "lora")]
+        to: String,
+        /// Rank of the LoRA adapter written (`lora_alpha` is set to it: scaling 1).
+        #[arg(long = "lora-r", default_value_t = 8)]
+        lora_r: usize,
+        /// Output directory (must not hold an adapter already).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// A model's architecture, from a preset name or a directory's config.json.
@@ -426,6 +445,40 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
         Cmd::Train(_) | Cmd::Bench(_) | Cmd::Serve(_) => {
             unreachable!("dispatched before")
         }
+        Cmd::Convert {
+            model,
+            adapter,
+            to,
+            lora_r,
+            out,
+        } => {
+            if !to.eq_ignore_ascii_case("lora") {
+                bail!("--to {to:?}: only `lora` is supported");
+            }
+            if out.join("adapter_config.json").exists() {
+                bail!(
+                    "--out {} already holds an adapter (adapter_config.json); choose another \
+                     directory",
+                    out.display()
+                );
+            }
+            let (m, a, o) = (absolute(&model)?, absolute(&adapter)?, absolute(&out)?);
+            if o == a || o.starts_with(&m) || o.starts_with(&a) {
+                bail!(
+                    "--out {} is the adapter's or the model's directory (or inside one): choose \
+                     another directory",
+                    out.display()
+                );
+            }
+            let task = read_adapter_config(&adapter)?.task_type();
+            match peft_io::AutoModel::<B>::from_pretrained(&model, task, device)?.0 {
+                peft_io::AutoModel::T5(m) => convert_dora(m, &adapter, lora_r, &out),
+                peft_io::AutoModel::Bert(m) => convert_dora(m, &adapter, lora_r, &out),
+                peft_io::AutoModel::BertForSequenceClassification(m) => {
+                    convert_dora(m, &adapter, lora_r, &out)
+                }
+            }?;
+        }
         Cmd::Merge {
             model,
             adapter,
@@ -450,6 +503,41 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `peft convert --to lora`: loads DoRA adapter `adapter` on `base`, writes its rank-`r` LoRA
+/// approximation into `out`, and prints the approximation error per site and in all.
+fn convert_dora<B: Backend, M: peft_core::AdapterHost<B>>(
+    base: M,
+    adapter: &Path,
+    r: usize,
+    out: &Path,
+) -> Result<()> {
+    let (mut peft, _) = peft_io::from_pretrained(base, adapter, "dora")?;
+    let report = peft_core::methods::lora::convert::dora_to_lora(&mut peft, "dora", "default", r)?;
+    peft.delete_adapter("dora")?;
+    let written = peft_io::save_pretrained(&peft, out)?;
+    let worst = report
+        .sites
+        .iter()
+        .max_by(|a, b| a.relative_error.total_cmp(&b.relative_error));
+    for s in &report.sites {
+        println!(
+            "{}: rank {}, |DoRA change| {:.4e}, relative error {:.4e}",
+            s.path, s.rank, s.norm, s.relative_error
+        );
+    }
+    println!(
+        "converted {} sites to LoRA r={r} (lora_alpha={r}): relative error {:.4e} in all{}",
+        report.sites.len(),
+        report.relative_error,
+        worst.map_or(String::new(), |w| format!(
+            ", worst {:.4e} at {}",
+            w.relative_error, w.path
+        ))
+    );
+    println!("wrote {}", written[0].display());
     Ok(())
 }
 

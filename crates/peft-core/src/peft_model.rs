@@ -289,7 +289,7 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         }
     }
 
-    fn is_merged(&self) -> bool {
+    pub(crate) fn is_merged(&self) -> bool {
         let mut merged = false;
         self.base_model
             .visit_linears(&mut |_, l| merged |= !l.merged.is_empty());

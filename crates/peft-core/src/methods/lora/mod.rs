@@ -3,9 +3,12 @@
 //!
 //! - [`config`]: `LoraConfig`, field for field PEFT's;
 //! - [`layer`]: `LoraAdapter`, one adapter on one linear layer;
-//! - [`model`]: attaching an adapter to every targeted layer of a model.
+//! - [`model`]: attaching an adapter to every targeted layer of a model;
+//! - `convert` (feature `svd`): a DoRA adapter as a plain LoRA of a chosen rank.
 
 pub mod config;
+#[cfg(feature = "svd")]
+pub mod convert;
 pub mod layer;
 pub mod model;
 
