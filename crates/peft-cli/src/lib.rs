@@ -46,7 +46,8 @@ use peft_core::{
 /// `BnConfig` fields; `--method` picks the method.
 #[derive(Args, Debug, Clone)]
 pub struct AdapterArgs {
-    /// Adapter method: lora, ia3 (PEFT), houlsby, pfeiffer (AdapterHub bottleneck adapters).
+    /// Adapter method: lora, dora, loha, ia3 (PEFT), houlsby, pfeiffer (AdapterHub bottleneck
+    /// adapters).
     #[arg(long, default_value = "lora")]
     pub method: String,
     /// Bottleneck adapters: hidden size / bottleneck size.
@@ -117,6 +118,17 @@ impl AdapterArgs {
                 use_dora: true,
                 ..lora
             })),
+            "loha" => Ok(AdapterConfig::LoHa(peft_core::LoHaConfig {
+                header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
+                r: lora.r,
+                alpha: lora.lora_alpha,
+                target_modules: lora.target_modules,
+                exclude_modules: lora.exclude_modules,
+                layers_to_transform: lora.layers_to_transform,
+                layers_pattern: lora.layers_pattern,
+                modules_to_save: lora.modules_to_save,
+                ..Default::default()
+            })),
             "ia3" => Ok(AdapterConfig::Ia3(Ia3Config {
                 header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
                 target_modules: lora.target_modules,
@@ -138,7 +150,9 @@ impl AdapterArgs {
                 Ok(AdapterConfig::Bottleneck(c))
             }
             other => {
-                anyhow::bail!("unknown --method {other:?} (lora, dora, ia3, houlsby, pfeiffer)")
+                anyhow::bail!(
+                    "unknown --method {other:?} (lora, dora, loha, ia3, houlsby, pfeiffer)"
+                )
             }
         }
     }

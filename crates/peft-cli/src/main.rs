@@ -740,6 +740,20 @@ fn inspect(dir: &Path) -> Result<()> {
                 println!("modules_to_save: {m:?}");
             }
         }
+        AdapterConfig::LoHa(c) => {
+            peft_common(
+                "LOHA",
+                c.header.task_type,
+                c.header.base_model_name_or_path.as_deref(),
+                c.target_modules.as_ref(),
+            );
+            println!("r:              {}  (layers by rank: {ranks:?})", c.r);
+            println!("alpha:          {}", c.alpha);
+            println!(
+                "dropout:        rank {}, module {}",
+                c.rank_dropout, c.module_dropout
+            );
+        }
         AdapterConfig::Ia3(c) => {
             peft_common(
                 "IA3",

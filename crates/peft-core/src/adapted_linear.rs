@@ -7,6 +7,7 @@ use burn::tensor::{ElementConversion, Tensor};
 
 use crate::error::{PeftError, Result};
 use crate::methods::ia3::Ia3Adapter;
+use crate::methods::loha::LohaAdapter;
 use crate::methods::lora::LoraAdapter;
 use crate::mixed::{BatchAdapters, RowGroup, per_group, row_index};
 use crate::nn::linear;
@@ -48,6 +49,8 @@ pub struct AdaptedLinear<B: Backend> {
     pub lora: Vec<LoraAdapter<B>>,
     /// IA3 vectors, by name.
     pub ia3: Vec<Ia3Adapter<B>>,
+    /// LoHa adapters, by name.
+    pub loha: Vec<LohaAdapter<B>>,
     /// Trainable copies (`modules_to_save`), by adapter name.
     pub modules_to_save: Vec<SavedLinear<B>>,
     /// Original weights while merged.
@@ -90,6 +93,7 @@ impl<B: Backend> AdaptedLinear<B> {
             bias,
             lora: Vec::new(),
             ia3: Vec::new(),
+            loha: Vec::new(),
             modules_to_save: Vec::new(),
             backup: None,
             active: Vec::new(),
@@ -143,9 +147,25 @@ impl<B: Backend> AdaptedLinear<B> {
         self.ia3.iter_mut().find(|a| a.name == name)
     }
 
-    /// Whether adapter `name` (LoRA or IA3) changes this layer's computation.
+    /// The LoHa adapter named `name`.
+    pub fn loha_adapter(&self, name: &str) -> Option<&LohaAdapter<B>> {
+        self.loha.iter().find(|a| a.name == name)
+    }
+
+    /// Whether adapter `name` (LoRA, IA3 or LoHa) changes this layer's computation.
     pub fn has_adapter(&self, name: &str) -> bool {
-        self.adapter(name).is_some() || self.ia3_adapter(name).is_some()
+        self.adapter(name).is_some()
+            || self.ia3_adapter(name).is_some()
+            || self.loha_adapter(name).is_some()
+    }
+
+    /// Adds a LoHa adapter (active only if [`set_active`](Self::set_active) says so).
+    pub fn add_loha(&mut self, adapter: LohaAdapter<B>) -> Result<()> {
+        if self.has_adapter(&adapter.name) {
+            return Err(PeftError::AdapterExists(adapter.name));
+        }
+        self.loha.push(adapter);
+        Ok(())
     }
 
     /// Adds an IA3 vector (active only if [`set_active`](Self::set_active) says so).
@@ -166,6 +186,7 @@ impl<B: Backend> AdaptedLinear<B> {
     pub fn adapter_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lora.iter().map(|a| a.name.clone()).collect();
         names.extend(self.ia3.iter().map(|a| a.name.clone()));
+        names.extend(self.loha.iter().map(|a| a.name.clone()));
         for s in &self.modules_to_save {
             if !names.contains(&s.name) {
                 names.push(s.name.clone());
@@ -183,6 +204,9 @@ impl<B: Backend> AdaptedLinear<B> {
         for a in self.ia3.iter().filter(|a| a.name == name) {
             a.visit_params(f);
         }
+        for a in self.loha.iter().filter(|a| a.name == name) {
+            a.visit_params(f);
+        }
         for s in self.modules_to_save.iter().filter(|s| s.name == name) {
             s.visit_params(f);
         }
@@ -198,6 +222,9 @@ impl<B: Backend> AdaptedLinear<B> {
             a.visit_params_mut(f);
         }
         for a in self.ia3.iter_mut().filter(|a| a.name == name) {
+            a.visit_params_mut(f);
+        }
+        for a in self.loha.iter_mut().filter(|a| a.name == name) {
             a.visit_params_mut(f);
         }
         for s in self.modules_to_save.iter_mut().filter(|s| s.name == name) {
@@ -254,6 +281,7 @@ impl<B: Backend> AdaptedLinear<B> {
         }
         self.lora.retain(|a| a.name != name);
         self.ia3.retain(|a| a.name != name);
+        self.loha.retain(|a| a.name != name);
         self.modules_to_save.retain(|s| s.name != name);
         self.active.retain(|a| a != name);
         Ok(())
@@ -280,7 +308,11 @@ impl<B: Backend> AdaptedLinear<B> {
     /// copy here run as a sub-batch of their own.
     fn forward_mixed<const D: usize>(&self, x: Tensor<B, D>, groups: &[RowGroup]) -> Tensor<B, D> {
         let replaces = |name: Option<&str>| {
-            name.is_some_and(|n| self.ia3_adapter(n).is_some() || self.saved_copy(n).is_some())
+            name.is_some_and(|n| {
+                self.ia3_adapter(n).is_some()
+                    || self.loha_adapter(n).is_some()
+                    || self.saved_copy(n).is_some()
+            })
         };
         if groups.iter().any(|g| replaces(g.adapter.as_deref())) {
             let d_out = self.d_output();
@@ -377,6 +409,11 @@ impl<B: Backend> AdaptedLinear<B> {
             let lora = a.branch(xa);
             y = y + base * (scale.clone() - 1.0) + lora * scale;
         }
+        for name in active {
+            if let Some(delta) = self.loha_adapter(name).and_then(|a| a.forward(x.clone())) {
+                y = y + delta;
+            }
+        }
         y
     }
 
@@ -410,6 +447,10 @@ impl<B: Backend> AdaptedLinear<B> {
                     bias = bias.map(|b| b * l.clone());
                     weight = weight * l.unsqueeze_dim::<2>(0);
                 }
+                continue;
+            }
+            if let Some(a) = self.loha_adapter(n) {
+                weight = weight + a.delta_weight();
                 continue;
             }
             let a = self.adapter(n).expect("filtered above");
@@ -489,6 +530,7 @@ impl<B: Backend> AdaptedLinear<B> {
         }
         self.lora.clear();
         self.ia3.clear();
+        self.loha.clear();
         self.modules_to_save.clear();
         self.backup = None;
         self.active.clear();

@@ -51,6 +51,15 @@ fn host_mask(n: usize, keep: f64, scale: f32) -> Vec<f32> {
     out
 }
 
+/// `n` draws from U[0, 1) on the same seeded host stream as the dropout masks (LoHa's rank and
+/// module dropout).
+pub fn uniform(n: usize) -> Vec<f32> {
+    let mut rng = SplitMix(STATE.fetch_add(GOLDEN.wrapping_mul(n as u64 | 1), Ordering::SeqCst));
+    (0..n)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+        .collect()
+}
+
 /// Randomly zeroes elements with probability `prob` during training (autodiff backends) and
 /// scales the rest by `1 / (1 - prob)`; the identity otherwise.
 #[derive(Module, Clone, Debug)]

@@ -317,6 +317,10 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 let (t, c) = ia3::model::attach(&mut self.base_model, name, &c)?;
                 (t, AdapterConfig::Ia3(c))
             }
+            AdapterConfig::LoHa(c) => {
+                let (t, c) = crate::methods::loha::model::attach(&mut self.base_model, name, &c)?;
+                (t, AdapterConfig::LoHa(c))
+            }
             AdapterConfig::Bottleneck(c) => {
                 let t = bottleneck::model::attach(&mut self.base_model, name, &c)?;
                 (t, AdapterConfig::Bottleneck(c))
@@ -352,6 +356,9 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 a.set_require_grad(trainable.contains(&a.name));
             }
             for a in layer.ia3.iter_mut() {
+                a.set_require_grad(trainable.contains(&a.name));
+            }
+            for a in layer.loha.iter_mut() {
                 a.set_require_grad(trainable.contains(&a.name));
             }
             for s in layer.modules_to_save.iter_mut() {

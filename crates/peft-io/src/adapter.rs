@@ -81,8 +81,14 @@ fn read_dir_config(dir: &Path) -> Result<DirConfig> {
             config.validate().map_err(peft_err)?;
             Ok(DirConfig::Peft(AdapterConfig::Ia3(config)))
         }
+        Some("LOHA") => {
+            let config: peft_core::LoHaConfig = crate::files::parse_json(&path, &text)?;
+            config.validate().map_err(peft_err)?;
+            Ok(DirConfig::Peft(AdapterConfig::LoHa(config)))
+        }
         Some(other) => Err(peft_err(PeftError::Unsupported(format!(
-            "peft_type {other:?} (implemented: LORA, IA3, and AdapterHub bottleneck adapters)"
+            "peft_type {other:?} (implemented: LORA, IA3, LOHA, and AdapterHub bottleneck \
+             adapters)"
         )))),
     }
 }
@@ -346,6 +352,28 @@ pub fn saved_config<B: Backend, M: AdapterHost<B>>(
     Some(config)
 }
 
+/// The LoHa config PEFT would write: inference mode on, default targets resolved.
+fn saved_loha_config<B: Backend, M: AdapterHost<B>>(
+    peft: &PeftModel<B, M>,
+    c: &peft_core::LoHaConfig,
+) -> peft_core::LoHaConfig {
+    let mut config = c.clone();
+    config.header.inference_mode = true;
+    if config.target_modules.is_none() {
+        let linears = peft.base_model.linear_paths();
+        let heads = peft.base_model.output_heads(config.header.task_type);
+        let model = ModelLinears {
+            linears: &linears,
+            model_type: peft.base_model.model_type(),
+            output_heads: &heads,
+        };
+        if let Ok(TargetModules::List(l)) = effective_targets(&config.targeting(), &model) {
+            config.target_modules = Some(TargetModules::List(l));
+        }
+    }
+    config
+}
+
 /// The IA3 config PEFT would write for adapter `name`: inference mode on, default targets and
 /// feed-forward modules resolved.
 pub fn saved_ia3_config<B: Backend, M: AdapterHost<B>>(
@@ -410,9 +438,10 @@ pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
         let tensors = adapter_state_dict(peft, &name);
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors(&out.join(ADAPTER_SAFETENSORS), &tensors, metadata)?;
-        let json = match saved_ia3_config(peft, &name) {
-            Some(c) => c.to_json(),
-            None => saved_config(peft, &name).expect("adapter exists").to_json(),
+        let json = match (saved_ia3_config(peft, &name), peft.adapter_config(&name)) {
+            (Some(c), _) => c.to_json(),
+            (None, Some(AdapterConfig::LoHa(c))) => saved_loha_config(peft, c).to_json(),
+            _ => saved_config(peft, &name).expect("adapter exists").to_json(),
         };
         let cfg_path = out.join(ADAPTER_CONFIG);
         write_atomic(&cfg_path, json.as_bytes())?;

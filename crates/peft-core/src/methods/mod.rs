@@ -7,10 +7,12 @@
 
 pub mod bottleneck;
 pub mod ia3;
+pub mod loha;
 pub mod lora;
 
 use bottleneck::BnConfig;
 use ia3::Ia3Config;
+use loha::LoHaConfig;
 use lora::{Bias, LoraConfig};
 
 use crate::config::TaskType;
@@ -22,6 +24,8 @@ pub enum AdapterConfig {
     Lora(LoraConfig),
     /// PEFT IA3.
     Ia3(Ia3Config),
+    /// PEFT LoHa.
+    LoHa(LoHaConfig),
     /// AdapterHub bottleneck adapter (Houlsby, Pfeiffer, any `BnConfig`).
     Bottleneck(BnConfig),
 }
@@ -32,6 +36,7 @@ impl AdapterConfig {
         match self {
             AdapterConfig::Lora(c) => c.header.inference_mode,
             AdapterConfig::Ia3(c) => c.header.inference_mode,
+            AdapterConfig::LoHa(c) => c.header.inference_mode,
             AdapterConfig::Bottleneck(_) => false,
         }
     }
@@ -42,6 +47,7 @@ impl AdapterConfig {
         match self {
             AdapterConfig::Lora(c) => c.header.inference_mode = on,
             AdapterConfig::Ia3(c) => c.header.inference_mode = on,
+            AdapterConfig::LoHa(c) => c.header.inference_mode = on,
             AdapterConfig::Bottleneck(_) => {}
         }
     }
@@ -51,6 +57,7 @@ impl AdapterConfig {
         match self {
             AdapterConfig::Lora(c) => c.header.task_type,
             AdapterConfig::Ia3(c) => c.header.task_type,
+            AdapterConfig::LoHa(c) => c.header.task_type,
             AdapterConfig::Bottleneck(_) => None,
         }
     }
@@ -81,6 +88,12 @@ impl From<LoraConfig> for AdapterConfig {
 impl From<Ia3Config> for AdapterConfig {
     fn from(c: Ia3Config) -> Self {
         AdapterConfig::Ia3(c)
+    }
+}
+
+impl From<LoHaConfig> for AdapterConfig {
+    fn from(c: LoHaConfig) -> Self {
+        AdapterConfig::LoHa(c)
     }
 }
 
