@@ -24,7 +24,8 @@ from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
 
 
 def load_peft(base_dir, adapter_dir, cfg):
-    from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model,
+                      get_peft_model_state_dict)
 
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), adapter_dir).eval()
     if cfg["peft_type"] == "IA3":
@@ -34,6 +35,11 @@ def load_peft(base_dir, adapter_dir, cfg):
         fields = ("r", "alpha", "target_modules", "task_type", "modules_to_save", "rank_dropout",
                   "module_dropout", "layers_to_transform")
         fresh_cfg = LoHaConfig(**{k: v for k, v in cfg.items() if k in fields})
+    elif cfg["peft_type"] == "LOKR":
+        fields = ("r", "alpha", "target_modules", "task_type", "modules_to_save", "rank_dropout",
+                  "module_dropout", "layers_to_transform", "decompose_both", "decompose_factor",
+                  "rank_dropout_scale")
+        fresh_cfg = LoKrConfig(**{k: v for k, v in cfg.items() if k in fields})
     else:
         fields = ("r", "lora_alpha", "target_modules", "task_type", "bias", "lora_bias", "modules_to_save",
                   "layers_to_transform", "use_dora", "use_rslora")

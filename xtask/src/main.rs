@@ -222,13 +222,13 @@ fn train_seq2seq(extra: &[String]) -> Result<()> {
 
 /// `cargo xtask interop [--method M]`: Python loads the adapter peft wrote, outputs compared.
 /// Without `--method`: the LoRA adapter `cargo xtask train` wrote. With it: a short run of that
-/// method (dora, loha, houlsby, pfeiffer, ia3) on the same model and data first.
+/// method (dora, loha, lokr, houlsby, pfeiffer, ia3) on the same model and data first.
 fn interop(args: &[String]) -> Result<()> {
     let root = root();
     let method = match args {
         [] => None,
         [flag, m] if flag == "--method" => Some(m.as_str()),
-        _ => bail!("usage: cargo xtask interop [--method dora|loha|houlsby|pfeiffer|ia3]"),
+        _ => bail!("usage: cargo xtask interop [--method dora|loha|lokr|houlsby|pfeiffer|ia3]"),
     };
     let out_rel = match method {
         None => TRAIN_OUT.to_string(),

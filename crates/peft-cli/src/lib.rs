@@ -46,7 +46,7 @@ use peft_core::{
 /// `BnConfig` fields; `--method` picks the method.
 #[derive(Args, Debug, Clone)]
 pub struct AdapterArgs {
-    /// Adapter method: lora, dora, loha, ia3 (PEFT), houlsby, pfeiffer (AdapterHub bottleneck
+    /// Adapter method: lora, dora, loha, lokr, ia3 (PEFT), houlsby, pfeiffer (AdapterHub bottleneck
     /// adapters).
     #[arg(long, default_value = "lora")]
     pub method: String,
@@ -129,6 +129,17 @@ impl AdapterArgs {
                 modules_to_save: lora.modules_to_save,
                 ..Default::default()
             })),
+            "lokr" => Ok(AdapterConfig::LoKr(peft_core::LoKrConfig {
+                header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
+                r: lora.r,
+                alpha: lora.lora_alpha,
+                target_modules: lora.target_modules,
+                exclude_modules: lora.exclude_modules,
+                layers_to_transform: lora.layers_to_transform,
+                layers_pattern: lora.layers_pattern,
+                modules_to_save: lora.modules_to_save,
+                ..Default::default()
+            })),
             "ia3" => Ok(AdapterConfig::Ia3(Ia3Config {
                 header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
                 target_modules: lora.target_modules,
@@ -151,7 +162,7 @@ impl AdapterArgs {
             }
             other => {
                 anyhow::bail!(
-                    "unknown --method {other:?} (lora, dora, loha, ia3, houlsby, pfeiffer)"
+                    "unknown --method {other:?} (lora, dora, loha, lokr, ia3, houlsby, pfeiffer)"
                 )
             }
         }

@@ -754,6 +754,20 @@ fn inspect(dir: &Path) -> Result<()> {
                 c.rank_dropout, c.module_dropout
             );
         }
+        AdapterConfig::LoKr(c) => {
+            peft_common(
+                "LOKR",
+                c.header.task_type,
+                c.header.base_model_name_or_path.as_deref(),
+                c.target_modules.as_ref(),
+            );
+            println!("r:              {}", c.r);
+            println!("alpha:          {}", c.alpha);
+            println!(
+                "decompose:      both {}, factor {}",
+                c.decompose_both, c.decompose_factor
+            );
+        }
         AdapterConfig::Ia3(c) => {
             peft_common(
                 "IA3",

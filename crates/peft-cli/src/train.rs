@@ -526,6 +526,10 @@ where
             c.header.task_type = Some(c.header.task_type.unwrap_or(TaskType::Seq2SeqLm));
             c.header.base_model_name_or_path = base_name;
         }
+        AdapterConfig::LoKr(c) => {
+            c.header.task_type = Some(c.header.task_type.unwrap_or(TaskType::Seq2SeqLm));
+            c.header.base_model_name_or_path = base_name;
+        }
         AdapterConfig::Bottleneck(_) => {
             if args.lora.task()? == Some(TaskType::SeqCls) {
                 bail!(

@@ -8,6 +8,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use crate::error::{PeftError, Result};
 use crate::methods::ia3::Ia3Adapter;
 use crate::methods::loha::LohaAdapter;
+use crate::methods::lokr::LokrAdapter;
 use crate::methods::lora::LoraAdapter;
 use crate::mixed::{BatchAdapters, RowGroup, per_group, row_index};
 use crate::nn::linear;
@@ -51,6 +52,8 @@ pub struct AdaptedLinear<B: Backend> {
     pub ia3: Vec<Ia3Adapter<B>>,
     /// LoHa adapters, by name.
     pub loha: Vec<LohaAdapter<B>>,
+    /// LoKr adapters, by name.
+    pub lokr: Vec<LokrAdapter<B>>,
     /// Trainable copies (`modules_to_save`), by adapter name.
     pub modules_to_save: Vec<SavedLinear<B>>,
     /// Original weights while merged.
@@ -94,6 +97,7 @@ impl<B: Backend> AdaptedLinear<B> {
             lora: Vec::new(),
             ia3: Vec::new(),
             loha: Vec::new(),
+            lokr: Vec::new(),
             modules_to_save: Vec::new(),
             backup: None,
             active: Vec::new(),
@@ -152,11 +156,26 @@ impl<B: Backend> AdaptedLinear<B> {
         self.loha.iter().find(|a| a.name == name)
     }
 
-    /// Whether adapter `name` (LoRA, IA3 or LoHa) changes this layer's computation.
+    /// The LoKr adapter named `name`.
+    pub fn lokr_adapter(&self, name: &str) -> Option<&LokrAdapter<B>> {
+        self.lokr.iter().find(|a| a.name == name)
+    }
+
+    /// Adds a LoKr adapter (active only if [`set_active`](Self::set_active) says so).
+    pub fn add_lokr(&mut self, adapter: LokrAdapter<B>) -> Result<()> {
+        if self.has_adapter(&adapter.name) {
+            return Err(PeftError::AdapterExists(adapter.name));
+        }
+        self.lokr.push(adapter);
+        Ok(())
+    }
+
+    /// Whether adapter `name` (LoRA, IA3, LoHa or LoKr) changes this layer's computation.
     pub fn has_adapter(&self, name: &str) -> bool {
         self.adapter(name).is_some()
             || self.ia3_adapter(name).is_some()
             || self.loha_adapter(name).is_some()
+            || self.lokr_adapter(name).is_some()
     }
 
     /// Adds a LoHa adapter (active only if [`set_active`](Self::set_active) says so).
@@ -187,6 +206,7 @@ impl<B: Backend> AdaptedLinear<B> {
         let mut names: Vec<String> = self.lora.iter().map(|a| a.name.clone()).collect();
         names.extend(self.ia3.iter().map(|a| a.name.clone()));
         names.extend(self.loha.iter().map(|a| a.name.clone()));
+        names.extend(self.lokr.iter().map(|a| a.name.clone()));
         for s in &self.modules_to_save {
             if !names.contains(&s.name) {
                 names.push(s.name.clone());
@@ -207,6 +227,9 @@ impl<B: Backend> AdaptedLinear<B> {
         for a in self.loha.iter().filter(|a| a.name == name) {
             a.visit_params(f);
         }
+        for a in self.lokr.iter().filter(|a| a.name == name) {
+            a.visit_params(f);
+        }
         for s in self.modules_to_save.iter().filter(|s| s.name == name) {
             s.visit_params(f);
         }
@@ -225,6 +248,9 @@ impl<B: Backend> AdaptedLinear<B> {
             a.visit_params_mut(f);
         }
         for a in self.loha.iter_mut().filter(|a| a.name == name) {
+            a.visit_params_mut(f);
+        }
+        for a in self.lokr.iter_mut().filter(|a| a.name == name) {
             a.visit_params_mut(f);
         }
         for s in self.modules_to_save.iter_mut().filter(|s| s.name == name) {
@@ -282,6 +308,7 @@ impl<B: Backend> AdaptedLinear<B> {
         self.lora.retain(|a| a.name != name);
         self.ia3.retain(|a| a.name != name);
         self.loha.retain(|a| a.name != name);
+        self.lokr.retain(|a| a.name != name);
         self.modules_to_save.retain(|s| s.name != name);
         self.active.retain(|a| a != name);
         Ok(())
@@ -311,6 +338,7 @@ impl<B: Backend> AdaptedLinear<B> {
             name.is_some_and(|n| {
                 self.ia3_adapter(n).is_some()
                     || self.loha_adapter(n).is_some()
+                    || self.lokr_adapter(n).is_some()
                     || self.saved_copy(n).is_some()
             })
         };
@@ -413,6 +441,9 @@ impl<B: Backend> AdaptedLinear<B> {
             if let Some(delta) = self.loha_adapter(name).and_then(|a| a.forward(x.clone())) {
                 y = y + delta;
             }
+            if let Some(delta) = self.lokr_adapter(name).and_then(|a| a.forward(x.clone())) {
+                y = y + delta;
+            }
         }
         y
     }
@@ -450,6 +481,10 @@ impl<B: Backend> AdaptedLinear<B> {
                 continue;
             }
             if let Some(a) = self.loha_adapter(n) {
+                weight = weight + a.delta_weight();
+                continue;
+            }
+            if let Some(a) = self.lokr_adapter(n) {
                 weight = weight + a.delta_weight();
                 continue;
             }
@@ -531,6 +566,7 @@ impl<B: Backend> AdaptedLinear<B> {
         self.lora.clear();
         self.ia3.clear();
         self.loha.clear();
+        self.lokr.clear();
         self.modules_to_save.clear();
         self.backup = None;
         self.active.clear();

@@ -321,6 +321,10 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 let (t, c) = crate::methods::loha::model::attach(&mut self.base_model, name, &c)?;
                 (t, AdapterConfig::LoHa(c))
             }
+            AdapterConfig::LoKr(c) => {
+                let (t, c) = crate::methods::lokr::model::attach(&mut self.base_model, name, &c)?;
+                (t, AdapterConfig::LoKr(c))
+            }
             AdapterConfig::Bottleneck(c) => {
                 let t = bottleneck::model::attach(&mut self.base_model, name, &c)?;
                 (t, AdapterConfig::Bottleneck(c))
@@ -359,6 +363,9 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 a.set_require_grad(trainable.contains(&a.name));
             }
             for a in layer.loha.iter_mut() {
+                a.set_require_grad(trainable.contains(&a.name));
+            }
+            for a in layer.lokr.iter_mut() {
                 a.set_require_grad(trainable.contains(&a.name));
             }
             for s in layer.modules_to_save.iter_mut() {

@@ -86,8 +86,13 @@ fn read_dir_config(dir: &Path) -> Result<DirConfig> {
             config.validate().map_err(peft_err)?;
             Ok(DirConfig::Peft(AdapterConfig::LoHa(config)))
         }
+        Some("LOKR") => {
+            let config: peft_core::LoKrConfig = crate::files::parse_json(&path, &text)?;
+            config.validate().map_err(peft_err)?;
+            Ok(DirConfig::Peft(AdapterConfig::LoKr(config)))
+        }
         Some(other) => Err(peft_err(PeftError::Unsupported(format!(
-            "peft_type {other:?} (implemented: LORA, IA3, LOHA, and AdapterHub bottleneck \
+            "peft_type {other:?} (implemented: LORA, IA3, LOHA, LOKR, and AdapterHub bottleneck \
              adapters)"
         )))),
     }
@@ -441,6 +446,22 @@ pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
         let json = match (saved_ia3_config(peft, &name), peft.adapter_config(&name)) {
             (Some(c), _) => c.to_json(),
             (None, Some(AdapterConfig::LoHa(c))) => saved_loha_config(peft, c).to_json(),
+            (None, Some(AdapterConfig::LoKr(c))) => {
+                let mut c = c.clone();
+                c.header.inference_mode = true;
+                let targets = saved_loha_config(
+                    peft,
+                    &peft_core::LoHaConfig {
+                        target_modules: c.target_modules.clone(),
+                        header: peft_core::PeftConfigHeader::default()
+                            .with_task_type(c.header.task_type),
+                        ..Default::default()
+                    },
+                )
+                .target_modules;
+                c.target_modules = targets;
+                c.to_json()
+            }
             _ => saved_config(peft, &name).expect("adapter exists").to_json(),
         };
         let cfg_path = out.join(ADAPTER_CONFIG);

@@ -8,11 +8,13 @@
 pub mod bottleneck;
 pub mod ia3;
 pub mod loha;
+pub mod lokr;
 pub mod lora;
 
 use bottleneck::BnConfig;
 use ia3::Ia3Config;
 use loha::LoHaConfig;
+use lokr::LoKrConfig;
 use lora::{Bias, LoraConfig};
 
 use crate::config::TaskType;
@@ -26,6 +28,8 @@ pub enum AdapterConfig {
     Ia3(Ia3Config),
     /// PEFT LoHa.
     LoHa(LoHaConfig),
+    /// PEFT LoKr.
+    LoKr(LoKrConfig),
     /// AdapterHub bottleneck adapter (Houlsby, Pfeiffer, any `BnConfig`).
     Bottleneck(BnConfig),
 }
@@ -37,6 +41,7 @@ impl AdapterConfig {
             AdapterConfig::Lora(c) => c.header.inference_mode,
             AdapterConfig::Ia3(c) => c.header.inference_mode,
             AdapterConfig::LoHa(c) => c.header.inference_mode,
+            AdapterConfig::LoKr(c) => c.header.inference_mode,
             AdapterConfig::Bottleneck(_) => false,
         }
     }
@@ -48,6 +53,7 @@ impl AdapterConfig {
             AdapterConfig::Lora(c) => c.header.inference_mode = on,
             AdapterConfig::Ia3(c) => c.header.inference_mode = on,
             AdapterConfig::LoHa(c) => c.header.inference_mode = on,
+            AdapterConfig::LoKr(c) => c.header.inference_mode = on,
             AdapterConfig::Bottleneck(_) => {}
         }
     }
@@ -58,6 +64,7 @@ impl AdapterConfig {
             AdapterConfig::Lora(c) => c.header.task_type,
             AdapterConfig::Ia3(c) => c.header.task_type,
             AdapterConfig::LoHa(c) => c.header.task_type,
+            AdapterConfig::LoKr(c) => c.header.task_type,
             AdapterConfig::Bottleneck(_) => None,
         }
     }
@@ -94,6 +101,12 @@ impl From<Ia3Config> for AdapterConfig {
 impl From<LoHaConfig> for AdapterConfig {
     fn from(c: LoHaConfig) -> Self {
         AdapterConfig::LoHa(c)
+    }
+}
+
+impl From<LoKrConfig> for AdapterConfig {
+    fn from(c: LoKrConfig) -> Self {
+        AdapterConfig::LoKr(c)
     }
 }
 
