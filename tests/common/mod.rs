@@ -2,6 +2,7 @@
 //! `tests/fixtures/lora/make_fixtures.py`.
 #![allow(dead_code)]
 
+pub mod methods;
 pub mod toy;
 
 use std::collections::HashMap;

@@ -169,7 +169,7 @@ fn last_json_line(out: &std::process::Output, what: &str) -> Result<Value> {
     serde_json::from_str(line).with_context(|| format!("{what}: bad JSON {line}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -192,6 +192,14 @@ fn cpu_model() -> String {
 }
 
 /// Runs the benchmark as `cargo xtask bench` does.
+/// Where cargo puts release builds, wherever `CARGO_TARGET_DIR` says.
+pub(crate) fn release_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| root.join("target"))
+        .join("release")
+}
+
 pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Result<()> {
     let o = parse(args)?;
     let features = match o.device.as_str() {
@@ -212,11 +220,7 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
     if !status.success() {
         bail!("cargo build --release -p peft-cli failed");
     }
-    // The binary cargo just built, wherever CARGO_TARGET_DIR puts it.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|d| root.join(d))
-        .unwrap_or_else(|| root.join("target"));
-    let peft = target.join("release/peft");
+    let peft = release_dir(root).join("peft");
     if o.workloads == ["serve"] {
         let mut so = crate::serve_bench::ServeOpts { ..o.serve };
         if o.preset != "small" {

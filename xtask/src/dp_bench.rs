@@ -39,18 +39,13 @@ fn lo_bytes() -> Option<u64> {
         .ok()
 }
 
+/// The median of the finite values (NaN when there are none).
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    crate::bench::median(v)
 }
 
 struct Run {
@@ -126,10 +121,7 @@ fn transport(root: &Path, cargo: impl Fn() -> Command) -> Result<Vec<Value>> {
     if !status.success() {
         bail!("building allreduce_bench failed");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|d| root.join(d))
-        .unwrap_or_else(|| root.join("target"));
-    let exe = target.join("release/examples/allreduce_bench");
+    let exe = crate::bench::release_dir(root).join("examples/allreduce_bench");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

@@ -118,28 +118,34 @@ impl AdapterArgs {
                 use_dora: true,
                 ..lora
             })),
-            "loha" => Ok(AdapterConfig::LoHa(peft_core::LoHaConfig {
-                header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
-                r: lora.r,
-                alpha: lora.lora_alpha,
-                target_modules: lora.target_modules,
-                exclude_modules: lora.exclude_modules,
-                layers_to_transform: lora.layers_to_transform,
-                layers_pattern: lora.layers_pattern,
-                modules_to_save: lora.modules_to_save,
-                ..Default::default()
-            })),
-            "lokr" => Ok(AdapterConfig::LoKr(peft_core::LoKrConfig {
-                header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
-                r: lora.r,
-                alpha: lora.lora_alpha,
-                target_modules: lora.target_modules,
-                exclude_modules: lora.exclude_modules,
-                layers_to_transform: lora.layers_to_transform,
-                layers_pattern: lora.layers_pattern,
-                modules_to_save: lora.modules_to_save,
-                ..Default::default()
-            })),
+            m @ ("loha" | "lokr") => {
+                // The LyCORIS methods take the LoRA flags they share (`--lora-r` is `r`,
+                // `--lora-alpha` is `alpha`).
+                let common = peft_core::methods::lycoris::LycorisCommon {
+                    r: lora.r,
+                    alpha: lora.lora_alpha,
+                    target_modules: lora.target_modules,
+                    exclude_modules: lora.exclude_modules,
+                    layers_to_transform: lora.layers_to_transform,
+                    layers_pattern: lora.layers_pattern,
+                    modules_to_save: lora.modules_to_save,
+                    ..Default::default()
+                };
+                let task = lora.header.task_type;
+                Ok(if m == "loha" {
+                    AdapterConfig::LoHa(peft_core::LoHaConfig {
+                        common,
+                        header: PeftConfigHeader::default().with_task_type(task),
+                        ..Default::default()
+                    })
+                } else {
+                    AdapterConfig::LoKr(peft_core::LoKrConfig {
+                        common,
+                        header: PeftConfigHeader::default().with_task_type(task),
+                        ..Default::default()
+                    })
+                })
+            }
             "ia3" => Ok(AdapterConfig::Ia3(Ia3Config {
                 header: PeftConfigHeader::default().with_task_type(lora.header.task_type),
                 target_modules: lora.target_modules,

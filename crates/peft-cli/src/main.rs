@@ -740,32 +740,28 @@ fn inspect(dir: &Path) -> Result<()> {
                 println!("modules_to_save: {m:?}");
             }
         }
-        AdapterConfig::LoHa(c) => {
-            peft_common(
-                "LOHA",
-                c.header.task_type,
-                c.header.base_model_name_or_path.as_deref(),
-                c.target_modules.as_ref(),
-            );
-            println!("r:              {}  (layers by rank: {ranks:?})", c.r);
-            println!("alpha:          {}", c.alpha);
+        AdapterConfig::LoHa(_) | AdapterConfig::LoKr(_) => {
+            let (kind, header_task, base, l) = match &config {
+                AdapterConfig::LoHa(c) => (
+                    "LOHA",
+                    c.header.task_type,
+                    c.header.base_model_name_or_path.as_deref(),
+                    &c.common,
+                ),
+                AdapterConfig::LoKr(c) => (
+                    "LOKR",
+                    c.header.task_type,
+                    c.header.base_model_name_or_path.as_deref(),
+                    &c.common,
+                ),
+                _ => unreachable!("matched above"),
+            };
+            peft_common(kind, header_task, base, l.target_modules.as_ref());
+            println!("r:              {}", l.r);
+            println!("alpha:          {}", l.alpha);
             println!(
                 "dropout:        rank {}, module {}",
-                c.rank_dropout, c.module_dropout
-            );
-        }
-        AdapterConfig::LoKr(c) => {
-            peft_common(
-                "LOKR",
-                c.header.task_type,
-                c.header.base_model_name_or_path.as_deref(),
-                c.target_modules.as_ref(),
-            );
-            println!("r:              {}", c.r);
-            println!("alpha:          {}", c.alpha);
-            println!(
-                "decompose:      both {}, factor {}",
-                c.decompose_both, c.decompose_factor
+                l.rank_dropout, l.module_dropout
             );
         }
         AdapterConfig::Ia3(c) => {

@@ -144,6 +144,20 @@ pub fn pattern_key<'a>(
     Ok(None)
 }
 
+/// The value `map` (`rank_pattern`, `alpha_pattern`, named `field` in errors) gives the module at
+/// `path` by PEFT's `get_pattern_key`, else `default`.
+pub fn pattern_value<V: Copy>(
+    map: &crate::config::OrderedMap<V>,
+    path: &str,
+    field: &'static str,
+    default: V,
+) -> Result<V> {
+    Ok(match pattern_key(map.keys(), path, field)? {
+        Some(k) => *map.get(k).expect("key from the map"),
+        None => default,
+    })
+}
+
 fn list_match(names: &[String], key: &str) -> bool {
     names.iter().any(|n| {
         key == n

@@ -343,40 +343,27 @@ pub fn saved_config<B: Backend, M: AdapterHost<B>>(
     let mut config = peft.lora_config(name)?.clone();
     config.header.inference_mode = true;
     if config.target_modules.is_none() {
-        let linears = peft.base_model.linear_paths();
-        let heads = peft.base_model.output_heads(config.header.task_type);
-        let model = ModelLinears {
-            linears: &linears,
-            model_type: peft.base_model.model_type(),
-            output_heads: &heads,
-        };
-        if let Ok(TargetModules::List(l)) = effective_targets(&config.targeting(), &model) {
-            config.target_modules = Some(TargetModules::List(l));
-        }
+        config.target_modules = resolved_targets(peft, &config.targeting());
     }
     Some(config)
 }
 
-/// The LoHa config PEFT would write: inference mode on, default targets resolved.
-fn saved_loha_config<B: Backend, M: AdapterHost<B>>(
+/// The target list PEFT writes when `target_modules` was left to the model type's default.
+fn resolved_targets<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
-    c: &peft_core::LoHaConfig,
-) -> peft_core::LoHaConfig {
-    let mut config = c.clone();
-    config.header.inference_mode = true;
-    if config.target_modules.is_none() {
-        let linears = peft.base_model.linear_paths();
-        let heads = peft.base_model.output_heads(config.header.task_type);
-        let model = ModelLinears {
-            linears: &linears,
-            model_type: peft.base_model.model_type(),
-            output_heads: &heads,
-        };
-        if let Ok(TargetModules::List(l)) = effective_targets(&config.targeting(), &model) {
-            config.target_modules = Some(TargetModules::List(l));
-        }
+    targeting: &peft_core::Targeting,
+) -> Option<TargetModules> {
+    let linears = peft.base_model.linear_paths();
+    let heads = peft.base_model.output_heads(targeting.task_type);
+    let model = ModelLinears {
+        linears: &linears,
+        model_type: peft.base_model.model_type(),
+        output_heads: &heads,
+    };
+    match effective_targets(targeting, &model) {
+        Ok(TargetModules::List(l)) => Some(TargetModules::List(l)),
+        _ => None,
     }
-    config
 }
 
 /// The IA3 config PEFT would write for adapter `name`: inference mode on, default targets and
@@ -443,25 +430,21 @@ pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
         let tensors = adapter_state_dict(peft, &name);
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors(&out.join(ADAPTER_SAFETENSORS), &tensors, metadata)?;
+        // LoHa and LoKr: inference mode on, default targets resolved, as PEFT writes them.
+        macro_rules! lycoris_json {
+            ($c:expr) => {{
+                let mut c = $c.clone();
+                c.header.inference_mode = true;
+                if c.common.target_modules.is_none() {
+                    c.common.target_modules = resolved_targets(peft, &c.targeting());
+                }
+                c.to_json()
+            }};
+        }
         let json = match (saved_ia3_config(peft, &name), peft.adapter_config(&name)) {
             (Some(c), _) => c.to_json(),
-            (None, Some(AdapterConfig::LoHa(c))) => saved_loha_config(peft, c).to_json(),
-            (None, Some(AdapterConfig::LoKr(c))) => {
-                let mut c = c.clone();
-                c.header.inference_mode = true;
-                let targets = saved_loha_config(
-                    peft,
-                    &peft_core::LoHaConfig {
-                        target_modules: c.target_modules.clone(),
-                        header: peft_core::PeftConfigHeader::default()
-                            .with_task_type(c.header.task_type),
-                        ..Default::default()
-                    },
-                )
-                .target_modules;
-                c.target_modules = targets;
-                c.to_json()
-            }
+            (None, Some(AdapterConfig::LoHa(c))) => lycoris_json!(c),
+            (None, Some(AdapterConfig::LoKr(c))) => lycoris_json!(c),
             _ => saved_config(peft, &name).expect("adapter exists").to_json(),
         };
         let cfg_path = out.join(ADAPTER_CONFIG);

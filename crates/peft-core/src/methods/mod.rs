@@ -10,6 +10,7 @@ pub mod ia3;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 
 use bottleneck::BnConfig;
 use ia3::Ia3Config;

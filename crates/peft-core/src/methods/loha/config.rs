@@ -3,12 +3,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{
-    LayersToTransform, OrderedMap, PeftConfigHeader, PeftType, StringOrList, TargetModules,
-    de_null_false, default_true, ser_num, ser_num_map,
-};
-use crate::error::{PeftError, Result};
-use crate::targeting::{Targeting, pattern_key};
+use crate::config::{PeftConfigHeader, PeftType, TargetModules, default_true};
+use crate::error::Result;
+use crate::methods::lycoris::LycorisCommon;
+use crate::targeting::Targeting;
 
 /// LoHa's `peft_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,13 +16,6 @@ impl PeftType for LoHa {
     const NAME: &'static str = "LOHA";
 }
 
-fn default_r() -> usize {
-    8
-}
-fn default_alpha() -> f64 {
-    8.0
-}
-
 /// Hugging Face PEFT's `LoHaConfig`, field for field; unknown fields kept in
 /// [`extra`](Self::extra).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,45 +23,12 @@ pub struct LoHaConfig {
     /// PEFT's shared header (`peft_type = "LOHA"`, `task_type`, `inference_mode`, ...).
     #[serde(flatten)]
     pub header: PeftConfigHeader<LoHa>,
-    /// Rank of each of the two products.
-    #[serde(default = "default_r")]
-    pub r: usize,
-    /// Alpha (scaling = alpha / r).
-    #[serde(default = "default_alpha", serialize_with = "ser_num")]
-    pub alpha: f64,
-    /// In training, the probability of dropping each output row of the weight change.
-    #[serde(default)]
-    pub rank_dropout: f64,
-    /// In training, the probability of skipping the adapter for a whole forward pass.
-    #[serde(default)]
-    pub module_dropout: f64,
-    /// Conv layers only; no model here has them.
-    #[serde(default, deserialize_with = "de_null_false")]
-    pub use_effective_conv2d: bool,
-    /// Modules to adapt; `None` takes PEFT's default (LoRA's) for the model type.
-    #[serde(default)]
-    pub target_modules: Option<TargetModules>,
-    /// Modules never adapted.
-    #[serde(default)]
-    pub exclude_modules: Option<TargetModules>,
+    /// The fields LoHa shares with LoKr (`r`, `alpha`, dropouts, targets, patterns).
+    #[serde(flatten)]
+    pub common: LycorisCommon,
     /// `true`: `w2_b` starts at zero (the adapter is a no-op); `false`: all four random.
     #[serde(default = "default_true")]
     pub init_weights: bool,
-    /// Only these layer indices are adapted.
-    #[serde(default)]
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// The name of the layer list for `layers_to_transform`.
-    #[serde(default)]
-    pub layers_pattern: Option<StringOrList>,
-    /// Per-module ranks.
-    #[serde(default)]
-    pub rank_pattern: OrderedMap<usize>,
-    /// Per-module alphas.
-    #[serde(default, serialize_with = "ser_num_map")]
-    pub alpha_pattern: OrderedMap<f64>,
-    /// Modules that get a trainable, saved copy (e.g. a classifier head).
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
     /// Every other field, kept verbatim.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -80,19 +38,8 @@ impl Default for LoHaConfig {
     fn default() -> Self {
         LoHaConfig {
             header: PeftConfigHeader::default(),
-            r: default_r(),
-            alpha: default_alpha(),
-            rank_dropout: 0.0,
-            module_dropout: 0.0,
-            use_effective_conv2d: false,
-            target_modules: None,
-            exclude_modules: None,
+            common: LycorisCommon::default(),
             init_weights: true,
-            layers_to_transform: None,
-            layers_pattern: None,
-            rank_pattern: OrderedMap::default(),
-            alpha_pattern: OrderedMap::default(),
-            modules_to_save: None,
             extra: Map::new(),
         }
     }
@@ -102,9 +49,7 @@ impl LoHaConfig {
     /// A LoHa config of rank `r` and `alpha` on `target_modules`, PEFT's defaults elsewhere.
     pub fn new(r: usize, alpha: f64, target_modules: TargetModules) -> Self {
         LoHaConfig {
-            r,
-            alpha,
-            target_modules: Some(target_modules),
+            common: LycorisCommon::new(r, alpha, target_modules),
             ..Default::default()
         }
     }
@@ -122,64 +67,11 @@ impl LoHaConfig {
     /// PEFT's `LoHaConfig.__post_init__` checks, and what this crate refuses.
     pub fn validate(&self) -> Result<()> {
         self.header.check()?;
-        if self.r == 0 {
-            return Err(PeftError::InvalidConfig(format!(
-                "`r` should be a positive integer value but the value passed is {}",
-                self.r
-            )));
-        }
-        for (name, p) in [
-            ("rank_dropout", self.rank_dropout),
-            ("module_dropout", self.module_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return Err(PeftError::InvalidConfig(format!(
-                    "{name} must be in [0, 1), found {p}"
-                )));
-            }
-        }
-        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
-            return Err(PeftError::InvalidConfig(
-                "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
-                    .into(),
-            ));
-        }
-        self.targeting().validate()
+        self.common.validate("LoHa", self.header.task_type)
     }
 
     /// Where this adapter attaches (LoRA's default targets when `target_modules` is unset).
     pub fn targeting(&self) -> Targeting {
-        Targeting {
-            exclude_modules: self.exclude_modules.clone(),
-            modules_to_save: self.modules_to_save.clone(),
-            layers_to_transform: self.layers_to_transform.clone(),
-            layers_pattern: self.layers_pattern.clone(),
-            task_type: self.header.task_type,
-            ..Targeting::new(
-                "LoHa",
-                self.target_modules.clone(),
-                crate::targeting::default_lora_targets,
-            )
-        }
-    }
-
-    /// The rank for the module at `path` (`rank_pattern` first, then `r`).
-    pub fn rank_for(&self, path: &str) -> Result<usize> {
-        Ok(
-            match pattern_key(self.rank_pattern.keys(), path, "rank_pattern")? {
-                Some(k) => *self.rank_pattern.get(k).expect("key from the map"),
-                None => self.r,
-            },
-        )
-    }
-
-    /// The alpha for the module at `path` (`alpha_pattern` first, then `alpha`).
-    pub fn alpha_for(&self, path: &str) -> Result<f64> {
-        Ok(
-            match pattern_key(self.alpha_pattern.keys(), path, "alpha_pattern")? {
-                Some(k) => *self.alpha_pattern.get(k).expect("key from the map"),
-                None => self.alpha,
-            },
-        )
+        self.common.targeting("LoHa", self.header.task_type)
     }
 }

@@ -1,10 +1,9 @@
 //! One LoHa adapter on one linear layer.
 
 use burn::module::{Initializer, Module, Param};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 
-use crate::nn::linear;
 use crate::params::{AdapterParams, FileLayout, NamedParam, ParamMut, ParamRef};
 
 /// One LoHa adapter on one linear layer, its tensors in PEFT's shapes: `hada_w1_a`, `hada_w2_a`
@@ -91,38 +90,13 @@ impl<B: Backend> LohaAdapter<B> {
     /// may skip it (`None`) and `rank_dropout` drops output rows of `dW`, the rest scaled by
     /// `1 / share kept`, as PEFT's `LoHaLayer`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
-        let device = x.device();
-        let training = B::ad_enabled(&device);
-        if training && self.module_dropout > 0.0 {
-            let draw = crate::dropout::uniform(1)[0];
-            if draw <= self.module_dropout as f32 {
-                return None;
-            }
-        }
-        let mut w = self.delta_weight_torch();
-        if training && self.rank_dropout > 0.0 {
-            let out = w.dims()[0];
-            let keep: Vec<f32> = crate::dropout::uniform(out)
-                .into_iter()
-                .map(|u| {
-                    if u > self.rank_dropout as f32 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mean = keep.iter().sum::<f32>() / out as f32;
-            // PEFT divides by the mean kept (a NaN when every row drops); here nothing is
-            // rescaled then, and the change is zero.
-            let scaled: Vec<f32> = keep
-                .into_iter()
-                .map(|k| if mean > 0.0 { k / mean } else { 0.0 })
-                .collect();
-            let drop = Tensor::<B, 2>::from_data(TensorData::new(scaled, [out, 1]), &device);
-            w = w * drop;
-        }
-        Some(linear(x, w.transpose(), None))
+        crate::methods::lycoris::delta_activations(
+            x,
+            || self.delta_weight_torch(),
+            self.rank_dropout,
+            true,
+            self.module_dropout,
+        )
     }
 }
 

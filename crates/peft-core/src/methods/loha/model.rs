@@ -23,18 +23,16 @@ pub fn attach<B: Backend, M: AdapterHost<B>>(
             name,
             layer.d_input(),
             layer.d_output(),
-            config.rank_for(path)?,
-            config.alpha_for(path)?,
-            config.rank_dropout,
-            config.module_dropout,
+            config.common.rank_for(path)?,
+            config.common.alpha_for(path)?,
+            config.common.rank_dropout,
+            config.common.module_dropout,
             config.init_weights,
             device,
         );
         layer.add_loha(adapter)
     })?;
-    let saved = LoHaConfig {
-        modules_to_save: targeting.modules_to_save,
-        ..config.clone()
-    };
+    let mut saved = config.clone();
+    saved.common.modules_to_save = targeting.modules_to_save;
     Ok((targets, saved))
 }

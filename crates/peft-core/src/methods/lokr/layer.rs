@@ -1,11 +1,10 @@
 //! One LoKr adapter on one linear layer.
 
 use burn::module::{Initializer, Module, Param};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 
 use super::config::LokrInit;
-use crate::nn::linear;
 use crate::params::{AdapterParams, FileLayout, NamedParam, ParamMut, ParamRef};
 
 /// PEFT's `factorization`: `dimension = m n` with `m <= n`, `m` equal to `factor` when it divides
@@ -206,34 +205,13 @@ impl<B: Backend> LokrAdapter<B> {
     /// may skip it (`None`) and `rank_dropout` drops output rows of `dW` (the rest scaled by
     /// `1 / share kept` with `rank_dropout_scale`), as PEFT's `LoKrLayer`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Option<Tensor<B, D>> {
-        let device = x.device();
-        let training = B::ad_enabled(&device);
-        if training && self.module_dropout > 0.0 {
-            let draw = crate::dropout::uniform(1)[0];
-            if draw <= self.module_dropout as f32 {
-                return None;
-            }
-        }
-        let mut w = self.delta_weight_torch();
-        if training && self.rank_dropout > 0.0 {
-            let out = w.dims()[0];
-            let mut keep: Vec<f32> = crate::dropout::uniform(out)
-                .into_iter()
-                .map(|u| {
-                    if u > self.rank_dropout as f32 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mean = keep.iter().sum::<f32>() / out as f32;
-            if self.rank_dropout_scale && mean > 0.0 {
-                keep.iter_mut().for_each(|k| *k /= mean);
-            }
-            w = w * Tensor::<B, 2>::from_data(TensorData::new(keep, [out, 1]), &device);
-        }
-        Some(linear(x, w.transpose(), None))
+        crate::methods::lycoris::delta_activations(
+            x,
+            || self.delta_weight_torch(),
+            self.rank_dropout,
+            self.rank_dropout_scale,
+            self.module_dropout,
+        )
     }
 }
 

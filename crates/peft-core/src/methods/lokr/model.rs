@@ -21,21 +21,19 @@ pub fn attach<B: Backend, M: AdapterHost<B>>(
     let targeting = config.targeting().with_task_heads();
     let targets = attach_linear(host, name, &targeting, |layer, path, device| {
         let spec = LokrSpec {
-            r: config.rank_for(path)?,
-            alpha: config.alpha_for(path)?,
+            r: config.common.rank_for(path)?,
+            alpha: config.common.alpha_for(path)?,
             decompose_both: config.decompose_both,
             decompose_factor: config.decompose_factor,
-            rank_dropout: config.rank_dropout,
+            rank_dropout: config.common.rank_dropout,
             rank_dropout_scale: config.rank_dropout_scale,
-            module_dropout: config.module_dropout,
+            module_dropout: config.common.module_dropout,
             init,
         };
         let adapter = LokrAdapter::new(name, layer.d_input(), layer.d_output(), &spec, device);
         layer.add_lokr(adapter)
     })?;
-    let saved = LoKrConfig {
-        modules_to_save: targeting.modules_to_save,
-        ..config.clone()
-    };
+    let mut saved = config.clone();
+    saved.common.modules_to_save = targeting.modules_to_save;
     Ok((targets, saved))
 }

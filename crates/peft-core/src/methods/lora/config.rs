@@ -12,7 +12,7 @@ use crate::config::{
     de_null_false, ser_num, ser_num_map,
 };
 use crate::error::{PeftError, Result};
-use crate::targeting::{Targeting, pattern_key};
+use crate::targeting::{Targeting, pattern_value};
 
 /// `init_lora_weights`: `true` (kaiming-uniform A, zero B), `"gaussian"` (A ~ N(0, 1/r), zero B),
 /// or `false` (A and B both initialised like a fresh `nn.Linear`, so the adapter is not a no-op).
@@ -269,22 +269,12 @@ impl LoraConfig {
 
     /// The rank for the module at `path` (`rank_pattern` first, then `r`).
     pub fn rank_for(&self, path: &str) -> Result<usize> {
-        Ok(
-            match pattern_key(self.rank_pattern.keys(), path, "rank_pattern")? {
-                Some(k) => *self.rank_pattern.get(k).expect("key from the map"),
-                None => self.r,
-            },
-        )
+        pattern_value(&self.rank_pattern, path, "rank_pattern", self.r)
     }
 
     /// The alpha for the module at `path` (`alpha_pattern` first, then `lora_alpha`).
     pub fn alpha_for(&self, path: &str) -> Result<f64> {
-        Ok(
-            match pattern_key(self.alpha_pattern.keys(), path, "alpha_pattern")? {
-                Some(k) => *self.alpha_pattern.get(k).expect("key from the map"),
-                None => self.lora_alpha,
-            },
-        )
+        pattern_value(&self.alpha_pattern, path, "alpha_pattern", self.lora_alpha)
     }
 }
 
