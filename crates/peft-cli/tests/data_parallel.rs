@@ -498,3 +498,50 @@ fn seq_cls_on_real_minilm_two_workers_train_lora_and_the_head_as_one_process() {
         std::fs::remove_dir_all(d).ok();
     }
 }
+
+#[test]
+fn ctrl_c_on_one_worker_stops_every_worker_after_the_same_step_and_the_run_resumes() {
+    let steps = ["--max-steps", "40"];
+    let reference = tmp("int-ref");
+    run(train(&reference, &[ONE, &steps].concat()));
+    let out = tmp("int");
+    let launcher = train(&out, &[TWO, &steps].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few steps, then interrupt rank 1 alone (as a terminal's Ctrl-C would reach it).
+    let metrics = out.join("metrics.jsonl");
+    let t = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = worker_pid(launcher.id(), 1).expect("worker pid");
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let o = finish(launcher, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    // Rank 0 saved the step both stopped at: the checkpoint is the last logged step.
+    let latest = std::fs::read_to_string(out.join("latest")).unwrap();
+    let last = losses(&out).last().unwrap().0;
+    assert!(last < 40, "stopped early: {last}");
+    assert_eq!(latest.trim(), format!("checkpoint-{last}"));
+    assert!(!out.join("adapter_model.safetensors").exists());
+    run(train(
+        &out,
+        &[TWO, &steps, &["--resume", "latest"]].concat(),
+    ));
+    let d = max_diff(&reference, &out);
+    eprintln!("interrupted and resumed: adapters differ by {d}");
+    assert!(d < 1e-5, "adapters differ by {d}");
+    for d in [&reference, &out] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
