@@ -310,6 +310,28 @@ fn worker_pid(launcher: u32, rank: usize) -> Option<u32> {
     None
 }
 
+/// Sends `signal` (`-9`, `-INT`) to the launcher's worker of rank `rank`; returns its pid.
+fn signal_worker(launcher: &Child, rank: usize, signal: &str) -> u32 {
+    let pid = worker_pid(launcher.id(), rank).expect("worker pid");
+    assert!(
+        Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    pid
+}
+
+/// `peft train --nproc 2` into `out`, its stderr captured.
+fn launch_two(out: &Path, steps: &[&str]) -> Child {
+    train(out, &[TWO, steps].concat())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn wait_for(path: &Path, limit: Duration) {
     let t = Instant::now();
     while !path.exists() {
@@ -337,21 +359,10 @@ fn a_killed_worker_stops_the_run_which_resumes_in_one_process() {
     run(train(&reference, &[ONE, &steps].concat()));
     for victim in [1usize, 0] {
         let out = tmp(&format!("kill-{victim}"));
-        let launcher = train(&out, &[TWO, &steps].concat())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let launcher = launch_two(&out, &steps);
         wait_for(&out.join("checkpoint-3"), Duration::from_secs(120));
-        let pid = worker_pid(launcher.id(), victim).expect("worker pid");
         let started = Instant::now();
-        assert!(
-            Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
+        let pid = signal_worker(&launcher, victim, "-9");
         let o = finish(launcher, Duration::from_secs(60));
         let stopped_in = started.elapsed();
         let err = String::from_utf8_lossy(&o.stderr);
@@ -505,11 +516,7 @@ fn ctrl_c_on_one_worker_stops_every_worker_after_the_same_step_and_the_run_resum
     let reference = tmp("int-ref");
     run(train(&reference, &[ONE, &steps].concat()));
     let out = tmp("int");
-    let launcher = train(&out, &[TWO, &steps].concat())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let launcher = launch_two(&out, &steps);
     // Wait for a few steps, then interrupt rank 1 alone (as a terminal's Ctrl-C would reach it).
     let metrics = out.join("metrics.jsonl");
     let t = Instant::now();
@@ -517,14 +524,7 @@ fn ctrl_c_on_one_worker_stops_every_worker_after_the_same_step_and_the_run_resum
         assert!(t.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = worker_pid(launcher.id(), 1).expect("worker pid");
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal_worker(&launcher, 1, "-INT");
     let o = finish(launcher, Duration::from_secs(60));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");

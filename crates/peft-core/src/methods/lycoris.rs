@@ -95,13 +95,28 @@ impl LycorisCommon {
 
     /// `LycorisConfig.__post_init__`'s checks, and the ranges this crate requires.
     pub fn validate(&self, method: &'static str, task_type: Option<TaskType>) -> Result<()> {
-        validate_common(
-            self.r,
-            self.rank_dropout,
-            self.module_dropout,
-            &self.layers_pattern,
-            &self.layers_to_transform,
-        )?;
+        if self.r == 0 {
+            return Err(PeftError::InvalidConfig(format!(
+                "`r` should be a positive integer value but the value passed is {}",
+                self.r
+            )));
+        }
+        for (name, p) in [
+            ("rank_dropout", self.rank_dropout),
+            ("module_dropout", self.module_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(PeftError::InvalidConfig(format!(
+                    "{name} must be in [0, 1), found {p}"
+                )));
+            }
+        }
+        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
+            return Err(PeftError::InvalidConfig(
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
+                    .into(),
+            ));
+        }
         self.targeting(method, task_type).validate()
     }
 
@@ -130,38 +145,6 @@ impl LycorisCommon {
     pub fn alpha_for(&self, path: &str) -> Result<f64> {
         pattern_value(&self.alpha_pattern, path, "alpha_pattern", self.alpha)
     }
-}
-
-/// `LycorisConfig.__post_init__`'s checks, and the ranges this crate requires.
-pub(crate) fn validate_common(
-    r: usize,
-    rank_dropout: f64,
-    module_dropout: f64,
-    layers_pattern: &Option<StringOrList>,
-    layers_to_transform: &Option<LayersToTransform>,
-) -> Result<()> {
-    if r == 0 {
-        return Err(PeftError::InvalidConfig(format!(
-            "`r` should be a positive integer value but the value passed is {r}"
-        )));
-    }
-    for (name, p) in [
-        ("rank_dropout", rank_dropout),
-        ("module_dropout", module_dropout),
-    ] {
-        if !(0.0..1.0).contains(&p) {
-            return Err(PeftError::InvalidConfig(format!(
-                "{name} must be in [0, 1), found {p}"
-            )));
-        }
-    }
-    if layers_pattern.is_some() && layers_to_transform.is_none() {
-        return Err(PeftError::InvalidConfig(
-            "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 /// `x dW^T` for a weight change `dW` (`[out, in]`, PyTorch's layout, built only when used),
