@@ -6,6 +6,7 @@
 
 mod alloc;
 mod bench;
+mod merge_adapters;
 mod serve;
 
 #[global_allocator]
@@ -130,6 +131,9 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Combine LoRA adapters into one (PEFT's `add_weighted_adapter`: linear, cat, svd, ties,
+    /// dare and magnitude pruning), from the adapter files alone.
+    MergeAdapters(Box<merge_adapters::MergeAdaptersArgs>),
     /// Convert a DoRA adapter to a plain LoRA adapter (truncated SVD of DoRA's weight change),
     /// printing the approximation error, for servers that accept LoRA only.
     Convert {
@@ -442,6 +446,7 @@ fn run<B: Backend>(cmd: Cmd, device: &B::Device) -> Result<()> {
             }
         }
         Cmd::Inspect { dir } => inspect(&dir)?,
+        Cmd::MergeAdapters(args) => merge_adapters::run(&args)?,
         Cmd::Train(_) | Cmd::Bench(_) | Cmd::Serve(_) => {
             unreachable!("dispatched before")
         }

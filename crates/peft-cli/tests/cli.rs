@@ -202,12 +202,14 @@ fn logits_from(file: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
-    let v = t
-        .data()
+    (t.shape().to_vec(), le_f32(t.data()))
+}
+
+fn le_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (t.shape().to_vec(), v)
+        .collect()
 }
 
 fn flatten(v: &serde_json::Value) -> Vec<f32> {
@@ -639,4 +641,117 @@ fn a_long_prompt_is_truncated_with_a_warning() {
         err.contains("truncated to --max-source-length 512"),
         "{err}"
     );
+}
+
+#[test]
+fn merge_adapters_writes_what_peft_add_weighted_adapter_writes() {
+    // tests/fixtures/merge: PEFT's `add_weighted_adapter(["a", "b"], [0.7, 0.3], "ties",
+    // density=0.5)` on the same two adapters (make_fixtures.py).
+    let merge = root().join("tests/fixtures/merge");
+    let dir = std::env::temp_dir().join(format!("peft-merge-adapters-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("ties");
+    let (a, b, o) = (
+        merge.join("a").display().to_string(),
+        merge.join("b").display().to_string(),
+        out.display().to_string(),
+    );
+    let args = [
+        "merge-adapters",
+        "--adapter",
+        &a,
+        "--adapter",
+        &b,
+        "--weights",
+        "0.7,0.3",
+        "--combination-type",
+        "ties",
+        "--density",
+        "0.5",
+        "--out",
+        &o,
+    ];
+    let (ok, stdout, err) = peft(&args);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("ties of 2 adapters") && stdout.contains("rank 4"),
+        "{stdout}"
+    );
+    let read = |d: &Path| {
+        let st = safetensors_map(&d.join("adapter_model.safetensors"));
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+                .unwrap();
+        (st, cfg)
+    };
+    let (got, cfg) = read(&out);
+    let (want, want_cfg) = read(&merge.join("ties"));
+    assert_eq!(cfg["r"], want_cfg["r"]);
+    assert_eq!(cfg["lora_alpha"], want_cfg["lora_alpha"]);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &want {
+        assert!(max_diff(&got[k], v) <= 1e-6, "{k}");
+    }
+    assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+
+    // A finished adapter is not overwritten unasked; --overwrite replaces it.
+    let (ok, _, err) = peft(&args);
+    assert!(
+        !ok && err.contains("already holds an adapter") && err.contains("--overwrite"),
+        "{err}"
+    );
+    let mut again = args.to_vec();
+    again.push("--overwrite");
+    let (ok, _, err) = peft(&again);
+    assert!(ok, "{err}");
+
+    // Bad input: named, exit 1, nothing written.
+    let bad = dir.join("bad").display().to_string();
+    for (extra, needle) in [
+        (vec!["--weights", "0.7"], "--weights has 1 values for 2"),
+        (vec!["--combination-type", "ties"], "needs a density"),
+        (
+            vec!["--combination-type", "mean"],
+            "expected one of svd, linear, cat",
+        ),
+        (
+            vec!["--combination-type", "linear", "--weights", "1,nan"],
+            "not a finite number",
+        ),
+    ] {
+        let mut args = vec![
+            "merge-adapters",
+            "--adapter",
+            &a,
+            "--adapter",
+            &b,
+            "--out",
+            &bad,
+        ];
+        args.extend(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!dir.join("bad").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn safetensors_map(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| (k, le_f32(v.data())))
+        .collect()
 }

@@ -32,6 +32,7 @@ pub mod hf_model;
 pub mod pickle;
 pub mod tensors;
 pub mod tokenizer;
+pub mod weighted;
 
 pub use adapter::{from_pretrained, load_adapter, read_adapter_config, save_pretrained};
 pub use auto::{AutoModel, FromPretrained, load_pretrained};

@@ -78,6 +78,18 @@ impl AdapterConfig {
         }
     }
 
+    /// The method's name as the files write it (PEFT's `peft_type`; `BOTTLENECK` for
+    /// AdapterHub adapters).
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            AdapterConfig::Lora(_) => "LORA",
+            AdapterConfig::Ia3(_) => "IA3",
+            AdapterConfig::LoHa(_) => "LOHA",
+            AdapterConfig::LoKr(_) => "LOKR",
+            AdapterConfig::Bottleneck(_) => "BOTTLENECK",
+        }
+    }
+
     /// The LoRA config, if this is one.
     pub fn as_lora(&self) -> Option<&LoraConfig> {
         match self {

@@ -4,13 +4,15 @@
 //! - [`config`]: `LoraConfig`, field for field PEFT's;
 //! - [`layer`]: `LoraAdapter`, one adapter on one linear layer;
 //! - [`model`]: attaching an adapter to every targeted layer of a model;
-//! - `convert` (feature `svd`): a DoRA adapter as a plain LoRA of a chosen rank.
+//! - `convert` (feature `svd`): a DoRA adapter as a plain LoRA of a chosen rank;
+//! - [`weighted`]: PEFT's `add_weighted_adapter`, one adapter from several.
 
 pub mod config;
 #[cfg(feature = "svd")]
 pub mod convert;
 pub mod layer;
 pub mod model;
+pub mod weighted;
 
 pub use config::{Bias, InitLoraWeights, Lora, LoraConfig, lora_scaling};
 pub use layer::{LoraAdapter, LoraSpec};
