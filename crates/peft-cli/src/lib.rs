@@ -46,8 +46,8 @@ use peft_core::{
 /// `BnConfig` fields; `--method` picks the method.
 #[derive(Args, Debug, Clone)]
 pub struct AdapterArgs {
-    /// Adapter method: lora, dora, loha, lokr, ia3 (PEFT), houlsby, pfeiffer (AdapterHub bottleneck
-    /// adapters).
+    /// Adapter method: lora, dora, loha, lokr, ia3, prompt_tuning, p_tuning, prefix_tuning
+    /// (PEFT), houlsby, pfeiffer (AdapterHub bottleneck adapters).
     #[arg(long, default_value = "lora")]
     pub method: String,
     /// Bottleneck adapters: hidden size / bottleneck size.
@@ -97,6 +97,31 @@ pub struct AdapterArgs {
     /// Which biases train: none, all, lora_only.
     #[arg(long, default_value = "none")]
     pub bias: String,
+    /// Prompt learning: virtual tokens.
+    #[arg(long, default_value_t = 20)]
+    pub num_virtual_tokens: usize,
+    /// Prompt tuning: RANDOM, TEXT (the word embeddings of --prompt-tuning-init-text) or
+    /// SAMPLE_VOCAB.
+    #[arg(long, default_value = "RANDOM")]
+    pub prompt_tuning_init: String,
+    /// Prompt tuning: the text of TEXT init.
+    #[arg(long)]
+    pub prompt_tuning_init_text: Option<String>,
+    /// P-tuning: the prompt encoder, MLP or LSTM.
+    #[arg(long, default_value = "MLP")]
+    pub encoder_reparameterization_type: String,
+    /// P-tuning and prefix tuning: the encoder's hidden size (default: the model's).
+    #[arg(long)]
+    pub encoder_hidden_size: Option<usize>,
+    /// P-tuning: LSTM layers.
+    #[arg(long, default_value_t = 2)]
+    pub encoder_num_layers: usize,
+    /// P-tuning: dropout between LSTM layers.
+    #[arg(long, default_value_t = 0.0)]
+    pub encoder_dropout: f64,
+    /// Prefix tuning: train the prefix through a two-layer projection.
+    #[arg(long)]
+    pub prefix_projection: bool,
     /// Task type: SEQ_2_SEQ_LM, SEQ_CLS, FEATURE_EXTRACTION (PEFT's default: none; `peft train`
     /// defaults to SEQ_2_SEQ_LM).
     #[arg(long)]
@@ -166,9 +191,55 @@ impl AdapterArgs {
                 c.validate()?;
                 Ok(AdapterConfig::Bottleneck(c))
             }
+            "prompt_tuning" => {
+                let mut c = peft_core::PromptTuningConfig::new(self.num_virtual_tokens);
+                c.header = PeftConfigHeader::default().with_task_type(lora.header.task_type);
+                c.common.modules_to_save = lora.modules_to_save;
+                c.prompt_tuning_init = serde_json::from_value(serde_json::Value::String(
+                    self.prompt_tuning_init.to_ascii_uppercase(),
+                ))
+                .with_context(|| {
+                    format!(
+                        "--prompt-tuning-init {:?}: expected RANDOM, TEXT or SAMPLE_VOCAB",
+                        self.prompt_tuning_init
+                    )
+                })?;
+                c.prompt_tuning_init_text = self.prompt_tuning_init_text.clone();
+                Ok(AdapterConfig::PromptTuning(c))
+            }
+            "p_tuning" => {
+                let mut c = peft_core::PromptEncoderConfig::new(self.num_virtual_tokens);
+                c.header = PeftConfigHeader::default().with_task_type(lora.header.task_type);
+                c.common.modules_to_save = lora.modules_to_save;
+                c.encoder_reparameterization_type =
+                    serde_json::from_value(serde_json::Value::String(
+                        self.encoder_reparameterization_type.to_ascii_uppercase(),
+                    ))
+                    .with_context(|| {
+                        format!(
+                            "--encoder-reparameterization-type {:?}: expected MLP or LSTM",
+                            self.encoder_reparameterization_type
+                        )
+                    })?;
+                c.encoder_hidden_size = self.encoder_hidden_size;
+                c.encoder_num_layers = self.encoder_num_layers;
+                c.encoder_dropout = self.encoder_dropout;
+                c.validate()?;
+                Ok(AdapterConfig::PTuning(c))
+            }
+            "prefix_tuning" => {
+                let mut c = peft_core::PrefixTuningConfig::new(self.num_virtual_tokens);
+                c.header = PeftConfigHeader::default().with_task_type(lora.header.task_type);
+                c.common.modules_to_save = lora.modules_to_save;
+                c.encoder_hidden_size = self.encoder_hidden_size;
+                c.prefix_projection = self.prefix_projection;
+                c.validate()?;
+                Ok(AdapterConfig::PrefixTuning(c))
+            }
             other => {
                 anyhow::bail!(
-                    "unknown --method {other:?} (lora, dora, loha, lokr, ia3, houlsby, pfeiffer)"
+                    "unknown --method {other:?} (lora, dora, loha, lokr, ia3, prompt_tuning, \
+                     p_tuning, prefix_tuning, houlsby, pfeiffer)"
                 )
             }
         }

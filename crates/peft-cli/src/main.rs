@@ -183,7 +183,42 @@ fn arch(model: &str) -> Result<Arch> {
 }
 
 fn params_line<B: Backend, M: AdapterHost<B>>(model: M, lora: &AdapterArgs) -> Result<String> {
-    Ok(PeftModel::new(model, lora.adapter_config()?, "default")?.trainable_parameters_line())
+    let mut config = lora.adapter_config()?;
+    if config.is_prompt_learning() && config.task_type().is_none() {
+        // Prompt learning needs the task (PEFT's prompt-learning models are per task): the
+        // model's own, as `peft train` defaults.
+        let task = if model.model_type() == Some("bert") {
+            peft_core::TaskType::FeatureExtraction
+        } else {
+            peft_core::TaskType::Seq2SeqLm
+        };
+        config = match config {
+            AdapterConfig::PromptTuning(mut c) => {
+                c.header.task_type = Some(task);
+                c.into()
+            }
+            AdapterConfig::PTuning(mut c) => {
+                c.header.task_type = Some(task);
+                c.into()
+            }
+            AdapterConfig::PrefixTuning(mut c) => {
+                c.header.task_type = Some(task);
+                c.into()
+            }
+            other => other,
+        };
+    }
+    if matches!(config, AdapterConfig::PrefixTuning(_)) {
+        let g = peft_core::prompt::model::geometry(&model)?;
+        if let Some(why) = g.key_value_refusal {
+            // PEFT creates it (and counts it) before it fails to run: count it the same way.
+            let trainable = peft_core::prompt::model::parameter_count::<B>(&config, &g)?;
+            eprintln!("note: prefix tuning cannot be trained on this model: {why}");
+            let all = peft_core::count_params(&model) + trainable;
+            return Ok(peft_core::ParamCounts { trainable, all }.line());
+        }
+    }
+    Ok(PeftModel::new(model, config, "default")?.trainable_parameters_line())
 }
 
 /// `rows` as an id tensor, refusing an id the model's embedding has no row for (burn would
@@ -768,6 +803,38 @@ fn inspect(dir: &Path) -> Result<()> {
                 "dropout:        rank {}, module {}",
                 l.rank_dropout, l.module_dropout
             );
+        }
+        AdapterConfig::PromptTuning(_)
+        | AdapterConfig::PTuning(_)
+        | AdapterConfig::PrefixTuning(_) => {
+            let (header_task, base, common, what) = match &config {
+                AdapterConfig::PromptTuning(c) => (
+                    c.header.task_type,
+                    c.header.base_model_name_or_path.as_deref(),
+                    &c.common,
+                    format!("{:?} init", c.prompt_tuning_init),
+                ),
+                AdapterConfig::PTuning(c) => (
+                    c.header.task_type,
+                    c.header.base_model_name_or_path.as_deref(),
+                    &c.common,
+                    format!("{:?} encoder", c.encoder_reparameterization_type),
+                ),
+                AdapterConfig::PrefixTuning(c) => (
+                    c.header.task_type,
+                    c.header.base_model_name_or_path.as_deref(),
+                    &c.common,
+                    format!("projection {}", c.prefix_projection),
+                ),
+                _ => unreachable!("matched above"),
+            };
+            println!("method:         {} (PEFT), {what}", config.peft_type());
+            println!(
+                "task_type:      {}",
+                header_task.map_or("-".into(), |t| format!("{t:?}"))
+            );
+            println!("base model:     {}", s(base));
+            println!("virtual tokens: {}", common.num_virtual_tokens);
         }
         AdapterConfig::Ia3(c) => {
             peft_common(

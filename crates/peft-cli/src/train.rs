@@ -488,6 +488,45 @@ fn progress(quiet: bool) -> impl FnMut(&TrainerEvent<'_>) -> Control {
     }
 }
 
+/// Prompt tuning's TEXT init (the word embeddings of the text's tokens, special tokens
+/// included, as PEFT's tokenizer call gives them) and SAMPLE_VOCAB init (of seeded random
+/// vocabulary ids; PEFT draws them from torch's RNG).
+fn prompt_init<B: burn::tensor::backend::Backend, M: peft_core::AdapterHost<B>>(
+    peft: &mut PeftModel<B, M>,
+    c: &peft_core::PromptTuningConfig,
+    tok_path: &Path,
+    seed: u64,
+) -> Result<()> {
+    use peft_core::prompt::PromptTuningInit;
+    let ids: Vec<usize> = match c.prompt_tuning_init {
+        PromptTuningInit::Random => return Ok(()),
+        PromptTuningInit::Text => {
+            let text = c
+                .prompt_tuning_init_text
+                .as_deref()
+                .context("--prompt-tuning-init TEXT needs --prompt-tuning-init-text")?;
+            let tok = TextTokenizer::from_path(tok_path)?;
+            tok.encode(text, None)?
+                .into_iter()
+                .map(|t| t as usize)
+                .collect()
+        }
+        PromptTuningInit::SampleVocab => {
+            let vocab = peft
+                .base_model
+                .word_embeddings()
+                .map_or(0, |w| w.dims()[0])
+                .max(1);
+            let mut rng = peft_core::train::SplitMix(seed ^ 0x5A4D_504C_455F_564F);
+            (0..c.common.rows())
+                .map(|_| (rng.next_u64() % vocab as u64) as usize)
+                .collect()
+        }
+    };
+    peft_core::prompt::model::init_from_token_ids(peft, "default", &ids)?;
+    Ok(())
+}
+
 /// Trains with the trainer, then writes what the CLI adds to the output directory
 /// (`tokenizer.json`, `loss.png`) and checks the saved adapter by reloading it from disk.
 #[allow(clippy::too_many_arguments)]
@@ -530,6 +569,21 @@ where
             c.header.task_type = Some(c.header.task_type.unwrap_or(TaskType::Seq2SeqLm));
             c.header.base_model_name_or_path = base_name;
         }
+        AdapterConfig::PromptTuning(c) => {
+            c.header.task_type = Some(c.header.task_type.unwrap_or(TaskType::Seq2SeqLm));
+            c.header.base_model_name_or_path = base_name;
+            if c.prompt_tuning_init == peft_core::prompt::PromptTuningInit::Text {
+                c.tokenizer_name_or_path = Some(tok_path.display().to_string());
+            }
+        }
+        AdapterConfig::PTuning(c) => {
+            c.header.task_type = Some(c.header.task_type.unwrap_or(TaskType::Seq2SeqLm));
+            c.header.base_model_name_or_path = base_name;
+        }
+        AdapterConfig::PrefixTuning(c) => {
+            c.header.task_type = Some(c.header.task_type.unwrap_or(TaskType::Seq2SeqLm));
+            c.header.base_model_name_or_path = base_name;
+        }
         AdapterConfig::Bottleneck(_) => {
             if args.lora.task()? == Some(TaskType::SeqCls) {
                 bail!(
@@ -544,7 +598,14 @@ where
     // The adapter's initial weights are drawn from the seed (HF's `set_seed` before
     // `get_peft_model`): runs repeat, and data-parallel workers start from the same adapter.
     B::seed(device, args.seed.wrapping_add(1));
-    let peft = PeftModel::new(base, config, "default")?;
+    let init = match &config {
+        AdapterConfig::PromptTuning(c) => Some(c.clone()),
+        _ => None,
+    };
+    let mut peft = PeftModel::new(base, config, "default")?;
+    if let Some(c) = init {
+        prompt_init(&mut peft, &c, tok_path, args.seed)?;
+    }
     check_memory(&peft.parameter_counts())?;
     let rank = args.rank();
     let mut trainer = Trainer::new(args.training_args(), task).with_cancellation(cancel);

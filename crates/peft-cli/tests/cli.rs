@@ -755,3 +755,62 @@ fn safetensors_map(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> 
         .map(|(k, v)| (k, le_f32(v.data())))
         .collect()
 }
+
+#[test]
+fn params_prints_peft_prompt_learning_lines_for_mt0_large() {
+    // tests/fixtures/prompt/counts.json: PEFT 0.21.2's print_trainable_parameters on a
+    // meta-device mt0-large (make_fixtures.py), SEQ_2_SEQ_LM, 20 virtual tokens.
+    let counts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/prompt/counts.json")).unwrap(),
+    )
+    .unwrap();
+    let base = [
+        "params",
+        "--model",
+        "mt0-large",
+        "--task-type",
+        "SEQ_2_SEQ_LM",
+    ];
+    for (name, extra) in [
+        ("prompt_tuning", vec!["--method", "prompt_tuning"]),
+        (
+            "p_tuning_mlp",
+            vec!["--method", "p_tuning", "--encoder-hidden-size", "128"],
+        ),
+        (
+            "p_tuning_lstm",
+            vec![
+                "--method",
+                "p_tuning",
+                "--encoder-hidden-size",
+                "128",
+                "--encoder-reparameterization-type",
+                "LSTM",
+            ],
+        ),
+        ("prefix_tuning", vec!["--method", "prefix_tuning"]),
+        (
+            "prefix_tuning_projection",
+            vec![
+                "--method",
+                "prefix_tuning",
+                "--prefix-projection",
+                "--encoder-hidden-size",
+                "512",
+            ],
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        let (ok, out, err) = peft(&args);
+        assert!(ok, "{name}: {err}");
+        assert_eq!(out.trim(), counts[name].as_str().unwrap(), "{name}");
+        if name.starts_with("prefix") {
+            // Counted as PEFT creates it, with the reason it cannot be trained on T5.
+            assert!(
+                err.contains("cannot be trained") && err.contains("PEFT 0.21.2"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -455,3 +455,79 @@ fn houlsby_and_ia3_train_save_in_their_formats_and_reload_identically() {
         std::fs::remove_dir_all(&out).ok();
     }
 }
+
+#[test]
+fn p_tuning_resumes_where_an_uninterrupted_run_ends_and_text_init_is_written() {
+    // The LSTM encoder (with dropout between its layers) is not in PEFT's files; it travels in
+    // prompt_encoder.safetensors so that a resumed run continues it exactly.
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let method = [
+        "--method",
+        "p_tuning",
+        "--encoder-reparameterization-type",
+        "LSTM",
+        "--encoder-hidden-size",
+        "8",
+        "--encoder-dropout",
+        "0.1",
+        "--num-virtual-tokens",
+        "4",
+        "--max-steps",
+        "6",
+    ];
+    let full = tmp("ptuning-full");
+    let mut extra = method.to_vec();
+    extra.extend(["--save-steps", "3"]);
+    train::<AB>(&args(&full, &extra), &Default::default()).unwrap();
+    let resumed = tmp("ptuning-resumed");
+    let ckpt = full.join("checkpoint-3").display().to_string();
+    let mut extra = method.to_vec();
+    extra.extend(["--resume", &ckpt]);
+    let done = train::<AB>(&args(&resumed, &extra), &Default::default()).unwrap();
+    assert_eq!(done.summary.steps, 6);
+    for file in ["adapter_model.safetensors", "prompt_encoder.safetensors"] {
+        let x = st_tensors(&full.join(file));
+        let y = st_tensors(&resumed.join(file));
+        assert_eq!(x.len(), y.len(), "{file}");
+        for ((k1, s1, v1), (k2, s2, v2)) in x.iter().zip(&y) {
+            assert_eq!((k1, s1), (k2, s2));
+            let d = peft_core::check::max_abs_diff(v1, v2);
+            assert!(d <= 1e-6, "{file} {k1}: resumed differs by {d}");
+        }
+    }
+    let x = st_tensors(&full.join("adapter_model.safetensors"));
+    assert_eq!(x[0].0, "prompt_embeddings");
+    assert_eq!(x[0].1, vec![8, 32], "2 x 4 virtual tokens of d_model 32");
+    let c = st_tensors(&full.join("checkpoint-3/adapter_model.safetensors"));
+    assert!(c[0].2 != x[0].2, "training continued after the checkpoint");
+
+    // TEXT init: the config names the text and the tokenizer, as PEFT writes it.
+    let text = tmp("prompt-text");
+    let a = args(
+        &text,
+        &[
+            "--method",
+            "prompt_tuning",
+            "--prompt-tuning-init",
+            "TEXT",
+            "--prompt-tuning-init-text",
+            "Classify the complaint:",
+            "--num-virtual-tokens",
+            "6",
+            "--max-steps",
+            "2",
+        ],
+    );
+    train::<AB>(&a, &Default::default()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(text.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "PROMPT_TUNING");
+    assert_eq!(cfg["prompt_tuning_init"], "TEXT");
+    assert_eq!(cfg["prompt_tuning_init_text"], "Classify the complaint:");
+    assert!(cfg["tokenizer_name_or_path"].as_str().is_some());
+    assert_eq!(cfg["num_transformer_submodules"], 2);
+    for d in [full, resumed, text] {
+        std::fs::remove_dir_all(&d).ok();
+    }
+}

@@ -192,6 +192,9 @@ pub(crate) fn attach_linear<B: Backend, M: AdapterHost<B>>(
     Ok(targets)
 }
 
+/// The site path prompt adapters' tensors are listed under (PEFT's `prompt_encoder.<name>`).
+pub const PROMPT_ENCODER: &str = "prompt_encoder";
+
 /// A base model with named adapters (LoRA, IA3, bottleneck), as PEFT's `PeftModel` /
 /// `LoraModel` and AdapterHub's model mixin.
 ///
@@ -329,6 +332,11 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 let t = bottleneck::model::attach(&mut self.base_model, name, &c)?;
                 (t, AdapterConfig::Bottleneck(c))
             }
+            c @ (AdapterConfig::PromptTuning(_)
+            | AdapterConfig::PTuning(_)
+            | AdapterConfig::PrefixTuning(_)) => {
+                crate::methods::prompt::model::attach(&mut self.base_model, name, &c)?
+            }
         };
         self.configs.push((name.to_string(), config));
         self.targeted.push((name.to_string(), targets));
@@ -379,6 +387,13 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             }
         });
         self.base_model.visit_sublayers_mut(&mut |_, site| {
+            site.active = active.to_vec();
+            site.disabled = disabled;
+            for a in site.adapters.iter_mut() {
+                a.set_require_grad(trainable.contains(&a.name));
+            }
+        });
+        self.base_model.visit_prompt_mut(&mut |site| {
             site.active = active.to_vec();
             site.disabled = disabled;
             for a in site.adapters.iter_mut() {
@@ -487,6 +502,16 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             return Err(PeftError::Merged("run a mixed-adapter batch"));
         }
         // As PEFT's `_check_forward_args`: a DoRA row would need its own weight norm.
+        if let Some(n) = names.iter().find(|n| {
+            self.adapter_config(n)
+                .is_some_and(AdapterConfig::is_prompt_learning)
+        }) {
+            return Err(PeftError::Unsupported(format!(
+                "adapter `{n}` is a prompt-learning adapter, which mixed-adapter batches do not \
+                 support (its virtual tokens change the sequence for the whole batch; PEFT \
+                 refuses `adapter_names` with prompt learning too)"
+            )));
+        }
         if let Some(n) = names.iter().find(
             |n| matches!(self.adapter_config(n), Some(crate::AdapterConfig::Lora(c)) if c.use_dora),
         ) {
@@ -522,6 +547,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             .visit_linears_mut(&mut |_, layer| layer.disabled = true);
         self.base_model
             .visit_sublayers_mut(&mut |_, site| site.disabled = true);
+        self.base_model
+            .visit_prompt_mut(&mut |site| site.disabled = true);
     }
 
     /// Turns the active adapters back on.
@@ -531,6 +558,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             .visit_linears_mut(&mut |_, layer| layer.disabled = false);
         self.base_model
             .visit_sublayers_mut(&mut |_, site| site.disabled = false);
+        self.base_model
+            .visit_prompt_mut(&mut |site| site.disabled = false);
     }
 
     /// Whether adapters are disabled.
@@ -555,6 +584,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         result?;
         self.base_model
             .visit_sublayers_mut(&mut |_, site| site.delete(name));
+        self.base_model
+            .visit_prompt_mut(&mut |site| site.delete(name));
         self.configs.retain(|(n, _)| n != name);
         self.frozen.retain(|n| n != name);
         self.targeted.retain(|(n, _)| n != name);
@@ -577,6 +608,15 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             }
             None => self.active.clone(),
         };
+        if let Some(n) = names.iter().find(|n| {
+            self.adapter_config(n)
+                .is_some_and(AdapterConfig::is_prompt_learning)
+        }) {
+            return Err(PeftError::Unsupported(format!(
+                "merging prompt-learning adapter `{n}`: virtual tokens are not a weight change, \
+                 so they cannot be folded into the base weights"
+            )));
+        }
         if let Some(n) = names
             .iter()
             .find(|n| matches!(self.adapter_config(n), Some(AdapterConfig::Bottleneck(_))))
@@ -656,6 +696,10 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             .visit_linears_mut(&mut |_, layer| layer.unload(false));
         self.base_model
             .visit_sublayers_mut(&mut |_, site| *site = SublayerAdapters::new());
+        self.base_model.visit_prompt_mut(&mut |site| {
+            site.adapters.clear();
+            site.active.clear();
+        });
         self.base_model
     }
 
@@ -697,6 +741,15 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 trainable += a.param_count();
             }
         });
+        self.base_model.visit_prompt(&mut |site| {
+            for a in site
+                .adapters
+                .iter()
+                .filter(|a| trainable_names.contains(&a.name))
+            {
+                trainable += a.param_count();
+            }
+        });
         if bias_all {
             let mut v = BiasVisitor {
                 stack: Vec::new(),
@@ -726,6 +779,11 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 a.visit_params(&mut |p| f(&site.path, p));
             }
         });
+        self.base_model.visit_prompt(&mut |site| {
+            if let Some(a) = site.adapter(name) {
+                a.visit_params(&mut |p| f(PROMPT_ENCODER, p));
+            }
+        });
     }
 
     /// Like [`visit_adapter_params`](Self::visit_adapter_params), mutably.
@@ -740,6 +798,11 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         self.base_model.visit_sublayers_mut(&mut |site, adapters| {
             if let Some(a) = adapters.adapter_mut(name) {
                 a.visit_params_mut(&mut |p| f(&site.path, p));
+            }
+        });
+        self.base_model.visit_prompt_mut(&mut |site| {
+            if let Some(a) = site.adapter_mut(name) {
+                a.visit_params_mut(&mut |p| f(PROMPT_ENCODER, p));
             }
         });
     }

@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 
 use crate::adapted_linear::AdaptedLinear;
 use crate::config::TaskType;
+use crate::prompt_site::PromptSite;
 use crate::sublayer::SublayerAdapters;
 
 /// Where in a transformer layer a bottleneck site sits (AdapterHub's `location_key`).
@@ -55,6 +56,22 @@ pub trait AdapterHost<B: Backend>: Module<B> {
     /// Like [`visit_sublayers`](Self::visit_sublayers), mutably.
     fn visit_sublayers_mut(&mut self, f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>)) {
         let _ = f;
+    }
+
+    /// Calls `f` with the model's prompt site, where virtual tokens enter (models without one
+    /// keep the default: none, and prompt learning is refused).
+    fn visit_prompt(&self, f: &mut dyn FnMut(&PromptSite<B>)) {
+        let _ = f;
+    }
+
+    /// Like [`visit_prompt`](Self::visit_prompt), mutably.
+    fn visit_prompt_mut(&mut self, f: &mut dyn FnMut(&mut PromptSite<B>)) {
+        let _ = f;
+    }
+
+    /// The input word embeddings `[vocab, hidden]` (prompt tuning's `TEXT` init).
+    fn word_embeddings(&self) -> Option<burn::tensor::Tensor<B, 2>> {
+        None
     }
 
     /// The Hugging Face `model_type` (`t5`, `mt5`, `bert`): picks PEFT's default targets.

@@ -91,9 +91,24 @@ fn read_dir_config(dir: &Path) -> Result<DirConfig> {
             config.validate().map_err(peft_err)?;
             Ok(DirConfig::Peft(AdapterConfig::LoKr(config)))
         }
+        Some("PROMPT_TUNING") => {
+            let config: peft_core::PromptTuningConfig = crate::files::parse_json(&path, &text)?;
+            config.validate().map_err(peft_err)?;
+            Ok(DirConfig::Peft(AdapterConfig::PromptTuning(config)))
+        }
+        Some("P_TUNING") => {
+            let config: peft_core::PromptEncoderConfig = crate::files::parse_json(&path, &text)?;
+            config.validate().map_err(peft_err)?;
+            Ok(DirConfig::Peft(AdapterConfig::PTuning(config)))
+        }
+        Some("PREFIX_TUNING") => {
+            let config: peft_core::PrefixTuningConfig = crate::files::parse_json(&path, &text)?;
+            config.validate().map_err(peft_err)?;
+            Ok(DirConfig::Peft(AdapterConfig::PrefixTuning(config)))
+        }
         Some(other) => Err(peft_err(PeftError::Unsupported(format!(
-            "peft_type {other:?} (implemented: LORA, IA3, LOHA, LOKR, and AdapterHub bottleneck \
-             adapters)"
+            "peft_type {other:?} (implemented: LORA, IA3, LOHA, LOKR, PROMPT_TUNING, P_TUNING, \
+             PREFIX_TUNING, and AdapterHub bottleneck adapters)"
         )))),
     }
 }
@@ -209,6 +224,12 @@ fn fill_adapter<B: Backend, M: AdapterHost<B>>(
     dir: &Path,
     name: &str,
 ) -> Result<LoadReport> {
+    if peft
+        .adapter_config(name)
+        .is_some_and(AdapterConfig::is_prompt_learning)
+    {
+        return crate::prompt::fill_prompt_adapter(peft, dir, name);
+    }
     let source = open_adapter_weights(dir)?;
     let path = source.path();
     // Read and check every tensor before touching the model, so a bad file changes nothing.
@@ -316,6 +337,12 @@ pub fn adapter_state_dict<B: Backend, M: AdapterHost<B>>(
     peft: &PeftModel<B, M>,
     name: &str,
 ) -> BTreeMap<String, F32Tensor> {
+    if peft
+        .adapter_config(name)
+        .is_some_and(AdapterConfig::is_prompt_learning)
+    {
+        return crate::prompt::prompt_state_dict(peft, name);
+    }
     let mut out = BTreeMap::new();
     peft.visit_adapter_params(name, &mut |site, p| {
         out.insert(
@@ -441,8 +468,25 @@ pub fn save_pretrained<B: Backend, M: AdapterHost<B>>(
                 c.to_json()
             }};
         }
+        if let Some(encoder) = crate::prompt::encoder_state_dict(peft, &name) {
+            write_safetensors(
+                &out.join(crate::prompt::PROMPT_ENCODER_FILE),
+                &encoder,
+                HashMap::from([("format".to_string(), "pt".to_string())]),
+            )?;
+        }
+        macro_rules! prompt_json {
+            ($c:expr) => {{
+                let mut c = $c.clone();
+                c.header.inference_mode = true;
+                c.to_json()
+            }};
+        }
         let json = match (saved_ia3_config(peft, &name), peft.adapter_config(&name)) {
             (Some(c), _) => c.to_json(),
+            (None, Some(AdapterConfig::PromptTuning(c))) => prompt_json!(c),
+            (None, Some(AdapterConfig::PTuning(c))) => prompt_json!(c),
+            (None, Some(AdapterConfig::PrefixTuning(c))) => prompt_json!(c),
             (None, Some(AdapterConfig::LoHa(c))) => lycoris_json!(c),
             (None, Some(AdapterConfig::LoKr(c))) => lycoris_json!(c),
             _ => saved_config(peft, &name).expect("adapter exists").to_json(),

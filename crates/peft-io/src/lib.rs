@@ -30,6 +30,7 @@ mod error;
 pub mod files;
 pub mod hf_model;
 pub mod pickle;
+pub mod prompt;
 pub mod tensors;
 pub mod tokenizer;
 pub mod weighted;

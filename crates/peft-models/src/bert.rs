@@ -14,7 +14,8 @@ use burn::tensor::{Int, Tensor};
 use peft_core::Dropout;
 use peft_core::nn::LayerNorm;
 use peft_core::{
-    AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
+    AdaptedLinear, AdapterHost, PromptGeometry, PromptSite, SublayerAdapters, SublayerKind,
+    SublayerSite, TaskType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -333,13 +334,24 @@ impl<B: Backend> BertLayer<B> {
         })
     }
 
-    fn forward(&self, x: Tensor<B, 3>, mask_bias: Tensor<B, 4>) -> Tensor<B, 3> {
+    /// One layer; `prefix` holds keys and values `[batch, heads, n, head_dim]` that come before
+    /// the layer's own (prefix tuning's past key/values), `mask_bias` covers both.
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask_bias: Tensor<B, 4>,
+        prefix: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
+    ) -> Tensor<B, 3> {
         let [b, l, h] = x.dims();
         let d = h / self.heads;
         let split = |t: Tensor<B, 3>| t.reshape([b, l, self.heads, d]).swap_dims(1, 2);
         let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x.clone()));
+        let mut k = split(self.key.forward(x.clone()));
+        let mut v = split(self.value.forward(x.clone()));
+        if let Some((pk, pv)) = prefix {
+            k = Tensor::cat(vec![pk.clone(), k], 2);
+            v = Tensor::cat(vec![pv.clone(), v], 2);
+        }
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
         let probs = self.attention_dropout.forward(softmax(scores, 3));
         let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, l, h]);
@@ -368,6 +380,9 @@ pub struct BertModel<B: Backend> {
     pub layer: Vec<BertLayer<B>>,
     /// `pooler.dense`.
     pub pooler: Option<AdaptedLinear<B>>,
+    /// Virtual tokens of prompt learning: rows before the word embeddings, or keys and values
+    /// before each layer's own.
+    pub prompt: PromptSite<B>,
     /// The config.
     #[module(skip)]
     pub config: BertConfig,
@@ -435,6 +450,13 @@ impl<B: Backend> BertModel<B> {
             },
             layer,
             pooler: with_pooler.then(|| AdaptedLinear::new(h, h, true, device)),
+            prompt: PromptSite::new(PromptGeometry {
+                token_dim: h,
+                num_layers: config.num_hidden_layers,
+                num_attention_heads: config.num_attention_heads,
+                encoder_decoder: false,
+                key_value_refusal: None,
+            }),
             config: config.clone(),
         })
     }
@@ -448,22 +470,44 @@ impl<B: Backend> BertModel<B> {
     ) -> BertOutput<B> {
         let device = input_ids.device();
         let [b, l] = input_ids.dims();
-        let positions = Tensor::<B, 1, Int>::arange(0..l as i64, &device)
+        let e = &self.embeddings;
+        let mut words = e.word_embeddings.forward(input_ids);
+        let mut types = token_type_ids.unwrap_or_else(|| Tensor::zeros([b, l], &device));
+        let mut mask = attention_mask;
+        // Prompt tuning / P-tuning: virtual tokens first, token type 0, positions from 0 (PEFT's
+        // `inputs_embeds`). Prefix tuning: keys and values before each layer's own, positions
+        // from the prefix's length on (transformers' `past_key_values_length`).
+        if let Some(p) = self.prompt.input_prefix(b) {
+            let n = p.dims()[1];
+            words = Tensor::cat(vec![p, words], 1);
+            types = Tensor::cat(vec![Tensor::zeros([b, n], &device), types], 1);
+            mask = mask.map(|m| Tensor::cat(vec![Tensor::ones([b, n], &device), m], 1));
+        }
+        let prefix = self.prompt.key_value_prefix(b);
+        let past = self.prompt.key_value_len();
+        let l = words.dims()[1];
+        let positions = Tensor::<B, 1, Int>::arange(past as i64..(past + l) as i64, &device)
             .reshape([1, l])
             .expand([b, l]);
-        let types = token_type_ids.unwrap_or_else(|| Tensor::zeros([b, l], &device));
-        let e = &self.embeddings;
-        let x = e.word_embeddings.forward(input_ids)
+        let x = words
             + e.token_type_embeddings.forward(types)
             + e.position_embeddings.forward(positions);
         let mut h = e.dropout.forward(e.layer_norm.forward(x));
-        let mask_bias = match attention_mask {
-            Some(m) => Tensor::<B, 4>::zeros([b, 1, 1, l], &device)
-                .mask_fill(m.equal_elem(0).reshape([b, 1, 1, l]), f32::MIN),
-            None => Tensor::zeros([b, 1, 1, l], &device),
+        let keys = past + l;
+        let mask_bias = match mask {
+            Some(m) => {
+                let m = if past > 0 {
+                    Tensor::cat(vec![Tensor::ones([b, past], &device), m], 1)
+                } else {
+                    m
+                };
+                Tensor::<B, 4>::zeros([b, 1, 1, keys], &device)
+                    .mask_fill(m.equal_elem(0).reshape([b, 1, 1, keys]), f32::MIN)
+            }
+            None => Tensor::zeros([b, 1, 1, keys], &device),
         };
-        for layer in &self.layer {
-            h = layer.forward(h, mask_bias.clone());
+        for (i, layer) in self.layer.iter().enumerate() {
+            h = layer.forward(h, mask_bias.clone(), prefix.as_ref().map(|p| &p[i]));
         }
         let pooler_output = self.pooler.as_ref().map(|p| {
             let cls = h
@@ -566,6 +610,15 @@ impl<B: Backend> AdapterHost<B> for BertModel<B> {
     fn visit_sublayers_mut(&mut self, f: &mut dyn FnMut(&SublayerSite, &mut SublayerAdapters<B>)) {
         self.walk_sublayers_mut("", f)
     }
+    fn visit_prompt(&self, f: &mut dyn FnMut(&PromptSite<B>)) {
+        f(&self.prompt)
+    }
+    fn visit_prompt_mut(&mut self, f: &mut dyn FnMut(&mut PromptSite<B>)) {
+        f(&mut self.prompt)
+    }
+    fn word_embeddings(&self) -> Option<Tensor<B, 2>> {
+        Some(self.embeddings.word_embeddings.weight.val())
+    }
     fn model_class(&self) -> Option<&str> {
         Some("BertModel")
     }
@@ -640,6 +693,15 @@ impl<B: Backend> AdapterHost<B> for BertForSequenceClassification<B> {
     }
     fn model_class(&self) -> Option<&str> {
         Some("BertForSequenceClassification")
+    }
+    fn visit_prompt(&self, f: &mut dyn FnMut(&PromptSite<B>)) {
+        f(&self.bert.prompt)
+    }
+    fn visit_prompt_mut(&mut self, f: &mut dyn FnMut(&mut PromptSite<B>)) {
+        f(&mut self.bert.prompt)
+    }
+    fn word_embeddings(&self) -> Option<Tensor<B, 2>> {
+        Some(self.bert.embeddings.word_embeddings.weight.val())
     }
     fn model_type(&self) -> Option<&str> {
         Some("bert")

@@ -20,6 +20,7 @@ use peft_core::Dropout;
 use peft_core::{
     AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
 };
+use peft_core::{PromptGeometry, PromptSite};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -850,6 +851,17 @@ impl<B: Backend> T5Stack<B> {
     }
 }
 
+/// `mask` `[batch, len]` with ones prepended up to `to` columns (the virtual tokens of a prompt
+/// are always attended to, as PEFT's `cat(ones, attention_mask)`).
+fn extend_mask<B: Backend>(mask: Tensor<B, 2, Int>, to: usize) -> Tensor<B, 2, Int> {
+    let [b, l] = mask.dims();
+    if l >= to {
+        return mask;
+    }
+    let ones = Tensor::<B, 2, Int>::ones([b, to - l], &mask.device());
+    Tensor::cat(vec![ones, mask], 1)
+}
+
 /// `T5ForConditionalGeneration` / `MT5ForConditionalGeneration`.
 #[derive(Module, Debug)]
 pub struct T5ForConditionalGeneration<B: Backend> {
@@ -861,6 +873,8 @@ pub struct T5ForConditionalGeneration<B: Backend> {
     pub decoder: T5Stack<B>,
     /// `lm_head` (untied models).
     pub lm_head: Option<AdaptedLinear<B>>,
+    /// Virtual tokens of prompt learning, prepended to the encoder's input embeddings.
+    pub prompt: PromptSite<B>,
     /// The config.
     #[module(skip)]
     pub config: T5Config,
@@ -885,18 +899,42 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
             decoder: T5Stack::new(config, true, device)?,
             lm_head: (!config.tie_word_embeddings)
                 .then(|| AdaptedLinear::new(config.d_model, config.vocab_size, false, device)),
+            prompt: PromptSite::new(PromptGeometry {
+                token_dim: config.d_model,
+                num_layers: config.num_layers,
+                num_attention_heads: config.num_heads,
+                encoder_decoder: true,
+                key_value_refusal: Some(
+                    "PEFT 0.21.2's prefix tuning fails on (m)T5 under transformers 4.57.6 (a \
+                     position-bias size mismatch in T5 self-attention when the decoder is deeper \
+                     than the encoder, and a generate that disagrees with its own forward pass), \
+                     so there is no reference to match; use prompt tuning or P-tuning on T5, or \
+                     prefix tuning on BERT",
+                ),
+            }),
             config: config.clone(),
         })
     }
 
-    /// Encodes `input_ids` `[batch, src_len]` with an optional attention mask.
+    /// Encodes `input_ids` `[batch, src_len]` with an optional attention mask. With a prompt
+    /// adapter active, its virtual tokens come first (`[batch, virtual + src_len, d_model]`),
+    /// as PEFT's `inputs_embeds`; the decoder extends the mask to match.
     pub fn encode(
         &self,
         input_ids: Tensor<B, 2, Int>,
         mask: Option<Tensor<B, 2, Int>>,
     ) -> Tensor<B, 3> {
-        self.encoder
-            .forward(self.shared.forward(input_ids), mask, None, None)
+        let x = self.shared.forward(input_ids);
+        let [b, _, _] = x.dims();
+        match self.prompt.input_prefix(b) {
+            None => self.encoder.forward(x, mask, None, None),
+            Some(p) => {
+                let x = Tensor::cat(vec![p, x], 1);
+                let l = x.dims()[1];
+                let mask = mask.map(|m| extend_mask(m, l));
+                self.encoder.forward(x, mask, None, None)
+            }
+        }
     }
 
     /// Decoder step(s): logits `[batch, len, vocab]` for `decoder_input_ids`.
@@ -907,6 +945,7 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
         encoder_mask: Option<Tensor<B, 2, Int>>,
         cache: Option<&mut DecoderCache<B>>,
     ) -> Tensor<B, 3> {
+        let encoder_mask = encoder_mask.map(|m| extend_mask(m, encoder_out.dims()[1]));
         let h = self.decoder.forward(
             self.shared.forward(decoder_input_ids),
             None,
@@ -928,6 +967,7 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
         decoder_mask: Tensor<B, 2, Int>,
         cache: &mut DecoderCache<B>,
     ) -> Tensor<B, 3> {
+        let encoder_mask = encoder_mask.map(|m| extend_mask(m, encoder_out.dims()[1]));
         let h = self.decoder.forward(
             self.shared.forward(decoder_input_ids),
             Some(decoder_mask),
@@ -1135,6 +1175,18 @@ impl<B: Backend> AdapterHost<B> for T5ForConditionalGeneration<B> {
 
     fn output_heads(&self, _task: Option<TaskType>) -> Vec<String> {
         vec!["lm_head".to_string()]
+    }
+
+    fn visit_prompt(&self, f: &mut dyn FnMut(&PromptSite<B>)) {
+        f(&self.prompt)
+    }
+
+    fn visit_prompt_mut(&mut self, f: &mut dyn FnMut(&mut PromptSite<B>)) {
+        f(&mut self.prompt)
+    }
+
+    fn word_embeddings(&self) -> Option<Tensor<B, 2>> {
+        Some(self.shared.weight.val())
     }
 }
 

@@ -11,12 +11,14 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod lycoris;
+pub mod prompt;
 
 use bottleneck::BnConfig;
 use ia3::Ia3Config;
 use loha::LoHaConfig;
 use lokr::LoKrConfig;
 use lora::{Bias, LoraConfig};
+use prompt::{PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig};
 
 use crate::config::TaskType;
 
@@ -33,6 +35,12 @@ pub enum AdapterConfig {
     LoKr(LoKrConfig),
     /// AdapterHub bottleneck adapter (Houlsby, Pfeiffer, any `BnConfig`).
     Bottleneck(BnConfig),
+    /// PEFT prompt tuning.
+    PromptTuning(PromptTuningConfig),
+    /// PEFT P-tuning (`PromptEncoderConfig`).
+    PTuning(PromptEncoderConfig),
+    /// PEFT prefix tuning.
+    PrefixTuning(PrefixTuningConfig),
 }
 
 impl AdapterConfig {
@@ -44,6 +52,9 @@ impl AdapterConfig {
             AdapterConfig::LoHa(c) => c.header.inference_mode,
             AdapterConfig::LoKr(c) => c.header.inference_mode,
             AdapterConfig::Bottleneck(_) => false,
+            AdapterConfig::PromptTuning(c) => c.header.inference_mode,
+            AdapterConfig::PTuning(c) => c.header.inference_mode,
+            AdapterConfig::PrefixTuning(c) => c.header.inference_mode,
         }
     }
 
@@ -56,6 +67,9 @@ impl AdapterConfig {
             AdapterConfig::LoHa(c) => c.header.inference_mode = on,
             AdapterConfig::LoKr(c) => c.header.inference_mode = on,
             AdapterConfig::Bottleneck(_) => {}
+            AdapterConfig::PromptTuning(c) => c.header.inference_mode = on,
+            AdapterConfig::PTuning(c) => c.header.inference_mode = on,
+            AdapterConfig::PrefixTuning(c) => c.header.inference_mode = on,
         }
     }
 
@@ -67,6 +81,9 @@ impl AdapterConfig {
             AdapterConfig::LoHa(c) => c.header.task_type,
             AdapterConfig::LoKr(c) => c.header.task_type,
             AdapterConfig::Bottleneck(_) => None,
+            AdapterConfig::PromptTuning(c) => c.header.task_type,
+            AdapterConfig::PTuning(c) => c.header.task_type,
+            AdapterConfig::PrefixTuning(c) => c.header.task_type,
         }
     }
 
@@ -87,6 +104,9 @@ impl AdapterConfig {
             AdapterConfig::LoHa(_) => "LOHA",
             AdapterConfig::LoKr(_) => "LOKR",
             AdapterConfig::Bottleneck(_) => "BOTTLENECK",
+            AdapterConfig::PromptTuning(_) => "PROMPT_TUNING",
+            AdapterConfig::PTuning(_) => "P_TUNING",
+            AdapterConfig::PrefixTuning(_) => "PREFIX_TUNING",
         }
     }
 
@@ -102,6 +122,31 @@ impl AdapterConfig {
 impl From<LoraConfig> for AdapterConfig {
     fn from(c: LoraConfig) -> Self {
         AdapterConfig::Lora(c)
+    }
+}
+
+impl AdapterConfig {
+    /// Whether this is a prompt-learning method (prompt tuning, P-tuning, prefix tuning).
+    pub fn is_prompt_learning(&self) -> bool {
+        prompt::model::is_prompt_learning(self)
+    }
+}
+
+impl From<PromptTuningConfig> for AdapterConfig {
+    fn from(c: PromptTuningConfig) -> Self {
+        AdapterConfig::PromptTuning(c)
+    }
+}
+
+impl From<PromptEncoderConfig> for AdapterConfig {
+    fn from(c: PromptEncoderConfig) -> Self {
+        AdapterConfig::PTuning(c)
+    }
+}
+
+impl From<PrefixTuningConfig> for AdapterConfig {
+    fn from(c: PrefixTuningConfig) -> Self {
+        AdapterConfig::PrefixTuning(c)
     }
 }
 
