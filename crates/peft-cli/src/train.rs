@@ -602,10 +602,20 @@ where
         AdapterConfig::PromptTuning(c) => Some(c.clone()),
         _ => None,
     };
+    // PiSSA and OLoRA move part of the base into the adapter: their start is kept, so that the
+    // adapter can be saved as a plain LoRA of the unchanged base at the end.
+    let mutating = match &config {
+        AdapterConfig::Lora(c) => {
+            peft_core::methods::lora::init::WeightInit::parse(&c.init_lora_weights)?
+                .is_some_and(|w| w.mutates_base())
+        }
+        _ => false,
+    };
     let mut peft = PeftModel::new(base, config, "default")?;
     if let Some(c) = init {
         prompt_init(&mut peft, &c, tok_path, args.seed)?;
     }
+    let initial = mutating.then(|| peft_io::adapter::adapter_state_dict(&peft, "default"));
     check_memory(&peft.parameter_counts())?;
     let rank = args.rank();
     let mut trainer = Trainer::new(args.training_args(), task).with_cancellation(cancel);
@@ -687,6 +697,17 @@ where
         &out.join("tokenizer.json"),
         &std::fs::read(tok_path).with_context(|| format!("reading {}", tok_path.display()))?,
     )?;
+    if let Some(initial) = &initial {
+        // PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)`: checkpoints
+        // keep the adapter of the residual base (resuming rebuilds that base); the final
+        // adapter applies to the unchanged base, here and in PEFT.
+        let c = peft_io::lora_init::save_as_plain_lora(&trained.model, "default", initial, out)?;
+        println!(
+            "converted the {} adapter to a plain LoRA of the original base (r = {}, \
+             lora_alpha = {})",
+            args.lora.init_lora_weights, c.r, c.lora_alpha
+        );
+    }
     let losses = logged_losses(&out.join(peft_train::checkpoint::METRICS));
     if !losses.is_empty() {
         crate::plot::loss_curve_png(&losses, &out.join("loss.png"))?;

@@ -29,6 +29,7 @@ pub mod checkpoint;
 mod error;
 pub mod files;
 pub mod hf_model;
+pub mod lora_init;
 pub mod pickle;
 pub mod prompt;
 pub mod tensors;

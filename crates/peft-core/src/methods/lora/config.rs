@@ -229,8 +229,11 @@ impl LoraConfig {
                 self.lora_dropout
             )));
         }
-        if let InitLoraWeights::Other(o) = &self.init_lora_weights {
-            return Err(PeftError::Unsupported(format!("init_lora_weights = {o:?}")));
+        if super::init::WeightInit::parse(&self.init_lora_weights)?.is_some() && self.lora_bias {
+            return Err(PeftError::Unsupported(format!(
+                "init_lora_weights = {:?} with lora_bias",
+                self.init_lora_weights
+            )));
         }
         self.targeting().validate()?;
         if self.lora_bias && self.init_lora_weights == InitLoraWeights::Gaussian {
@@ -370,7 +373,7 @@ mod tests {
                 "lora_dropout",
             );
         }
-        for init in ["pissa", "olora", "loftq", "eva"] {
+        for init in ["loftq", "eva", "corda"] {
             unsupported(
                 &LoraConfig {
                     init_lora_weights: InitLoraWeights::Other(init.into()),

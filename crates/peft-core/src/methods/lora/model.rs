@@ -17,6 +17,7 @@ pub fn attach<B: Backend, M: AdapterHost<B>>(
     config: &LoraConfig,
 ) -> Result<(Vec<String>, LoraConfig)> {
     config.validate()?;
+    let weight_init = super::init::WeightInit::parse(&config.init_lora_weights)?;
     let targeting = config.targeting().with_task_heads();
     let targets = attach_linear(host, name, &targeting, |layer, path, device| {
         let spec = LoraSpec {
@@ -28,13 +29,11 @@ pub fn attach<B: Backend, M: AdapterHost<B>>(
             lora_bias: config.lora_bias,
             use_dora: config.use_dora,
         };
-        layer.add_lora(LoraAdapter::new(
-            name,
-            layer.d_input(),
-            layer.d_output(),
-            &spec,
-            device,
-        ))
+        let mut adapter = LoraAdapter::new(name, layer.d_input(), layer.d_output(), &spec, device);
+        if let Some(init) = weight_init {
+            super::init::apply(init, layer, &mut adapter, path)?;
+        }
+        layer.add_lora(adapter)
     })?;
     let saved = LoraConfig {
         modules_to_save: targeting.modules_to_save,
