@@ -268,11 +268,19 @@ fn bad_configs_and_wrong_architectures() {
         &std::fs::read_to_string(fixture_path("t5/mt5_lora/adapter_config.json")).unwrap(),
     )
     .unwrap();
+    cfg["peft_type"] = "ADALORA".into();
+    std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let err = load_err(&d).to_string();
+    assert!(
+        err.contains("adapter_config.json") && err.contains("peft_type \"ADALORA\""),
+        "{err}"
+    );
+    // A known method whose fields are missing: the file and the field are named.
     cfg["peft_type"] = "PREFIX_TUNING".into();
     std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
     let err = load_err(&d).to_string();
     assert!(
-        err.contains("adapter_config.json") && err.contains("peft_type \"PREFIX_TUNING\""),
+        err.contains("adapter_config.json") && err.contains("num_virtual_tokens"),
         "{err}"
     );
 

@@ -12,10 +12,10 @@ use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use common::methods::{batch, check_gradients};
+use common::methods::{batch, check_gradients, worst_gradient};
 use common::{AB, B, Fixture, assert_close, fixture_path, to_vec};
 use peft::core::check::max_abs_diff;
-use peft::core::{AdapterConfig, AdapterHost, ParamRef, PeftModel};
+use peft::core::{AdapterConfig, AdapterHost, PeftModel};
 use peft::io::{from_pretrained, load_hf_weights, open_weights};
 use peft::models::{BertForSequenceClassification, T5ForConditionalGeneration};
 
@@ -197,39 +197,8 @@ fn bert_prompt_adapters_match_peft() {
             "{name}: loss {got_loss} vs {want_loss}"
         );
         let grads = GradientsParams::from_grads(loss.backward(), &peft.base_model);
-        let mut worst = (0.0f32, String::new());
-        let mut n = 0;
-        peft.visit_adapter_params("default", &mut |path, p| {
-            let key = format!("grad.{path}.{}", p.key);
-            let (got, want) = match p.param {
-                ParamRef::D1(t) => (
-                    to_vec(grads.get::<B, 1>(t.id).unwrap()),
-                    to_vec(fx.get::<B, 1>(&key, &device)),
-                ),
-                ParamRef::D2(t) if p.layout == peft::core::FileLayout::Transposed => (
-                    to_vec(grads.get::<B, 2>(t.id).unwrap().transpose()),
-                    to_vec(fx.get::<B, 2>(&key, &device)),
-                ),
-                ParamRef::D2(t) => (
-                    to_vec(grads.get::<B, 2>(t.id).unwrap()),
-                    to_vec(fx.get::<B, 2>(&key, &device)),
-                ),
-            };
-            let scale = want
-                .iter()
-                .fold(1e-6f32, |m, v| if v.abs() > m { v.abs() } else { m });
-            let d = max_abs_diff(&got, &want) / scale;
-            if d.is_nan() || d > worst.0 {
-                worst = (d, key);
-            }
-            n += 1;
-        });
-        assert!(
-            worst.0 < 1e-4,
-            "{name}: gradient {} off by {:e}",
-            worst.1,
-            worst.0
-        );
+        let (worst, key, n) = worst_gradient(&peft, &grads, &fx, str::to_string);
+        assert!(worst < 1e-4, "{name}: gradient {key} off by {worst:e}");
         eprintln!("{name}: logits within {d:.1e}; loss and {n} gradients match");
     }
 }

@@ -133,6 +133,24 @@ pub fn check_gradients(
         "loss {got_loss} vs PEFT {want_loss}"
     );
     let grads = GradientsParams::from_grads(loss.backward(), &peft.base_model);
+    let (worst, key, compared) = worst_gradient(peft, &grads, fx, file_key);
+    assert!(
+        worst < 1e-4,
+        "largest relative gradient difference {worst} at {key}"
+    );
+    compared
+}
+
+/// Every gradient of adapter `default` against the fixture's `grad.<path>.<key>` (`file_key`
+/// maps our key to PEFT's parameter name), relative to each tensor's largest value: the worst
+/// difference (NaN counts as worst), where, and how many tensors were compared.
+pub fn worst_gradient<M: peft::core::AdapterHost<AB>>(
+    peft: &PeftModel<AB, M>,
+    grads: &GradientsParams,
+    fx: &Fixture,
+    file_key: impl Fn(&str) -> String,
+) -> (f32, String, usize) {
+    let device = Default::default();
     let mut compared = 0;
     let mut worst = (0.0f32, String::new());
     peft.visit_adapter_params("default", &mut |path, p| {
@@ -167,13 +185,7 @@ pub fn check_gradients(
         }
         compared += 1;
     });
-    assert!(
-        worst.0 < 1e-4,
-        "largest relative gradient difference {} at {}",
-        worst.0,
-        worst.1
-    );
-    compared
+    (worst.0, worst.1, compared)
 }
 
 /// The BERT SEQ_CLS fixture with the adapter in `adapter_rel`: logits against `outputs_rel`.

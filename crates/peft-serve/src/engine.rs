@@ -486,6 +486,16 @@ impl<B: Backend> Worker<B> {
     fn attach(&mut self, path: &Path, internal: &str) -> Result<()> {
         let config = peft_io::adapter::read_adapter_config(path)
             .map_err(|e| ServeError::Unprocessable(e.to_string()))?;
+        if config.is_prompt_learning() {
+            // Virtual tokens change the sequence of the whole batch: no mixed batches (PEFT
+            // refuses `adapter_names` with prompt learning too).
+            return Err(ServeError::Unprocessable(format!(
+                "{}: {} adapters cannot be served next to others (their virtual tokens change \
+                 the whole batch's sequence); run them with `peft generate`",
+                path.display(),
+                config.peft_type()
+            )));
+        }
         if config.bias() != peft_core::lora::Bias::None {
             // Its biases live in the shared base layers: every other adapter would see them.
             return Err(ServeError::Unprocessable(format!(
