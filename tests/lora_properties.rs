@@ -315,8 +315,12 @@ fn invalid_configs_are_refused() {
     };
     assert!(bad(lookaround).contains("invalid pattern `(?!x).*q` in `target_modules`"));
     let mut loftq = base.clone();
-    loftq.init_lora_weights = InitLoraWeights::Other("pissa".into());
-    assert!(bad(loftq).contains("unsupported adapter option: init_lora_weights = \"pissa\""));
+    loftq.init_lora_weights = InitLoraWeights::Other("loftq".into());
+    let e = bad(loftq);
+    assert!(
+        e.contains("unsupported adapter option: init_lora_weights = \"loftq\""),
+        "{e}"
+    );
     let no_default = LoraConfig {
         target_modules: None,
         ..base

@@ -40,6 +40,9 @@ struct Opts {
     device: String,
     dtype: String,
     preset: String,
+    /// Batch size and source length of the model workloads (both sides).
+    batch: usize,
+    src_len: usize,
     torch: bool,
     /// Also run peft with `PEFT_GEMM_KERNEL=matrixmultiply` (ndarray's own kernel), as `peft-mm`.
     kernels: bool,
@@ -64,6 +67,8 @@ fn parse(args: &[String]) -> Result<Opts> {
         device: "cpu".into(),
         dtype: "f32".into(),
         preset: "small".into(),
+        batch: 8,
+        src_len: 128,
         torch: true,
         kernels: false,
         allocators: false,
@@ -109,6 +114,8 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--device" => o.device = val()?,
             "--dtype" => o.dtype = val()?,
             "--model-preset" => o.preset = val()?,
+            "--batch" => o.batch = val()?.parse()?,
+            "--src-len" => o.src_len = val()?.parse()?,
             "--requests" => o.serve.requests = val()?.parse()?,
             "--clients" => o.serve.clients = val()?.parse()?,
             "--adapters" => o.serve.adapters = val()?.parse()?,
@@ -116,7 +123,8 @@ fn parse(args: &[String]) -> Result<Opts> {
             other => bail!(
                 "unknown option {other:?}; usage: cargo xtask bench [--workload NAME]... [--json] \
                  [--rounds N] [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] \
-                 [--dtype f32|bf16] [--model-preset small|large] [--no-torch] [--compare-kernels] \
+                 [--dtype f32|bf16] [--model-preset small|large] [--batch N] [--src-len N] \
+                 [--no-torch] [--compare-kernels] \
                  [--compare-allocators] [--requests N --clients N --adapters N (serve)] \
                  [--global-batch N (lora-train-dp)]"
             ),
@@ -130,6 +138,9 @@ fn parse(args: &[String]) -> Result<Opts> {
         if o.workloads.iter().any(|w| w == alone) && o.workloads.len() > 1 {
             bail!("--workload {alone} is a test of its own: run it alone");
         }
+    }
+    if o.batch == 0 || o.src_len == 0 {
+        bail!("--batch and --src-len must be at least 1");
     }
     if o.rounds == 0 || o.steps == 0 {
         bail!("--rounds and --steps must be at least 1");
@@ -255,7 +266,9 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
         c.args(["--workload", w])
             .args(["--steps", &o.steps.to_string()])
             .args(["--warmup", &o.warmup.to_string()])
-            .args(["--model-preset", &o.preset]);
+            .args(["--model-preset", &o.preset])
+            .args(["--batch", &o.batch.to_string()])
+            .args(["--src-len", &o.src_len.to_string()]);
     };
     // (workload, impl) -> per-round results.
     let mut results: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
