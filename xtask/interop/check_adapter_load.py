@@ -20,14 +20,26 @@ import sys
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          PreTrainedTokenizerFast)
+
+
+def base_model(base_dir, adapter_dir):
+    """The base as transformers loads it: seq2seq, or BERT for classification with as many labels
+    as the adapter's classifier copy has rows."""
+    if AutoConfig.from_pretrained(base_dir).model_type == "bert":
+        st = load_file(f"{adapter_dir}/adapter_model.safetensors")
+        head = next(v for k, v in st.items() if k.endswith("classifier.weight"))
+        return AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=head.shape[0])
+    return AutoModelForSeq2SeqLM.from_pretrained(base_dir)
 
 
 def load_peft(base_dir, adapter_dir, cfg):
-    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, PromptEncoderConfig,
-                      PromptTuningConfig, get_peft_model, get_peft_model_state_dict)
+    from peft import (IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, PrefixTuningConfig,
+                      PromptEncoderConfig, PromptTuningConfig, get_peft_model,
+                      get_peft_model_state_dict)
 
-    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), adapter_dir).eval()
+    model = PeftModel.from_pretrained(base_model(base_dir, adapter_dir), adapter_dir).eval()
     if cfg["peft_type"] == "IA3":
         fields = ("target_modules", "feedforward_modules", "task_type", "modules_to_save")
         fresh_cfg = IA3Config(**{k: v for k, v in cfg.items() if k in fields})
@@ -38,6 +50,9 @@ def load_peft(base_dir, adapter_dir, cfg):
         fields = ("num_virtual_tokens", "task_type", "encoder_hidden_size",
                   "encoder_reparameterization_type", "encoder_num_layers")
         fresh_cfg = PromptEncoderConfig(**{k: v for k, v in cfg.items() if k in fields})
+    elif cfg["peft_type"] == "PREFIX_TUNING":
+        fields = ("num_virtual_tokens", "task_type", "encoder_hidden_size", "prefix_projection")
+        fresh_cfg = PrefixTuningConfig(**{k: v for k, v in cfg.items() if k in fields})
     elif cfg["peft_type"] == "LOHA":
         fields = ("r", "alpha", "target_modules", "task_type", "modules_to_save", "rank_dropout",
                   "module_dropout", "layers_to_transform")
@@ -51,7 +66,7 @@ def load_peft(base_dir, adapter_dir, cfg):
         fields = ("r", "lora_alpha", "target_modules", "task_type", "bias", "lora_bias", "modules_to_save",
                   "layers_to_transform", "use_dora", "use_rslora")
         fresh_cfg = LoraConfig(**{k: v for k, v in cfg.items() if k in fields})
-    fresh = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(base_dir), fresh_cfg)
+    fresh = get_peft_model(base_model(base_dir, adapter_dir), fresh_cfg)
     expected = set(get_peft_model_state_dict(fresh).keys())
     saved = set(load_file(f"{adapter_dir}/adapter_model.safetensors").keys())
     return model, expected, saved, f"PEFT {cfg['peft_type']}"
@@ -77,8 +92,10 @@ def load_adapterhub(base_dir, adapter_dir, cfg):
 def main():
     base_dir, adapter_dir, ours_path, *texts = sys.argv[1:]
     cfg = json.load(open(f"{adapter_dir}/adapter_config.json"))
-    tok = PreTrainedTokenizerFast(tokenizer_file=f"{adapter_dir}/tokenizer.json", pad_token="<pad>",
-                                  eos_token="</s>", unk_token="<unk>")
+    bert = AutoConfig.from_pretrained(base_dir).model_type == "bert"
+    specials = (dict(pad_token="[PAD]", unk_token="[UNK]") if bert else
+                dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=f"{adapter_dir}/tokenizer.json", **specials)
     if "peft_type" in cfg:
         model, expected, saved, who = load_peft(base_dir, adapter_dir, cfg)
     else:
@@ -88,10 +105,11 @@ def main():
         sys.exit(1)
 
     enc = tok(texts, return_tensors="pt", padding=True)
-    dec = torch.zeros((len(texts), 1), dtype=torch.long)
+    kw = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    if not bert:
+        kw["decoder_input_ids"] = torch.zeros((len(texts), 1), dtype=torch.long)
     with torch.no_grad():
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                       decoder_input_ids=dec).logits
+        logits = model(**kw).logits
     ours = load_file(ours_path)["logits"]
     diff = (ours - logits).abs().max().item()
     print(f"{who} loaded {adapter_dir}: {len(saved)} tensors, key set equal; "

