@@ -312,6 +312,16 @@ fn loading_replacing_and_dropping_adapters_during_traffic_loses_no_request() {
     )
     .unwrap();
 
+    // A prompt-learning adapter: its virtual tokens would change the whole batch: refused.
+    std::fs::create_dir_all(dir.join("prompt")).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            Path::new(&fx("prompt/mt5_prompt_random")).join(f),
+            dir.join("prompt").join(f),
+        )
+        .unwrap();
+    }
+
     let s = Arc::new(Server::start(&[
         "--adapter",
         &format!("a={}", dir.join("a").display()),
@@ -355,6 +365,9 @@ fn loading_replacing_and_dropping_adapters_during_traffic_loses_no_request() {
         let (st, body) = post(&s, "/v1/adapters", json!({"name": "y", "path": "biased"}));
         assert_eq!(st, 422, "round {round}: {body}");
         assert!(body.to_string().contains("base biases"), "{body}");
+        let (st, body) = post(&s, "/v1/adapters", json!({"name": "p", "path": "prompt"}));
+        assert_eq!(st, 422, "round {round}: {body}");
+        assert!(body.to_string().contains("PROMPT_TUNING"), "{body}");
         let (st, body) = post(&s, "/v1/adapters", json!({"name": "z", "path": "linked"}));
         assert_eq!(st, 403, "round {round}: {body}");
         assert!(body.to_string().contains("links outside"), "{body}");
