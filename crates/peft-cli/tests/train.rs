@@ -531,3 +531,66 @@ fn p_tuning_resumes_where_an_uninterrupted_run_ends_and_text_init_is_written() {
         std::fs::remove_dir_all(&d).ok();
     }
 }
+
+#[test]
+fn prefix_tuning_trains_seq_cls_on_real_minilm_and_saves_peft_layout() {
+    // Prefix tuning with the projection on BERT (where PEFT runs it): the loss falls, the
+    // adapter file is PEFT's (the projected prefix and the classifier copy), the projection
+    // PEFT drops is kept aside, and the CLI's reload check runs on it.
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("prefix");
+    let mut a = args(
+        &out,
+        &[
+            "--method",
+            "prefix_tuning",
+            "--prefix-projection",
+            "--encoder-hidden-size",
+            "32",
+            "--num-virtual-tokens",
+            "4",
+            "--max-steps",
+            "12",
+            "--task-type",
+            "SEQ_CLS",
+            "--learning-rate",
+            "5e-3",
+        ],
+    );
+    a.model = common::minilm_dir().display().to_string();
+    let done = peft_cli::train::train_seq_cls::<AB>(&a, &Default::default()).unwrap();
+    assert!(
+        done.summary.train_accuracy.is_finite(),
+        "{:?}",
+        done.summary
+    );
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (early, late) = (mean(&losses[..4]), mean(&losses[8..]));
+    eprintln!("prefix tuning SEQ_CLS loss: first four steps {early:.4}, last four {late:.4}");
+    assert!(late < early, "{losses:?}");
+    let tensors = st_tensors(&out.join("adapter_model.safetensors"));
+    let keys: Vec<&str> = tensors.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "base_model.classifier.bias",
+            "base_model.classifier.weight",
+            "prompt_embeddings"
+        ]
+    );
+    // 4 virtual tokens x (6 layers x 2 x 384).
+    assert_eq!(tensors[2].1, vec![4, 6 * 2 * 384]);
+    assert!(out.join("prompt_encoder.safetensors").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "PREFIX_TUNING");
+    assert_eq!(cfg["num_layers"], 6);
+    assert_eq!(cfg["token_dim"], 384);
+    std::fs::remove_dir_all(&out).ok();
+}
