@@ -612,11 +612,12 @@ where
         _ => false,
     };
     let mut peft = PeftModel::new(base, config, "default")?;
+    // Parameters are lazy until here: an absurd size is refused before anything is allocated.
+    check_memory(&peft.parameter_counts())?;
     if let Some(c) = init {
         prompt_init(&mut peft, &c, tok_path, args.seed)?;
     }
     let initial = mutating.then(|| peft_io::adapter::adapter_state_dict(&peft, "default"));
-    check_memory(&peft.parameter_counts())?;
     let rank = args.rank();
     let mut trainer = Trainer::new(args.training_args(), task).with_cancellation(cancel);
     if rank == 0 {
@@ -779,7 +780,8 @@ fn check_memory(counts: &peft_core::ParamCounts) -> Result<()> {
         bail!(
             "the model and adapter need at least {:.1} GiB ({} parameters, {} trainable: weights, \
              gradients and AdamW state in f32) but only {:.1} GiB of memory is available; lower \
-             --lora-r or use a smaller model",
+             the adapter's size (--lora-r, --num-virtual-tokens, --encoder-hidden-size) or use a \
+             smaller model",
             need as f64 / (1u64 << 30) as f64,
             counts.all,
             counts.trainable,

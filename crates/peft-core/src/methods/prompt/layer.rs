@@ -3,9 +3,10 @@
 //! PEFT's parameter names (`prompt_encoder.<name>.<key>`).
 
 use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::Tensor;
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
 
 use crate::dropout::Dropout;
 use crate::params::{AdapterParams, FileLayout, NamedParam, ParamMut, ParamRef};
@@ -90,10 +91,11 @@ impl<B: Backend> Dense<B> {
     /// PyTorch's `nn.Linear` init: `U(-1/sqrt(in), 1/sqrt(in))` for weight and bias.
     fn new(d_in: usize, d_out: usize, device: &B::Device) -> Self {
         let k = 1.0 / (d_in as f64).sqrt();
-        let u = Distribution::Uniform(-k, k);
+        let u = Initializer::Uniform { min: -k, max: k };
+        // Lazy, like every parameter here: counting allocates nothing.
         Dense {
-            weight: Param::from_tensor(Tensor::random([d_in, d_out], u, device)),
-            bias: Param::from_tensor(Tensor::random([d_out], u, device)),
+            weight: u.init([d_in, d_out], device),
+            bias: u.init([d_out], device),
         }
     }
 
@@ -119,14 +121,12 @@ impl<B: Backend> LstmDirection<B> {
     /// PyTorch's `nn.LSTM` init: every tensor `U(-1/sqrt(h), 1/sqrt(h))`.
     fn new(d_in: usize, h: usize, device: &B::Device) -> Self {
         let k = 1.0 / (h as f64).sqrt();
-        let u = Distribution::Uniform(-k, k);
-        let p2 = |r, c| Param::from_tensor(Tensor::random([r, c], u, device));
-        let p1 = |n| Param::from_tensor(Tensor::random([n], u, device));
+        let u = Initializer::Uniform { min: -k, max: k };
         LstmDirection {
-            w_ih: p2(d_in, 4 * h),
-            w_hh: p2(h, 4 * h),
-            b_ih: p1(4 * h),
-            b_hh: p1(4 * h),
+            w_ih: u.init([d_in, 4 * h], device),
+            w_hh: u.init([h, 4 * h], device),
+            b_ih: u.init([4 * h], device),
+            b_hh: u.init([4 * h], device),
         }
     }
 
@@ -221,14 +221,13 @@ impl<B: Backend> PromptAdapter<B> {
                 Vec::new(),
             ),
         };
-        let table = Tensor::random(
-            [spec.rows, spec.table_width()],
-            Distribution::Normal(0.0, 1.0),
-            device,
-        );
+        let normal = Initializer::Normal {
+            mean: 0.0,
+            std: 1.0,
+        };
         PromptAdapter {
             name: name.to_string(),
-            embedding: Param::from_tensor(table),
+            embedding: normal.init([spec.rows, spec.table_width()], device),
             mlp,
             lstm,
             dropout: Dropout::new(dropout),
