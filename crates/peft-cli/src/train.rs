@@ -414,6 +414,20 @@ fn train_seq_cls_with<B: AutodiffBackend>(
     if !new.is_empty() && args.rank() == 0 {
         eprintln!("note: new head, initialised from the seed: {new:?}");
     }
+    // Virtual tokens take BERT positions too: the longest input plus them must have one each.
+    let virtual_tokens = match args.lora.method.to_ascii_lowercase().as_str() {
+        "prompt_tuning" | "p_tuning" | "prefix_tuning" => args.lora.num_virtual_tokens,
+        _ => 0,
+    };
+    let positions = base.bert.config.max_position_embeddings;
+    if virtual_tokens > 0 && args.max_source_length + virtual_tokens > positions {
+        bail!(
+            "--max-source-length {} plus --num-virtual-tokens {virtual_tokens} exceeds the \
+             model's {positions} positions (max_position_embeddings in {}); lower one of them",
+            args.max_source_length,
+            dir.join("config.json").display()
+        );
+    }
     crate::ensure_memory(
         base.bert.config.activation_bytes(
             args.batch_size,

@@ -593,4 +593,18 @@ fn prefix_tuning_trains_seq_cls_on_real_minilm_and_saves_peft_layout() {
     assert_eq!(cfg["num_layers"], 6);
     assert_eq!(cfg["token_dim"], 384);
     std::fs::remove_dir_all(&out).ok();
+
+    // The virtual tokens need BERT positions too: refused with the numbers, not a panic.
+    let long = tmp("prefix-long");
+    a.output_dir = long.clone();
+    a.max_source_length = 510;
+    let e = peft_cli::train::train_seq_cls::<AB>(&a, &Default::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("max_position_embeddings") && e.contains("510"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&long).ok();
 }
