@@ -326,13 +326,28 @@ fn bert_forward<B: Backend>(
                 .is_some_and(|s| s.ends_with("ForSequenceClassification"))
         })
     });
-    let adapter_cls = match adapter {
-        Some(a) => read_adapter_config(a)?.task_type() == Some(peft_core::TaskType::SeqCls),
-        None => false,
+    let adapter_config = adapter.map(read_adapter_config).transpose()?;
+    let adapter_cls = adapter_config
+        .as_ref()
+        .is_some_and(|c| c.task_type() == Some(peft_core::TaskType::SeqCls));
+    // Inputs are cut to the model's positions, less those a prompt adapter's virtual tokens take.
+    let virtual_tokens = match &adapter_config {
+        Some(AdapterConfig::PromptTuning(c)) => c.common.num_virtual_tokens,
+        Some(AdapterConfig::PTuning(c)) => c.common.num_virtual_tokens,
+        Some(AdapterConfig::PrefixTuning(c)) => c.common.num_virtual_tokens,
+        _ => 0,
     };
+    let positions = raw["max_position_embeddings"].as_u64().unwrap_or(512) as usize;
+    if virtual_tokens >= positions {
+        bail!(
+            "the adapter's {virtual_tokens} virtual tokens leave no room in the model's \
+             {positions} positions ({})",
+            dir.join("config.json").display()
+        );
+    }
     let tok = TextTokenizer::from_path(dir)?;
     let pad = tok.token_id("[PAD]").unwrap_or(0);
-    let batch = tok.encode_batch(texts, Some(512), pad)?;
+    let batch = tok.encode_batch(texts, Some(positions - virtual_tokens), pad)?;
     let vocab = raw["vocab_size"].as_u64().unwrap_or(u64::MAX) as usize;
     let ids = checked_ids::<B>("the tokenizer's ids", &batch.ids, vocab, device)?;
     let mask = ids_tensor::<B>(&batch.mask, device);
