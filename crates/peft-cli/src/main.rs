@@ -192,21 +192,7 @@ fn params_line<B: Backend, M: AdapterHost<B>>(model: M, lora: &AdapterArgs) -> R
         } else {
             peft_core::TaskType::Seq2SeqLm
         };
-        config = match config {
-            AdapterConfig::PromptTuning(mut c) => {
-                c.header.task_type = Some(task);
-                c.into()
-            }
-            AdapterConfig::PTuning(mut c) => {
-                c.header.task_type = Some(task);
-                c.into()
-            }
-            AdapterConfig::PrefixTuning(mut c) => {
-                c.header.task_type = Some(task);
-                c.into()
-            }
-            other => other,
-        };
+        config.set_task_type(Some(task));
     }
     if matches!(config, AdapterConfig::PrefixTuning(_)) {
         let g = peft_core::prompt::model::geometry(&model)?;
@@ -331,12 +317,10 @@ fn bert_forward<B: Backend>(
         .as_ref()
         .is_some_and(|c| c.task_type() == Some(peft_core::TaskType::SeqCls));
     // Inputs are cut to the model's positions, less those a prompt adapter's virtual tokens take.
-    let virtual_tokens = match &adapter_config {
-        Some(AdapterConfig::PromptTuning(c)) => c.common.num_virtual_tokens,
-        Some(AdapterConfig::PTuning(c)) => c.common.num_virtual_tokens,
-        Some(AdapterConfig::PrefixTuning(c)) => c.common.num_virtual_tokens,
-        _ => 0,
-    };
+    let virtual_tokens = adapter_config
+        .as_ref()
+        .and_then(AdapterConfig::prompt_common)
+        .map_or(0, |c| c.num_virtual_tokens);
     let positions = raw["max_position_embeddings"].as_u64().unwrap_or(512) as usize;
     if virtual_tokens >= positions {
         bail!(
@@ -822,31 +806,26 @@ fn inspect(dir: &Path) -> Result<()> {
         AdapterConfig::PromptTuning(_)
         | AdapterConfig::PTuning(_)
         | AdapterConfig::PrefixTuning(_) => {
-            let (header_task, base, common, what) = match &config {
+            let (base, what) = match &config {
                 AdapterConfig::PromptTuning(c) => (
-                    c.header.task_type,
                     c.header.base_model_name_or_path.as_deref(),
-                    &c.common,
                     format!("{:?} init", c.prompt_tuning_init),
                 ),
                 AdapterConfig::PTuning(c) => (
-                    c.header.task_type,
                     c.header.base_model_name_or_path.as_deref(),
-                    &c.common,
                     format!("{:?} encoder", c.encoder_reparameterization_type),
                 ),
                 AdapterConfig::PrefixTuning(c) => (
-                    c.header.task_type,
                     c.header.base_model_name_or_path.as_deref(),
-                    &c.common,
                     format!("projection {}", c.prefix_projection),
                 ),
                 _ => unreachable!("matched above"),
             };
+            let common = config.prompt_common().expect("matched above");
             println!("method:         {} (PEFT), {what}", config.peft_type());
             println!(
                 "task_type:      {}",
-                header_task.map_or("-".into(), |t| format!("{t:?}"))
+                config.task_type().map_or("-".into(), |t| format!("{t:?}"))
             );
             println!("base model:     {}", s(base));
             println!("virtual tokens: {}", common.num_virtual_tokens);

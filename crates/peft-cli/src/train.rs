@@ -415,10 +415,11 @@ fn train_seq_cls_with<B: AutodiffBackend>(
         eprintln!("note: new head, initialised from the seed: {new:?}");
     }
     // Virtual tokens take BERT positions too: the longest input plus them must have one each.
-    let virtual_tokens = match args.lora.method.to_ascii_lowercase().as_str() {
-        "prompt_tuning" | "p_tuning" | "prefix_tuning" => args.lora.num_virtual_tokens,
-        _ => 0,
-    };
+    let virtual_tokens = args
+        .lora
+        .adapter_config()?
+        .prompt_common()
+        .map_or(0, |c| c.num_virtual_tokens);
     let positions = base.bert.config.max_position_embeddings;
     if virtual_tokens > 0 && args.max_source_length + virtual_tokens > positions {
         bail!(

@@ -46,11 +46,10 @@ pub(crate) fn prompt_state_dict<B: Backend, M: AdapterHost<B>>(
         }
     });
     peft.visit_adapter_params(name, &mut |site, p| {
-        if site != PROMPT_ENCODER {
-            out.insert(
-                format!("base_model.{site}.{}", p.key),
-                p.param.to_file(&p.layout),
-            );
+        if site != PROMPT_ENCODER
+            && let Some(key) = file_key(site, p.key, false)
+        {
+            out.insert(key, p.param.to_file(&p.layout));
         }
     });
     out
@@ -66,14 +65,26 @@ pub(crate) fn encoder_state_dict<B: Backend, M: AdapterHost<B>>(
     }
     let mut out = BTreeMap::new();
     peft.visit_adapter_params(name, &mut |site, p| {
-        if site == PROMPT_ENCODER {
-            out.insert(
-                format!("{PROMPT_ENCODER}.{}", p.key),
-                p.param.to_file(&p.layout),
-            );
+        if site == PROMPT_ENCODER
+            && let Some(key) = file_key(site, p.key, true)
+        {
+            out.insert(key, p.param.to_file(&p.layout));
         }
     });
     Some(out)
+}
+
+/// Where a prompt adapter's tensor `key` on `site` is read from: its `modules_to_save` copies
+/// under `base_model.<site>`; the encoder's tensors from `prompt_encoder.safetensors` when it
+/// has an encoder; otherwise its table from `prompt_embeddings` (and nothing else).
+fn file_key(site: &str, key: &str, with_encoder: bool) -> Option<String> {
+    if site != PROMPT_ENCODER {
+        Some(format!("base_model.{site}.{key}"))
+    } else if with_encoder {
+        Some(format!("{PROMPT_ENCODER}.{key}"))
+    } else {
+        (key == "embedding.weight").then(|| PROMPT_EMBEDDINGS.to_string())
+    }
 }
 
 /// Fills prompt adapter `name` from `dir`: its table from `prompt_embeddings` (an adapter
@@ -110,13 +121,9 @@ pub(crate) fn fill_prompt_adapter<B: Backend, M: AdapterHost<B>>(
     // (file key, from the encoder file, shape in the file)
     let mut wanted: Vec<(String, bool, Vec<usize>)> = Vec::new();
     peft.visit_adapter_params(name, &mut |site, p| {
-        let shape = peft_core::params::file_shape(&p.param.shape(), &p.layout);
-        if site != PROMPT_ENCODER {
-            wanted.push((format!("base_model.{site}.{}", p.key), false, shape));
-        } else if with_encoder {
-            wanted.push((format!("{PROMPT_ENCODER}.{}", p.key), true, shape));
-        } else if p.key == "embedding.weight" {
-            wanted.push((PROMPT_EMBEDDINGS.to_string(), false, shape));
+        if let Some(key) = file_key(site, p.key, with_encoder) {
+            let shape = peft_core::params::file_shape(&p.param.shape(), &p.layout);
+            wanted.push((key, with_encoder && site == PROMPT_ENCODER, shape));
         }
     });
     let mut values: HashMap<String, Vec<f32>> = HashMap::new();
@@ -153,14 +160,7 @@ pub(crate) fn fill_prompt_adapter<B: Backend, M: AdapterHost<B>>(
         });
     }
     peft.visit_adapter_params_mut(name, &mut |site, mut p| {
-        let key = if site != PROMPT_ENCODER {
-            format!("base_model.{site}.{}", p.key)
-        } else if with_encoder {
-            format!("{PROMPT_ENCODER}.{}", p.key)
-        } else {
-            PROMPT_EMBEDDINGS.to_string()
-        };
-        if let Some(v) = values.remove(&key) {
+        if let Some(v) = file_key(site, p.key, with_encoder).and_then(|k| values.remove(&k)) {
             let device = p.param.device();
             p.param.assign_file(v, &p.layout, &device);
         }

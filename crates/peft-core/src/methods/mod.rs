@@ -128,7 +128,42 @@ impl From<LoraConfig> for AdapterConfig {
 impl AdapterConfig {
     /// Whether this is a prompt-learning method (prompt tuning, P-tuning, prefix tuning).
     pub fn is_prompt_learning(&self) -> bool {
-        prompt::model::is_prompt_learning(self)
+        self.prompt_common().is_some()
+    }
+
+    /// The fields every prompt-learning config shares (`num_virtual_tokens`, ...), if this is
+    /// one.
+    pub fn prompt_common(&self) -> Option<&prompt::PromptLearningCommon> {
+        match self {
+            AdapterConfig::PromptTuning(c) => Some(&c.common),
+            AdapterConfig::PTuning(c) => Some(&c.common),
+            AdapterConfig::PrefixTuning(c) => Some(&c.common),
+            _ => None,
+        }
+    }
+
+    /// Like [`prompt_common`](Self::prompt_common), mutably.
+    pub fn prompt_common_mut(&mut self) -> Option<&mut prompt::PromptLearningCommon> {
+        match self {
+            AdapterConfig::PromptTuning(c) => Some(&mut c.common),
+            AdapterConfig::PTuning(c) => Some(&mut c.common),
+            AdapterConfig::PrefixTuning(c) => Some(&mut c.common),
+            _ => None,
+        }
+    }
+
+    /// Sets PEFT's `task_type` (bottleneck adapters have none: unchanged).
+    pub fn set_task_type(&mut self, task: Option<TaskType>) {
+        match self {
+            AdapterConfig::Lora(c) => c.header.task_type = task,
+            AdapterConfig::Ia3(c) => c.header.task_type = task,
+            AdapterConfig::LoHa(c) => c.header.task_type = task,
+            AdapterConfig::LoKr(c) => c.header.task_type = task,
+            AdapterConfig::Bottleneck(_) => {}
+            AdapterConfig::PromptTuning(c) => c.header.task_type = task,
+            AdapterConfig::PTuning(c) => c.header.task_type = task,
+            AdapterConfig::PrefixTuning(c) => c.header.task_type = task,
+        }
     }
 }
 

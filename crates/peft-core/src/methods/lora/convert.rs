@@ -43,10 +43,6 @@ pub struct Conversion {
     pub relative_error: f64,
 }
 
-fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
-}
-
 /// Adds adapter `lora`, a plain LoRA of rank `rank` approximating DoRA adapter `dora` of `peft`
 /// (its `modules_to_save` copies are carried over as they are). `dora` is left in place.
 ///
@@ -125,7 +121,7 @@ pub fn dora_to_lora<B: Backend, M: AdapterHost<B>>(
         let [d_in, d_out] = w.dims();
         let delta = a.delta_weight();
         let factor = m.val() / dora_weight_norm(w.clone(), delta.clone());
-        let d = flat((w.clone() + delta) * factor.unsqueeze_dim::<2>(0) - w);
+        let d = super::host_values((w.clone() + delta) * factor.unsqueeze_dim::<2>(0) - w);
         let mat = faer::Mat::<f64>::from_fn(d_in, d_out, |i, j| d[i * d_out + j] as f64);
         let svd = match mat.thin_svd() {
             Ok(s) => s,

@@ -80,10 +80,6 @@ impl WeightInit {
     }
 }
 
-fn host<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().expect("f32 data")
-}
-
 /// Applies `init` to `adapter` about to join `layer` at `path` (its rank and scaling set):
 /// fills `A` and `B`, and for PiSSA and OLoRA replaces the base weight by the residual.
 pub fn apply<B: Backend>(
@@ -104,7 +100,7 @@ pub fn apply<B: Backend>(
                 )));
             }
             // PEFT's W is [out, in]: burn's weight transposed.
-            let w = host(layer.weight.val().transpose());
+            let w = super::host_values(layer.weight.val().transpose());
             let s = adapter.scaling;
             let (a, b) = decompose::<B>(init, &w, d_out, d_in, r, s, path, &device)?;
             // W_res = W - s B A, back in burn's [in, out].
@@ -152,14 +148,14 @@ fn orthogonal<B: Backend>(
         )));
     }
     let n = Distribution::Normal(0.0, 1.0);
-    let x: Vec<f64> = host(Tensor::<B, 2>::random([r, r], n, device))
+    let x: Vec<f64> = super::host_values(Tensor::<B, 2>::random([r, r], n, device))
         .into_iter()
         .map(f64::from)
         .collect();
     let q = orthonormal_rows(&x, r);
     let half = r / 2;
-    let g = host(Tensor::<B, 2>::random([d_in, half], n, device));
-    let h = host(Tensor::<B, 2>::random([half, d_out], n, device));
+    let g = super::host_values(Tensor::<B, 2>::random([d_in, half], n, device));
+    let h = super::host_values(Tensor::<B, 2>::random([half, d_out], n, device));
     // A[k][i] = sum_j G[i][j] Q[2j][k] / 10 (rows 0, 2, 4... of Q are PEFT's q_odd).
     let mut a = vec![0.0f32; r * d_in];
     for k in 0..r {
@@ -299,7 +295,7 @@ fn randomized_svd<B: Backend>(
     device: &B::Device,
 ) -> std::result::Result<(faer::Mat<f64>, Vec<f64>, faer::Mat<f64>), String> {
     let (m, n) = (w.nrows(), w.ncols());
-    let g = host(Tensor::<B, 2>::random(
+    let g = super::host_values(Tensor::<B, 2>::random(
         [n, r],
         Distribution::Normal(0.0, 1.0),
         device,

@@ -17,5 +17,13 @@ pub mod layer;
 pub mod model;
 pub mod weighted;
 
+/// A tensor's values on the host, row-major, as f32 (for the host-side linear algebra of
+/// `convert`, `init` and `weighted`).
+pub(crate) fn host_values<B: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
 pub use config::{Bias, InitLoraWeights, Lora, LoraConfig, lora_scaling};
 pub use layer::{LoraAdapter, LoraSpec};

@@ -641,8 +641,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
                 if let Some(ad) = layer.adapter(a) {
                     let [d_in, r] = ad.lora_a.val().dims();
                     let d_out = ad.lora_b.val().dims()[1];
-                    let at = flat(ad.lora_a.val().transpose());
-                    let bt = flat(ad.lora_b.val().transpose());
+                    let at = super::host_values(ad.lora_a.val().transpose());
+                    let bt = super::host_values(ad.lora_b.val().transpose());
                     inputs.push((i, *w, at, bt, [r, d_in, d_out], ad.scaling));
                 }
             }
@@ -697,10 +697,6 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
         });
         Ok(())
     }
-}
-
-fn flat<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
 }
 
 fn mixed_targets() -> PeftError {

@@ -61,9 +61,6 @@ pub fn build<B: Backend>(
         AdapterConfig::PrefixTuning(c) => {
             c.validate()?;
             c.common.resolve(g, task)?;
-            if let Some(why) = g.key_value_refusal {
-                return Err(PeftError::Unsupported(format!("prefix tuning here: {why}")));
-            }
             let head = if c.prefix_projection {
                 PromptHead::Projection
             } else {
@@ -78,12 +75,7 @@ pub fn build<B: Backend>(
             ));
         }
     };
-    let common = match &config {
-        AdapterConfig::PromptTuning(c) => &c.common,
-        AdapterConfig::PTuning(c) => &c.common,
-        AdapterConfig::PrefixTuning(c) => &c.common,
-        _ => unreachable!("checked above"),
-    };
+    let common = config.prompt_common().expect("a prompt-learning config");
     if g.num_attention_heads == 0 || !g.token_dim.is_multiple_of(g.num_attention_heads) {
         return Err(PeftError::InvalidConfig(format!(
             "token_dim {} is not a multiple of num_attention_heads {}",
@@ -127,12 +119,10 @@ pub fn attach<B: Backend, M: AdapterHost<B>>(
     let (adapter, mut config) = build::<B>(name, config, &g, &device)?;
     let task = config.task_type();
     let mut to_save: Vec<String> = Vec::new();
-    let mts = match &mut config {
-        AdapterConfig::PromptTuning(c) => &mut c.common.modules_to_save,
-        AdapterConfig::PTuning(c) => &mut c.common.modules_to_save,
-        AdapterConfig::PrefixTuning(c) => &mut c.common.modules_to_save,
-        _ => unreachable!("build checked"),
-    };
+    let mts = &mut config
+        .prompt_common_mut()
+        .expect("build checked")
+        .modules_to_save;
     if matches!(task, Some(TaskType::SeqCls | TaskType::TokenCls)) {
         let list = mts.get_or_insert_with(Vec::new);
         for h in ["classifier", "score"] {
@@ -233,16 +223,8 @@ pub fn init_from_token_ids<B: Backend, M: AdapterHost<B>>(
 pub fn parameter_count<B: Backend>(config: &AdapterConfig, g: &PromptGeometry) -> Result<usize> {
     use crate::params::AdapterParams;
     let device = Default::default();
-    let mut g = g.clone();
-    g.key_value_refusal = None;
-    let (a, _) = build::<B>("count", config, &g, &device)?;
+    // Built, not attached: a model that refuses the adapter (its prompt site does) still counts
+    // it, as PEFT creates it before it fails to run.
+    let (a, _) = build::<B>("count", config, g, &device)?;
     Ok(a.param_count())
-}
-
-/// The configs of this module as one type.
-pub fn is_prompt_learning(config: &AdapterConfig) -> bool {
-    matches!(
-        config,
-        AdapterConfig::PromptTuning(_) | AdapterConfig::PTuning(_) | AdapterConfig::PrefixTuning(_)
-    )
 }
