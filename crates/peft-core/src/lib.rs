@@ -68,6 +68,7 @@ mod error;
 pub mod methods;
 pub mod mixed;
 pub mod nn;
+pub mod ops;
 pub mod params;
 mod peft_model;
 pub mod prompt_site;

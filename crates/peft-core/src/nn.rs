@@ -2,29 +2,73 @@
 //! LayerNorm under transformers' parameter names, and the tanh-approximated GELU.
 
 use burn::module::{Initializer, Module, Param};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::module;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::ops;
 
 /// `x W + b` over the last dimension of `x`. Leading dimensions are flattened first, so a
 /// `[batch, len, in]` input is one `[batch * len, in] x [in, out]` product instead of `batch`
 /// small ones (and the weight gradient comes out `[in, out]` directly, not summed over a batch
-/// of per-sample gradients).
+/// of per-sample gradients). The flattening and the product go through [`crate::ops`], which
+/// copies neither the activations nor the weight on burn-ndarray.
 pub fn linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
-    if D <= 2 {
-        return module::linear(x, weight, bias);
-    }
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    let y = module::linear(x.reshape([rows, d_in]), weight, bias);
+    let y = ops::matmul(ops::reshape(x, [rows, d_in]), weight);
+    let y = match bias {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
+    };
     let mut out = dims;
     out[D - 1] = y.dims()[1];
-    y.reshape(out)
+    ops::reshape(y, out)
+}
+
+/// burn's `[in, out]` weight from PyTorch's `[out, in]` values (`rows = out`, `cols = in`):
+/// the `[cols, rows]` transpose of `values`, stored in standard (row-major) layout rather than
+/// as the strided view `Tensor::transpose` gives. Products read such a weight in place row by
+/// row ([`crate::ops`]); a transposed view would have to be copied, or read column-wise with
+/// a different rounding, at every product.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::TensorData;
+///
+/// // PyTorch's [out = 2, in = 3] weight.
+/// let w = peft_core::nn::transposed_from::<NdArray>(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3], &Default::default());
+/// w.into_data().assert_eq(&TensorData::new(vec![1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0], [3, 2]), true);
+/// ```
+///
+/// # Panics
+/// When `values.len() != rows * cols`.
+pub fn transposed_from<B: Backend>(
+    values: Vec<f32>,
+    [rows, cols]: [usize; 2],
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    assert_eq!(
+        values.len(),
+        rows * cols,
+        "transposed_from: {rows} x {cols} values"
+    );
+    const BLOCK: usize = 32;
+    let mut out = vec![0.0f32; values.len()];
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    out[c * rows + r] = values[r * cols + c];
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [cols, rows]), device)
 }
 
 /// transformers' `gelu_new` (`NewGELUActivation`, the tanh approximation),

@@ -131,7 +131,7 @@ impl<B: Backend> ParamMut<'_, B> {
             ParamMut::D2(p) => {
                 let t = if *layout == FileLayout::Transposed {
                     let fs = file_shape(&shape, layout);
-                    Tensor::<B, 2>::from_data(TensorData::new(values, fs), device).transpose()
+                    crate::nn::transposed_from(values, [fs[0], fs[1]], device)
                 } else {
                     Tensor::from_data(TensorData::new(values, shape), device)
                 };

@@ -144,6 +144,10 @@ pub const CBLAS_CONJ_TRANS: c_int = 113;
 /// 128³, 148 against 96 at 192³).
 pub const PARALLEL_THRESHOLD: u64 = 128 * 128 * 128;
 
+/// ndarray 0.17's `GEMM_BLAS_CUTOFF`: its `general_mat_mul` calls BLAS only when one of
+/// `m`, `n`, `k` is larger than this, and matrixmultiply otherwise.
+pub const NDARRAY_BLAS_CUTOFF: usize = 7;
+
 #[cfg(feature = "call-counter")]
 mod counter {
     use core::sync::atomic::{AtomicU64, Ordering};
@@ -419,6 +423,94 @@ unsafe fn gemm_impl<T: Scalar>(
             T::COMPLEX && ta == Trans::Conj,
             T::COMPLEX && tb == Trans::Conj,
             parallelism(m, n, k),
+        );
+    }
+}
+
+/// `C := A B` in f32, for matrices given by a pointer to their element `(0, 0)` and the
+/// distance in elements between rows (`*_rs`) and between columns (`*_cs`): row-major,
+/// column-major and transposed views alike, with no leading-dimension rules and no copy of
+/// either operand. Every element of the `m x n` matrix `C` is written and none is read, so
+/// `C` may hold NaN or be uninitialised; with `k == 0` it is filled with zeros.
+///
+/// `threaded`: whether a product of at least [`PARALLEL_THRESHOLD`] multiply-adds may use
+/// rayon's pool. Pass `false` from inside a parallel loop over many products (the batched
+/// products of attention), so that the threads are not asked twice.
+///
+/// Products whose three dimensions are all at most [`NDARRAY_BLAS_CUTOFF`] go to
+/// matrixmultiply, as ndarray's `general_mat_mul` sends them there rather than to
+/// `cblas_sgemm`: the two kernels sum in different orders, and this way a product through
+/// this function equals one through ndarray (burn-ndarray's) bit for bit at every size.
+/// `PEFT_GEMM_KERNEL=matrixmultiply` routes every call to matrixmultiply, as it does
+/// `cblas_sgemm`.
+///
+/// # Safety
+/// For `i < m`, `j < n`, `l < k`: `a.offset(i * a_rs + l * a_cs)` and
+/// `b.offset(l * b_rs + j * b_cs)` must be valid for reads, `c.offset(i * c_rs + j * c_cs)`
+/// valid for writes, those of `C` pairwise distinct, and `C` must not overlap `A` or `B`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    c: *mut f32,
+    c_rs: isize,
+    c_cs: isize,
+    threaded: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // SAFETY: C is m x n with these strides, valid for writes (the caller's contract).
+        unsafe { scale(m, n, 0.0f32, c, c_rs, c_cs) };
+        return;
+    }
+    if reference_kernel()
+        || (m <= NDARRAY_BLAS_CUTOFF && n <= NDARRAY_BLAS_CUTOFF && k <= NDARRAY_BLAS_CUTOFF)
+    {
+        // SAFETY: the caller's contract; matrixmultiply does not read C when beta is 0.
+        unsafe {
+            matrixmultiply::sgemm(
+                m, k, n, 1.0, a, a_rs, a_cs, b, b_rs, b_cs, 0.0, c, c_rs, c_cs,
+            );
+        }
+        return;
+    }
+    let parallelism = if threaded {
+        parallelism(m, n, k)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the caller's contract; with `read_dst == false` gemm writes dst without
+    // reading it (its alpha is the factor on dst, its beta the one on the product).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            c_cs,
+            c_rs,
+            false,
+            a,
+            a_cs,
+            a_rs,
+            b,
+            b_cs,
+            b_rs,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
         );
     }
 }

@@ -13,6 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::Dropout;
 use peft_core::nn::LayerNorm;
+use peft_core::ops;
 use peft_core::{
     AdaptedLinear, AdapterHost, PromptGeometry, PromptSite, SublayerAdapters, SublayerKind,
     SublayerSite, TaskType,
@@ -344,7 +345,7 @@ impl<B: Backend> BertLayer<B> {
     ) -> Tensor<B, 3> {
         let [b, l, h] = x.dims();
         let d = h / self.heads;
-        let split = |t: Tensor<B, 3>| t.reshape([b, l, self.heads, d]).swap_dims(1, 2);
+        let split = |t: Tensor<B, 3>| ops::reshape(t, [b, l, self.heads, d]).swap_dims(1, 2);
         let q = split(self.query.forward(x.clone()));
         let mut k = split(self.key.forward(x.clone()));
         let mut v = split(self.value.forward(x.clone()));
@@ -352,9 +353,9 @@ impl<B: Backend> BertLayer<B> {
             k = Tensor::cat(vec![pk.clone(), k], 2);
             v = Tensor::cat(vec![pv.clone(), v], 2);
         }
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
+        let scores = ops::matmul(q, k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
         let probs = self.attention_dropout.forward(softmax(scores, 3));
-        let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, l, h]);
+        let ctx = ops::matmul(probs, v).swap_dims(1, 2).reshape([b, l, h]);
         // AdapterHub's `bottleneck_layer_forward(hidden, input_tensor, LayerNorm)`: with no
         // active adapter, `LayerNorm(hidden + input)`.
         let attn = self.attention_adapters.forward(

@@ -37,8 +37,7 @@ impl<B: Backend> HfParamMut<'_, B> {
         let shape = self.hf_shape();
         match self {
             HfParamMut::LinearWeight(p) => {
-                let t =
-                    Tensor::<B, 2>::from_data(TensorData::new(values, shape), device).transpose();
+                let t = peft_core::nn::transposed_from(values, [shape[0], shape[1]], device);
                 *p = Param::initialized(p.id, t.require_grad());
             }
             HfParamMut::Matrix(p) => {

@@ -17,6 +17,7 @@ use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use peft_core::Dropout;
+use peft_core::ops;
 use peft_core::{
     AdaptedLinear, AdapterHost, SublayerAdapters, SublayerKind, SublayerSite, TaskType,
 };
@@ -498,7 +499,7 @@ impl<B: Backend> T5Attention<B> {
 
     fn heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, l, _] = x.dims();
-        x.reshape([b, l, self.n_heads, self.d_kv]).swap_dims(1, 2)
+        ops::reshape(x, [b, l, self.n_heads, self.d_kv]).swap_dims(1, 2)
     }
 
     /// Attention of `x` over `kv_input` (itself for self-attention), with an additive bias
@@ -528,13 +529,13 @@ impl<B: Backend> T5Attention<B> {
                 }
             }
         };
-        let scores = q.matmul(kv.k.clone().swap_dims(2, 3)) + bias;
+        let scores = ops::matmul(q, kv.k.clone().swap_dims(2, 3)) + bias;
         let weights = self.dropout.forward(softmax(scores, 3));
-        let out =
-            weights
-                .matmul(kv.v.clone())
-                .swap_dims(1, 2)
-                .reshape([b, l, self.n_heads * self.d_kv]);
+        let out = ops::matmul(weights, kv.v.clone()).swap_dims(1, 2).reshape([
+            b,
+            l,
+            self.n_heads * self.d_kv,
+        ]);
         (self.o.forward(out), kv)
     }
 }
@@ -983,7 +984,7 @@ impl<B: Backend> T5ForConditionalGeneration<B> {
             None => {
                 let h = h.mul_scalar((self.config.d_model as f64).powf(-0.5));
                 let w = self.shared.weight.val().transpose();
-                burn::tensor::module::linear(h, w, None)
+                peft_core::nn::linear(h, w, None)
             }
         }
     }

@@ -126,8 +126,8 @@ pub fn apply<B: Backend>(
         }
     };
     // PEFT's A [r, in] and B [out, r] into burn's [in, r] and [r, out].
-    let a = Tensor::<B, 2>::from_data(TensorData::new(a, [r, d_in]), &device).transpose();
-    let b = Tensor::<B, 2>::from_data(TensorData::new(b, [d_out, r]), &device).transpose();
+    let a = crate::nn::transposed_from(a, [r, d_in], &device);
+    let b = crate::nn::transposed_from(b, [d_out, r], &device);
     adapter.lora_a = Param::initialized(adapter.lora_a.id, a);
     adapter.lora_b = Param::initialized(adapter.lora_b.id, b);
     Ok(())

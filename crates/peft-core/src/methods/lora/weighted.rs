@@ -32,7 +32,6 @@ use std::str::FromStr;
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 
 use super::config::{LoraConfig, lora_scaling};
 use crate::config::{OrderedMap, TargetModules};
@@ -678,16 +677,8 @@ impl<B: Backend, M: AdapterHost<B>> PeftModel<B, M> {
             let device = ad.lora_a.val().device();
             let (a, b) = match combined.iter().find(|c| c.0 == path) {
                 Some((_, a, b, d_in, d_out)) => (
-                    Tensor::<B, 2>::from_data(
-                        TensorData::new(a.clone(), [new_rank, *d_in]),
-                        &device,
-                    )
-                    .transpose(),
-                    Tensor::<B, 2>::from_data(
-                        TensorData::new(b.clone(), [*d_out, new_rank]),
-                        &device,
-                    )
-                    .transpose(),
+                    crate::nn::transposed_from(a.clone(), [new_rank, *d_in], &device),
+                    crate::nn::transposed_from(b.clone(), [*d_out, new_rank], &device),
                 ),
                 // Targeted by the union of the targets but by none of the inputs here.
                 None => (ad.lora_a.val().zeros_like(), ad.lora_b.val().zeros_like()),

@@ -1,0 +1,512 @@
+//! Tensor operations the models call in their hot loops: the matrix product and the reshape.
+//!
+//! On every backend they mean what burn's `Tensor::matmul` and `Tensor::reshape` mean, and on
+//! backends other than burn-ndarray they are exactly those calls. On burn-ndarray with `f32`
+//! (`NdArray<f32>`, and `Autodiff<NdArray<f32>>` for training) they skip two costs of
+//! burn-ndarray 0.21 (with the `ndarray` feature, on by default):
+//!
+//! - its `float_matmul` reshapes both operands to three dimensions, and its reshape copies even
+//!   an array in standard layout (`to_shape` borrows, then `into_shared` copies), so every
+//!   product copied its weight (the 66 MB LM head of mt0-small once per generated token), and
+//!   every `reshape` of an activation copied it;
+//! - a transposed or head-split operand (`swap_dims`) was made contiguous first.
+//!
+//! Here the product reads both operands where they lie, through their strides, with
+//! [`peft_gemm::sgemm_strided`], and a reshape of a standard-layout array is a new view of the
+//! same buffer. Under `Autodiff<NdArray<f32>>` both are autodiff operations of their own with
+//! their backward pass (the product's gradients are products of the same kind on transposed
+//! views), so training takes the same path. The product is the same `gemm` kernel that
+//! burn-ndarray reaches through `cblas_sgemm`; results equal burn's up to the order of the
+//! sums (a row-vector product, which burn-ndarray hands to `cblas_sgemv`, can round
+//! differently).
+//!
+//! Anything else (another element type, broadcast batch dimensions, negative strides) falls
+//! back to burn's own operation, and so does everything when the environment variable
+//! `PEFT_HOST_OPS` is `burn` (read once per process; for side-by-side measurements with
+//! `cargo xtask bench --compare-host-ops`).
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::tensor::{Tensor, TensorData};
+//!
+//! let device = Default::default();
+//! let a = Tensor::<NdArray<f32>, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]), &device);
+//! let b = Tensor::<NdArray<f32>, 2>::from_data(TensorData::new(vec![5.0f32, 6.0, 7.0, 8.0], [2, 2]), &device);
+//! let c = peft_core::ops::matmul(a.clone(), b.clone().transpose());
+//! c.into_data().assert_eq(&a.matmul(b.transpose()).into_data(), true);
+//! ```
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+/// `lhs · rhs` over the last two dimensions, batched over the others: burn's
+/// [`Tensor::matmul`], without copies on burn-ndarray (see the [module docs](self)).
+pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+        return Tensor::from_primitive(TensorPrimitive::Float(host::matmul::<B>(l, r)));
+    }
+    lhs.matmul(rhs)
+}
+
+/// burn's [`Tensor::reshape`] to a fully given shape, a view of the same buffer on burn-ndarray
+/// when the input is in standard layout (see the [module docs](self)).
+///
+/// # Panics
+/// When the element counts differ, as burn's reshape does.
+pub fn reshape<B: Backend, const D1: usize, const D2: usize>(
+    x: Tensor<B, D1>,
+    shape: [usize; D2],
+) -> Tensor<B, D2> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        assert_eq!(
+            x.dims().iter().product::<usize>(),
+            shape.iter().product::<usize>(),
+            "reshape of {:?} to {shape:?}: element counts differ",
+            x.dims()
+        );
+        let p = x.into_primitive().tensor();
+        return Tensor::from_primitive(TensorPrimitive::Float(host::reshape::<B>(p, &shape)));
+    }
+    x.reshape(shape)
+}
+
+#[cfg(feature = "ndarray")]
+mod host {
+    use core::any::{Any, TypeId};
+
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary, unary};
+    use burn::backend::ndarray::NdArrayTensor;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::Shape;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+    use ndarray::{ArcArray, ArrayViewD, IxDyn};
+    use rayon::prelude::*;
+
+    type Nd = NdArray<f32>;
+    type Ad = Autodiff<Nd>;
+    type AdTensor = FloatTensor<Ad>;
+
+    /// Whether `B` is one of the two backends this module handles (and the copy-free path is
+    /// not switched off with `PEFT_HOST_OPS=burn`, read once, for A/B measurements).
+    pub(super) fn is_host<B: Backend>() -> bool {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let id = TypeId::of::<B>();
+        (id == TypeId::of::<Nd>() || id == TypeId::of::<Ad>())
+            && !*OFF.get_or_init(|| {
+                std::env::var("PEFT_HOST_OPS").is_ok_and(|v| v.eq_ignore_ascii_case("burn"))
+            })
+    }
+
+    /// `t` as a `U`, when `T` and `U` are the same type.
+    fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+        let mut slot = Some(t);
+        match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
+            Some(u) => Ok(u.take().expect("just filled")),
+            None => Err(slot.take().expect("just filled")),
+        }
+    }
+
+    /// Runs `nd` on NdArray primitives or `ad` on autodiff ones; `B` is one of the two.
+    fn dispatch<B: Backend, const N: usize>(
+        inputs: [FloatTensor<B>; N],
+        nd: impl FnOnce([NdArrayTensor; N]) -> NdArrayTensor,
+        ad: impl FnOnce([AdTensor; N]) -> AdTensor,
+    ) -> FloatTensor<B> {
+        match cast::<_, [NdArrayTensor; N]>(inputs) {
+            Ok(t) => cast(nd(t)).unwrap_or_else(|_| unreachable!("B is NdArray")),
+            Err(inputs) => match cast::<_, [AdTensor; N]>(inputs) {
+                Ok(t) => cast(ad(t)).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>")),
+                Err(_) => unreachable!("is_host checked the backend"),
+            },
+        }
+    }
+
+    pub(super) fn matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
+        dispatch::<B, 2>(
+            [lhs, rhs],
+            |[l, r]| nd_matmul(&l, &r, false, false, true),
+            |[l, r]| ad_matmul(l, r),
+        )
+    }
+
+    pub(super) fn reshape<B: Backend>(x: FloatTensor<B>, shape: &[usize]) -> FloatTensor<B> {
+        dispatch::<B, 1>([x], |[x]| nd_reshape(x, shape), |[x]| ad_reshape(x, shape))
+    }
+
+    /// The `f32` view of a tensor, if it holds `f32`.
+    fn view(t: &NdArrayTensor) -> Option<ArrayViewD<'_, f32>> {
+        match t {
+            NdArrayTensor::F32(storage) => Some(storage.view()),
+            _ => None,
+        }
+    }
+
+    /// `op(a) · op(b)`, `op` swapping the last two axes when asked; through [`product`] when it
+    /// applies, burn-ndarray's own product otherwise. `row_major`: see [`product`].
+    fn nd_matmul(
+        a: &NdArrayTensor,
+        b: &NdArrayTensor,
+        ta: bool,
+        tb: bool,
+        row_major: bool,
+    ) -> NdArrayTensor {
+        fn swap(mut v: ArrayViewD<'_, f32>, t: bool) -> ArrayViewD<'_, f32> {
+            if t {
+                let n = v.ndim();
+                v.swap_axes(n - 2, n - 1);
+            }
+            v
+        }
+        if let (Some(va), Some(vb)) = (view(a), view(b))
+            && let Some(out) = product(swap(va, ta), swap(vb, tb), row_major)
+        {
+            return NdArrayTensor::from(out);
+        }
+        let op = |t: &NdArrayTensor, swap: bool| {
+            if swap {
+                Nd::float_transpose(t.clone())
+            } else {
+                t.clone()
+            }
+        };
+        Nd::float_matmul(op(a, ta), op(b, tb))
+    }
+
+    /// A `Sync` wrapper for the raw pointers the batched loop shares between threads; each
+    /// thread writes its own disjoint block of the output.
+    #[derive(Clone, Copy)]
+    struct Ptrs {
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+    }
+    // SAFETY: the pointers are only read from (a, b) or written to in disjoint blocks (c)
+    // while the arrays they point into are alive (the borrows in `product`).
+    unsafe impl Send for Ptrs {}
+    unsafe impl Sync for Ptrs {}
+
+    impl Ptrs {
+        fn parts(&self) -> (*const f32, *const f32, *mut f32) {
+            (self.a, self.b, self.c)
+        }
+    }
+
+    /// `a · b` over the last two axes, batched over the others, read through the views'
+    /// strides into a new standard-layout array. `None` when the shapes do not match without
+    /// broadcasting or a stride is negative.
+    ///
+    /// `row_major`: an operand whose rows are not contiguous (a transposed view) is first copied
+    /// into row-major layout, as burn-ndarray does with every operand. The kernel sums in a
+    /// different order for a column-major operand, and the order would then depend on the
+    /// number of rows; with this the forward products equal burn-ndarray's bit for bit, and a
+    /// row's result does not depend on the batch it came in. Operands in row-major layout with
+    /// a row stride of their own (heads split by `swap_dims`, a sliced cache) are read in
+    /// place. The backward pass passes `false`: its transposed weights are read as they lie.
+    fn product(
+        a: ArrayViewD<'_, f32>,
+        b: ArrayViewD<'_, f32>,
+        row_major: bool,
+    ) -> Option<ArcArray<f32, IxDyn>> {
+        let nd = a.ndim();
+        if nd < 2 || b.ndim() != nd {
+            return None;
+        }
+        let (m, k) = (a.shape()[nd - 2], a.shape()[nd - 1]);
+        let n = b.shape()[nd - 1];
+        if b.shape()[nd - 2] != k || a.shape()[..nd - 2] != b.shape()[..nd - 2] {
+            return None;
+        }
+        if a.strides().iter().chain(b.strides()).any(|&s| s < 0) {
+            return None;
+        }
+        let rows_contiguous =
+            |v: &ArrayViewD<'_, f32>| v.shape()[nd - 1] <= 1 || v.strides()[nd - 1] == 1;
+        let (a_copy, b_copy);
+        let a = if row_major && !rows_contiguous(&a) {
+            a_copy = a.as_standard_layout();
+            a_copy.view()
+        } else {
+            a
+        };
+        let b = if row_major && !rows_contiguous(&b) {
+            b_copy = b.as_standard_layout();
+            b_copy.view()
+        } else {
+            b
+        };
+        let batch = &a.shape()[..nd - 2];
+        let count: usize = batch.iter().product();
+        let mut shape = batch.to_vec();
+        shape.extend([m, n]);
+        let len = count.checked_mul(m)?.checked_mul(n)?;
+        let mut out = Vec::<f32>::with_capacity(len);
+        let (sa, sb) = (a.strides(), b.strides());
+        // Element offset of batch number `i` (row-major over the batch axes) in `a` and `b`.
+        let offsets = |mut i: usize| {
+            let (mut oa, mut ob) = (0isize, 0isize);
+            for axis in (0..nd - 2).rev() {
+                let idx = (i % batch[axis]) as isize;
+                i /= batch[axis];
+                oa += idx * sa[axis];
+                ob += idx * sb[axis];
+            }
+            (oa, ob)
+        };
+        let p = Ptrs {
+            a: a.as_ptr(),
+            b: b.as_ptr(),
+            c: out.as_mut_ptr(),
+        };
+        let one = |i: usize, threaded: bool| {
+            // A method call, so that the closure captures all of `p` (which is `Sync`), not its
+            // raw-pointer fields one by one (which are not).
+            let (pa, pb, pc) = p.parts();
+            let (oa, ob) = offsets(i);
+            // SAFETY: the views cover `m x k` and `k x n` elements at these offsets and
+            // strides; the output block `i` is `m x n` contiguous inside `out`'s capacity and
+            // disjoint from every other block; `out` does not overlap the inputs.
+            unsafe {
+                peft_gemm::sgemm_strided(
+                    m,
+                    n,
+                    k,
+                    pa.offset(oa),
+                    sa[nd - 2],
+                    sa[nd - 1],
+                    pb.offset(ob),
+                    sb[nd - 2],
+                    sb[nd - 1],
+                    pc.add(i * m * n),
+                    n as isize,
+                    1,
+                    threaded,
+                );
+            }
+        };
+        if count > 1 && count >= rayon::current_num_threads() {
+            (0..count).into_par_iter().for_each(|i| one(i, false));
+        } else {
+            (0..count).for_each(|i| one(i, true));
+        }
+        // SAFETY: every one of the `len` elements was written above.
+        unsafe { out.set_len(len) };
+        ArcArray::from_shape_vec(IxDyn(&shape), out).ok()
+    }
+
+    /// A view of the same buffer under the new shape when `x` is `f32` in standard layout,
+    /// burn-ndarray's reshape otherwise.
+    fn nd_reshape(x: NdArrayTensor, shape: &[usize]) -> NdArrayTensor {
+        if let NdArrayTensor::F32(storage) = &x
+            && storage.is_owned()
+            && storage.view().is_standard_layout()
+        {
+            let NdArrayTensor::F32(storage) = x else {
+                unreachable!("matched above")
+            };
+            let array = storage.into_shared();
+            return match array.into_shape_with_order(IxDyn(shape)) {
+                Ok(a) => NdArrayTensor::from(a),
+                Err(e) => panic!("reshape to {shape:?}: {e}"),
+            };
+        }
+        Nd::float_reshape(x, Shape::from(shape.to_vec()))
+    }
+
+    /// The product as an autodiff operation: its gradients are `grad · rhsᵀ` and `lhsᵀ · grad`
+    /// (through [`nd_matmul`] on transposed views, so the backward pass copies nothing either).
+    #[derive(Debug)]
+    struct HostMatmul;
+
+    impl Backward<Nd, 2> for HostMatmul {
+        /// The operands the gradients need: `lhs` when `rhs` is tracked, and the reverse.
+        type State = (Option<NdArrayTensor>, Option<NdArrayTensor>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (lhs, rhs) = ops.state;
+            binary::<Nd, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |grad| nd_matmul(&grad, &rhs.expect("kept for lhs"), false, true, false),
+                |grad| nd_matmul(&lhs.expect("kept for rhs"), &grad, true, false, false),
+            );
+        }
+    }
+
+    fn ad_matmul(lhs: AdTensor, rhs: AdTensor) -> AdTensor {
+        let out = nd_matmul(&lhs.primitive, &rhs.primitive, false, false, true);
+        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+        match HostMatmul
+            .prepare::<NoCheckpointing>([lhs.node.clone(), rhs.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    rhs_tracked.then(|| lhs.primitive.clone()),
+                    lhs_tracked.then(|| rhs.primitive.clone()),
+                );
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    /// The reshape as an autodiff operation: the gradient is reshaped back.
+    #[derive(Debug)]
+    struct HostReshape;
+
+    impl Backward<Nd, 1> for HostReshape {
+        /// The input's shape.
+        type State = Vec<usize>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let shape = ops.state;
+            unary::<Nd, _>(ops.parents, ops.node, grads, |grad| {
+                nd_reshape(grad, &shape)
+            });
+        }
+    }
+
+    fn ad_reshape(x: AdTensor, shape: &[usize]) -> AdTensor {
+        let input_shape = view(&x.primitive)
+            .map(|v| v.shape().to_vec())
+            .unwrap_or_else(|| burn::tensor::TensorMetadata::shape(&x.primitive).to_vec());
+        let out = nd_reshape(x.primitive.clone(), shape);
+        match HostReshape
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(input_shape, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Distribution, Tensor, Tolerance};
+
+    use super::{matmul, reshape};
+
+    type Nd = NdArray<f32>;
+    type Ad = Autodiff<Nd>;
+
+    fn random<B: burn::tensor::backend::Backend, const D: usize>(
+        shape: [usize; D],
+    ) -> Tensor<B, D> {
+        Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), &Default::default())
+    }
+
+    /// Batched products of every operand layout the models make (contiguous, transposed,
+    /// head-split), including empty and one-element shapes, against burn's own product.
+    #[test]
+    fn products_equal_burns_on_every_layout() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 7);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (8, 64, 33),
+            (1, 512, 300),
+            (130, 17, 9),
+            (4, 0, 3),
+            (0, 4, 3),
+        ] {
+            let a = random::<Nd, 2>([m, k]);
+            let b = random::<Nd, 2>([k, n]);
+            if m * k == 0 {
+                // burn-ndarray's own product divides by `m * k` here; the answer is zeros.
+                let zeros = Tensor::<Nd, 2>::zeros([m, n], &Default::default()).into_data();
+                matmul(a, b).into_data().assert_eq(&zeros, true);
+                continue;
+            }
+            let want = a.clone().matmul(b.clone()).into_data();
+            matmul(a.clone(), b.clone())
+                .into_data()
+                .assert_approx_eq::<f32>(&want, Tolerance::rel_abs(1e-5, 1e-5));
+            // Transposed views of both operands.
+            let at = random::<Nd, 2>([k, m]);
+            let bt = random::<Nd, 2>([n, k]);
+            let want = at
+                .clone()
+                .transpose()
+                .matmul(bt.clone().transpose())
+                .into_data();
+            matmul(at.transpose(), bt.transpose())
+                .into_data()
+                .assert_approx_eq::<f32>(&want, Tolerance::rel_abs(1e-5, 1e-5));
+        }
+        // Attention: [batch, len, heads, d] split into heads by swap_dims, keys transposed.
+        let q = random::<Nd, 4>([2, 7, 3, 5]).swap_dims(1, 2);
+        let k = random::<Nd, 4>([2, 9, 3, 5]).swap_dims(1, 2);
+        let want = q.clone().matmul(k.clone().swap_dims(2, 3)).into_data();
+        matmul(q, k.swap_dims(2, 3))
+            .into_data()
+            .assert_approx_eq::<f32>(&want, Tolerance::rel_abs(1e-5, 1e-5));
+        // A sliced view (a KV cache read up to its fill).
+        let v = random::<Nd, 3>([4, 10, 6]).slice([0..4, 0..7, 0..6]);
+        let p = random::<Nd, 3>([4, 2, 7]);
+        let want = p.clone().matmul(v.clone()).into_data();
+        matmul(p, v)
+            .into_data()
+            .assert_approx_eq::<f32>(&want, Tolerance::rel_abs(1e-5, 1e-5));
+    }
+
+    /// Gradients through the product and the reshape, under `Autodiff<NdArray>`, equal those
+    /// through burn's operations, for a tracked and an untracked (frozen) operand.
+    #[test]
+    fn gradients_equal_burns() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 11);
+        let x0 = random::<Ad, 3>([2, 6, 8]);
+        let w0 = random::<Ad, 2>([8, 5]);
+        let frozen = random::<Ad, 2>([5, 4]);
+        let run = |ours: bool| {
+            let x = x0.clone().require_grad();
+            let w = w0.clone().require_grad();
+            let (flat, y, z) = if ours {
+                let flat = reshape(x.clone(), [12, 8]);
+                let y = matmul(flat.clone(), w.clone());
+                let z = matmul(y.clone(), frozen.clone());
+                (flat, y, reshape(z, [2, 6, 4]))
+            } else {
+                let flat = x.clone().reshape([12, 8]);
+                let y = flat.clone().matmul(w.clone());
+                let z = y.clone().matmul(frozen.clone());
+                (flat, y, z.reshape([2, 6, 4]))
+            };
+            let _ = (flat, y);
+            // A batched product of the result with a transposed view of itself.
+            let att = matmul(z.clone(), z.clone().swap_dims(1, 2));
+            let loss = (att.sum() + z.powi_scalar(2).sum()).backward();
+            (
+                x.grad(&loss).unwrap().into_data(),
+                w.grad(&loss).unwrap().into_data(),
+            )
+        };
+        let (gx, gw) = run(true);
+        let (hx, hw) = run(false);
+        gx.assert_approx_eq::<f32>(&hx, Tolerance::absolute(1e-4));
+        gw.assert_approx_eq::<f32>(&hw, Tolerance::absolute(1e-4));
+    }
+
+    /// A reshape of a standard-layout array shares its buffer; one of a transposed view is
+    /// still right (burn's copying reshape).
+    #[test]
+    fn reshapes_are_views_and_stay_right() {
+        let a = random::<Nd, 2>([6, 4]);
+        let r = reshape(a.clone(), [2, 3, 4]);
+        r.into_data()
+            .assert_eq(&a.clone().reshape([2, 3, 4]).into_data(), true);
+        let t = reshape(a.clone().transpose(), [4, 6]);
+        t.into_data().assert_eq(&a.transpose().into_data(), true);
+    }
+}
