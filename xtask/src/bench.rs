@@ -5,7 +5,7 @@
 //! cargo xtask bench [--workload NAME]... [--json] [--rounds 3] [--steps 5] [--warmup 2]
 //!                   [--threads N] [--device cpu|flex|cuda] [--dtype f32|bf16]
 //!                   [--model-preset small|large] [--no-torch] [--compare-kernels]
-//!                   [--compare-allocators]
+//!                   [--compare-allocators] [--compare-host-ops]
 //! ```
 //!
 //! The PyTorch side (`xtask/bench/bench_torch.py`, pinned in `xtask/bench/requirements.txt`) runs
@@ -49,6 +49,9 @@ struct Opts {
     /// Run peft with `PEFT_ALLOCATOR=mimalloc` and with `PEFT_ALLOCATOR=system` (as
     /// `peft-sys`), whatever the command would choose.
     allocators: bool,
+    /// Also run peft with `PEFT_HOST_OPS=burn` (burn-ndarray's own copying product and
+    /// reshape instead of `peft_core::ops`), as `peft-burn`.
+    host_ops: bool,
     /// `--workload serve`: the load test's requests, clients and adapters.
     serve: crate::serve_bench::ServeOpts,
     /// `--workload lora-train-dp`: examples per optimizer step, split over the workers.
@@ -72,6 +75,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         torch: true,
         kernels: false,
         allocators: false,
+        host_ops: false,
         serve: crate::serve_bench::ServeOpts {
             requests: 400,
             clients: 32,
@@ -104,6 +108,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--no-torch" => o.torch = false,
             "--compare-kernels" => o.kernels = true,
             "--compare-allocators" => o.allocators = true,
+            "--compare-host-ops" => o.host_ops = true,
             "--rounds" => o.rounds = val()?.parse()?,
             "--steps" => {
                 o.steps = val()?.parse()?;
@@ -125,7 +130,7 @@ fn parse(args: &[String]) -> Result<Opts> {
                  [--rounds N] [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] \
                  [--dtype f32|bf16] [--model-preset small|large] [--batch N] [--src-len N] \
                  [--no-torch] [--compare-kernels] \
-                 [--compare-allocators] [--requests N --clients N --adapters N (serve)] \
+                 [--compare-allocators] [--compare-host-ops] [--requests N --clients N --adapters N (serve)] \
                  [--global-batch N (lora-train-dp)]"
             ),
         }
@@ -282,18 +287,24 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
             if o.allocators {
                 order.insert(1, "peft-sys");
             }
+            if o.host_ops {
+                order.insert(1, "peft-burn");
+            }
             if round % 2 == 1 {
                 order.reverse();
             }
             for imp in order {
                 let out = match (imp, &python) {
-                    ("peft" | "peft-mm" | "peft-sys", _) => {
+                    ("peft" | "peft-mm" | "peft-sys" | "peft-burn", _) => {
                         let mut c = Command::new(&peft);
                         c.args(["--device", &o.device, "bench"])
                             .env("RAYON_NUM_THREADS", o.threads.to_string())
                             .env("MATMUL_NUM_THREADS", o.threads.to_string());
                         if imp == "peft-mm" {
                             c.env("PEFT_GEMM_KERNEL", "matrixmultiply");
+                        }
+                        if imp == "peft-burn" {
+                            c.env("PEFT_HOST_OPS", "burn");
                         }
                         if imp == "peft-sys" {
                             c.env("PEFT_ALLOCATOR", "system");
@@ -362,7 +373,7 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
     }
     if o.json {
         for w in &o.workloads {
-            for imp in ["peft", "peft-mm", "peft-sys", "torch"] {
+            for imp in ["peft", "peft-mm", "peft-sys", "peft-burn", "torch"] {
                 if let Some(l) = summary.get(&(w.clone(), imp.to_string())) {
                     println!("{l}");
                 }
@@ -406,47 +417,54 @@ pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Resul
             rss.map_or("-".into(), |(a, b)| format!("{:.2}", a / b)),
         );
     }
-    if o.kernels {
-        println!(
-            "\nthe CPU matrix product: gemm (peft-gemm, the default) vs matrixmultiply \
-             (PEFT_GEMM_KERNEL=matrixmultiply, ndarray's own kernel), same binary\n"
-        );
-        println!(
-            "| workload | matrixmultiply s | gemm s | speed-up | matrixmultiply GFLOP/s | gemm GFLOP/s |"
-        );
-        println!("|---|---:|---:|---:|---:|---:|");
-        for w in &o.workloads {
-            let (mm, g) = (get(w, "peft-mm", "median_s"), get(w, "peft", "median_s"));
-            println!(
-                "| {w} | {} | {} | {} | {} | {} |",
-                f(mm, 3),
-                f(g, 3),
-                mm.zip(g)
-                    .map_or("-".into(), |(a, b)| format!("{:.2}x", a / b)),
-                f(get(w, "peft-mm", "gflop_per_s"), 1),
-                f(get(w, "peft", "gflop_per_s"), 1),
-            );
+    // Same binary, one setting changed: (asked, variant's impl, title, variant's label, default's label).
+    let comparisons = [
+        (
+            o.kernels,
+            "peft-mm",
+            "the CPU matrix product: gemm (peft-gemm, the default) vs matrixmultiply \
+             (PEFT_GEMM_KERNEL=matrixmultiply, ndarray's own kernel)",
+            "matrixmultiply",
+            "gemm",
+        ),
+        (
+            o.allocators,
+            "peft-sys",
+            "the allocator: mimalloc (PEFT_ALLOCATOR=mimalloc) vs the system allocator \
+             (PEFT_ALLOCATOR=system); without the variable, training uses the system \
+             allocator and inference mimalloc",
+            "system",
+            "mimalloc",
+        ),
+        (
+            o.host_ops,
+            "peft-burn",
+            "products and reshapes: peft_core::ops (copy-free, the default) vs burn-ndarray's \
+             own (PEFT_HOST_OPS=burn)",
+            "burn ops",
+            "peft ops",
+        ),
+    ];
+    for (asked, variant, title, vl, dl) in comparisons {
+        if !asked {
+            continue;
         }
-    }
-    if o.allocators {
+        println!("\n{title}, same binary\n");
         println!(
-            "\nthe allocator: mimalloc (PEFT_ALLOCATOR=mimalloc) vs the system allocator \
-             (PEFT_ALLOCATOR=system), same binary; without the variable, training uses the \
-             system allocator and inference mimalloc\n"
+            "| workload | {vl} s | {dl} s | speed-up | {vl} GFLOP/s | {dl} GFLOP/s | {vl} RSS MiB | {dl} RSS MiB |"
         );
-        println!(
-            "| workload | system s | mimalloc s | speed-up | system RSS MiB | mimalloc RSS MiB |"
-        );
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         for w in &o.workloads {
-            let (sys, mi) = (get(w, "peft-sys", "median_s"), get(w, "peft", "median_s"));
+            let (v, d) = (get(w, variant, "median_s"), get(w, "peft", "median_s"));
             println!(
-                "| {w} | {} | {} | {} | {} | {} |",
-                f(sys, 3),
-                f(mi, 3),
-                sys.zip(mi)
+                "| {w} | {} | {} | {} | {} | {} | {} | {} |",
+                f(v, 3),
+                f(d, 3),
+                v.zip(d)
                     .map_or("-".into(), |(a, b)| format!("{:.2}x", a / b)),
-                f(get(w, "peft-sys", "peak_rss_mib"), 0),
+                f(get(w, variant, "gflop_per_s"), 1),
+                f(get(w, "peft", "gflop_per_s"), 1),
+                f(get(w, variant, "peak_rss_mib"), 0),
                 f(get(w, "peft", "peak_rss_mib"), 0),
             );
         }

@@ -502,8 +502,24 @@ mod tests {
     /// still right (burn's copying reshape).
     #[test]
     fn reshapes_are_views_and_stay_right() {
+        fn address<const D: usize>(t: &Tensor<Nd, D>) -> *const f32 {
+            match t.clone().into_primitive().tensor() {
+                burn::backend::ndarray::NdArrayTensor::F32(s) => s.view().as_ptr(),
+                _ => panic!("f32 expected"),
+            }
+        }
         let a = random::<Nd, 2>([6, 4]);
         let r = reshape(a.clone(), [2, 3, 4]);
+        assert_eq!(
+            address(&r),
+            address(&a),
+            "a standard-layout reshape shares the buffer"
+        );
+        assert_ne!(
+            address(&a.clone().reshape([2, 3, 4])),
+            address(&a),
+            "burn's reshape copies (if this fails, burn stopped copying and ops::reshape can go)"
+        );
         r.into_data()
             .assert_eq(&a.clone().reshape([2, 3, 4]).into_data(), true);
         let t = reshape(a.clone().transpose(), [4, 6]);

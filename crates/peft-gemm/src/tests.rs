@@ -799,3 +799,107 @@ fn cgemm_matches_reference() {
 fn zgemm_matches_reference() {
     check_complex::<f64>(cblas_zgemm, 10);
 }
+
+/// `sgemm_strided` on random shapes (empty, tiny, at ndarray's cutoff, above the threading
+/// threshold) with every operand in row-major, column-major or padded-row layout, `C` written
+/// through a padded or transposed layout pre-filled with NaN (never read), and the padding
+/// around `C` left untouched; against the naive `f64` product.
+#[test]
+fn sgemm_strided_matches_reference_on_all_layouts() {
+    let mut rng = Rng(0x5eed_0017);
+    let mut shapes = vec![
+        (0, 3, 4),
+        (3, 0, 4),
+        (3, 4, 0),
+        (1, 1, 1),
+        (7, 7, 7),
+        (8, 7, 7),
+        (5, 9, 3),
+    ];
+    shapes.extend([(1, 300, 64), (33, 17, 65), (130, 140, 150)]);
+    for _ in 0..40 {
+        shapes.push((1 + rng.below(40), 1 + rng.below(40), 1 + rng.below(40)));
+    }
+    // (row stride, column stride) of an r x c matrix in a buffer: row-major, column-major, and
+    // row-major with padded rows (a head-split view).
+    let layouts = |r: usize, c: usize| [(c as isize, 1), (1, r as isize), (c as isize + 3, 1)];
+    for (m, n, k) in shapes {
+        for (la, lb, lc) in [
+            (0, 0, 0),
+            (1, 0, 0),
+            (0, 1, 0),
+            (1, 1, 1),
+            (2, 2, 2),
+            (2, 1, 0),
+            (1, 2, 1),
+        ] {
+            let (a_rs, a_cs) = layouts(m, k)[la];
+            let (b_rs, b_cs) = layouts(k, n)[lb];
+            let (c_rs, c_cs) = layouts(m, n)[lc];
+            let extent = |r: usize, c: usize, rs: isize, cs: isize| {
+                if r == 0 || c == 0 {
+                    0
+                } else {
+                    ((r - 1) as isize * rs + (c - 1) as isize * cs) as usize + 1
+                }
+            };
+            let a: Vec<f32> = (0..extent(m, k, a_rs, a_cs))
+                .map(|_| rng.uniform() as f32)
+                .collect();
+            let b: Vec<f32> = (0..extent(k, n, b_rs, b_cs))
+                .map(|_| rng.uniform() as f32)
+                .collect();
+            let mut c = vec![f32::NAN; extent(m, n, c_rs, c_cs) + 2];
+            for threaded in [false, true] {
+                c.iter_mut().for_each(|v| *v = f32::NAN);
+                // SAFETY: the buffers cover the extents the strides describe.
+                unsafe {
+                    sgemm_strided(
+                        m,
+                        n,
+                        k,
+                        a.as_ptr(),
+                        a_rs,
+                        a_cs,
+                        b.as_ptr(),
+                        b_rs,
+                        b_cs,
+                        c.as_mut_ptr(),
+                        c_rs,
+                        c_cs,
+                        threaded,
+                    );
+                }
+                let mut written = vec![false; c.len()];
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|l| {
+                                a[(i as isize * a_rs + l as isize * a_cs) as usize] as f64
+                                    * b[(l as isize * b_rs + j as isize * b_cs) as usize] as f64
+                            })
+                            .sum();
+                        let at = (i as isize * c_rs + j as isize * c_cs) as usize;
+                        written[at] = true;
+                        assert_close(
+                            c[at] as f64,
+                            want,
+                            f32::EPSILON as f64 * (k as f64 + 1.0) * 4.0,
+                            &|| {
+                                format!(
+                                    "{m}x{n}x{k} layouts {la}{lb}{lc} threaded {threaded} at ({i}, {j})"
+                                )
+                            },
+                        );
+                    }
+                }
+                for (at, v) in c.iter().enumerate() {
+                    assert!(
+                        written[at] || v.is_nan(),
+                        "{m}x{n}x{k}: element {at} outside C was written"
+                    );
+                }
+            }
+        }
+    }
+}
