@@ -36,18 +36,29 @@ fn host_backend<B: Backend>() -> bool {
 }
 
 /// A mask of `n` values, each `scale` with probability `keep` and 0 otherwise.
+///
+/// Value `j` is half `j % 2` (low 32 bits, then high) of the stream's draw `j / 2`, and
+/// SplitMix64's draw `q` is `mix(state + (q + 1) * GOLDEN)`, so blocks of the mask are drawn
+/// on rayon's threads independently and the mask is the one a single thread would draw.
 fn host_mask(n: usize, keep: f64, scale: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 14;
     let threshold = (keep * 4_294_967_296.0) as u64;
-    let mut rng = SplitMix(STATE.fetch_add(GOLDEN.wrapping_mul(n as u64 | 1), Ordering::SeqCst));
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let z = rng.next_u64();
-        for half in [z & 0xffff_ffff, z >> 32] {
-            if out.len() < n {
-                out.push(if half < threshold { scale } else { 0.0 });
+    let start = STATE.fetch_add(GOLDEN.wrapping_mul(n as u64 | 1), Ordering::SeqCst);
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(block, chunk)| {
+            // BLOCK is even, so every block starts on the low half of a draw.
+            let first = (block * BLOCK / 2) as u64;
+            for (q, pair) in chunk.chunks_mut(2).enumerate() {
+                let z =
+                    SplitMix::mix(start.wrapping_add(GOLDEN.wrapping_mul(first + q as u64 + 1)));
+                for (v, half) in pair.iter_mut().zip([z & 0xffff_ffff, z >> 32]) {
+                    *v = if half < threshold { scale } else { 0.0 };
+                }
             }
-        }
-    }
+        });
     out
 }
 
@@ -115,5 +126,19 @@ mod tests {
         assert!(a.iter().all(|v| *v == 0.0 || *v == 2.0));
         let c = host_mask(200_000, 0.9, 2.0);
         assert_ne!(a, c, "the next call draws a new mask");
+        // The parallel blocks draw exactly the sequential stream.
+        seed(7);
+        let start = STATE.load(Ordering::SeqCst);
+        let mut rng = SplitMix(start);
+        let threshold = (0.9 * 4_294_967_296.0) as u64;
+        let mut sequential = Vec::new();
+        while sequential.len() < 200_001 {
+            let z = rng.next_u64();
+            for half in [z & 0xffff_ffff, z >> 32] {
+                sequential.push(if half < threshold { 2.0 } else { 0.0 });
+            }
+        }
+        sequential.truncate(200_001);
+        assert_eq!(host_mask(200_001, 0.9, 2.0), sequential);
     }
 }

@@ -73,6 +73,41 @@ pub fn reshape<B: Backend, const D1: usize, const D2: usize>(
     x.reshape(shape)
 }
 
+/// burn's `activation::softmax`, over the last dimension: one pass per row on burn-ndarray
+/// (rows on rayon's threads, in place of five single-threaded passes and their temporaries),
+/// with its own backward pass, `dx = y (g - sum(g y))`. Other backends, and other dimensions,
+/// take burn's operation.
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if dim + 1 == D && host::is_host::<B>() {
+        match host::pointwise::<B>(x.into_primitive().tensor(), host::Pointwise::Softmax) {
+            Ok(y) => return Tensor::from_primitive(TensorPrimitive::Float(y)),
+            Err(x) => return burn::tensor::activation::softmax(float(x), dim),
+        }
+    }
+    burn::tensor::activation::softmax(x, dim)
+}
+
+/// [`crate::nn::gelu_tanh`] in one pass on burn-ndarray (the same `f32` operations in the
+/// same order, so the same values, on rayon's threads), with its analytic backward pass;
+/// `None` where it does not apply, and `x` back.
+pub(crate) fn gelu_tanh_host<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        return host::pointwise::<B>(x.into_primitive().tensor(), host::Pointwise::GeluTanh)
+            .map(float)
+            .map_err(float);
+    }
+    Err(x)
+}
+
+#[cfg(feature = "ndarray")]
+fn float<B: Backend, const D: usize>(p: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
 #[cfg(feature = "ndarray")]
 mod host {
     use core::any::{Any, TypeId};
@@ -138,6 +173,184 @@ mod host {
 
     pub(super) fn reshape<B: Backend>(x: FloatTensor<B>, shape: &[usize]) -> FloatTensor<B> {
         dispatch::<B, 1>([x], |[x]| nd_reshape(x, shape), |[x]| ad_reshape(x, shape))
+    }
+
+    /// The element-wise operations done in one pass here.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum Pointwise {
+        /// transformers' `gelu_new` as `x / (exp(-c x (1 + 0.044715 x^2)) + 1)`.
+        GeluTanh,
+        /// Softmax over the last axis.
+        Softmax,
+    }
+
+    /// `2 sqrt(2 / pi)` as `nn::gelu_tanh`'s `mul_scalar` rounds it.
+    fn gelu_c() -> f32 {
+        (-(2.0 * (2.0 / std::f64::consts::PI).sqrt())) as f32
+    }
+
+    /// Elements per rayon task of the element-wise kernels.
+    const CHUNK: usize = 1 << 14;
+
+    /// `kind` applied to `x` (contiguous, `f32`) into a new array of its shape.
+    fn nd_pointwise(x: &NdArrayTensor, kind: Pointwise) -> Option<NdArrayTensor> {
+        let v = view(x)?;
+        let shape = v.shape().to_vec();
+        let v = v.as_standard_layout();
+        let xs = v.as_slice()?;
+        let mut out = vec![0.0f32; xs.len()];
+        match kind {
+            Pointwise::GeluTanh => {
+                let c = gelu_c();
+                out.par_chunks_mut(CHUNK)
+                    .zip(xs.par_chunks(CHUNK))
+                    .for_each(|(o, x)| {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            // The operations of nn::gelu_tanh's composite, in its order.
+                            let t = x * x * 0.044_715f32 + 1.0;
+                            *o = x / ((x * t * c).exp() + 1.0);
+                        }
+                    });
+            }
+            Pointwise::Softmax => {
+                let row = *shape.last()?;
+                if row == 0 {
+                    return Some(NdArrayTensor::from(
+                        ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
+                    ));
+                }
+                let rows = (CHUNK / row).max(1) * row;
+                out.par_chunks_mut(rows)
+                    .zip(xs.par_chunks(rows))
+                    .for_each(|(o, x)| {
+                        for (o, x) in o.chunks_mut(row).zip(x.chunks(row)) {
+                            // NaN wins the maximum (f32::max would drop it), as it wins the sum.
+                            let max = x.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
+                                if v > m || v.is_nan() { v } else { m }
+                            });
+                            let mut sum = 0.0f32;
+                            for (o, &x) in o.iter_mut().zip(x) {
+                                *o = (x - max).exp();
+                                sum += *o;
+                            }
+                            o.iter_mut().for_each(|o| *o /= sum);
+                        }
+                    });
+            }
+        }
+        Some(NdArrayTensor::from(
+            ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
+        ))
+    }
+
+    /// The input gradient of `kind` at input `x`, output `y`, output gradient `g`.
+    fn nd_pointwise_backward(
+        kind: Pointwise,
+        x: &NdArrayTensor,
+        y: &NdArrayTensor,
+        g: &NdArrayTensor,
+    ) -> NdArrayTensor {
+        let (x, y, g) = (
+            view(x).expect("f32 input"),
+            view(y).expect("f32 output"),
+            view(g).expect("f32 gradient"),
+        );
+        // Borrowed when already contiguous (the usual case), copied otherwise.
+        let (x, y, g) = (
+            x.as_standard_layout(),
+            y.as_standard_layout(),
+            g.as_standard_layout(),
+        );
+        let shape = g.shape().to_vec();
+        let (xs, ys, gs) = (
+            x.as_slice().expect("standard"),
+            y.as_slice().expect("standard"),
+            g.as_slice().expect("standard"),
+        );
+        let mut out = vec![0.0f32; gs.len()];
+        match kind {
+            Pointwise::GeluTanh => {
+                let c = gelu_c();
+                out.par_chunks_mut(CHUNK)
+                    .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+                    .for_each(|(o, (x, g))| {
+                        for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                            // y = x s(z), z = -c x (1 + a x^2) with c < 0 here:
+                            // dy/dx = s + x s (1 - s) (-c) (1 + 3 a x^2).
+                            let s = 1.0 / ((x * (x * x * 0.044_715f32 + 1.0) * c).exp() + 1.0);
+                            let dz = -c * (1.0 + 3.0 * 0.044_715f32 * x * x);
+                            *o = g * (s + x * s * (1.0 - s) * dz);
+                        }
+                    });
+            }
+            Pointwise::Softmax => {
+                let row = *shape.last().expect("at least one axis");
+                if let Some(per_task) = CHUNK.checked_div(row) {
+                    let rows = per_task.max(1) * row;
+                    out.par_chunks_mut(rows)
+                        .zip(ys.par_chunks(rows).zip(gs.par_chunks(rows)))
+                        .for_each(|(o, (y, g))| {
+                            for (o, (y, g)) in
+                                o.chunks_mut(row).zip(y.chunks(row).zip(g.chunks(row)))
+                            {
+                                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                                    *o = y * (g - dot);
+                                }
+                            }
+                        });
+                }
+            }
+        }
+        NdArrayTensor::from(
+            ArcArray::from_shape_vec(IxDyn(&shape), out).expect("shape of the gradient"),
+        )
+    }
+
+    /// An element-wise operation as an autodiff operation.
+    #[derive(Debug)]
+    struct HostPointwise(Pointwise);
+
+    impl Backward<Nd, 1> for HostPointwise {
+        /// Input and output.
+        type State = (NdArrayTensor, NdArrayTensor);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (x, y) = ops.state;
+            unary::<Nd, _>(ops.parents, ops.node, grads, |g| {
+                nd_pointwise_backward(self.0, &x, &y, &g)
+            });
+        }
+    }
+
+    /// `kind` on a primitive of `B` (one of the two host backends), or the input back when it
+    /// does not hold `f32`.
+    pub(super) fn pointwise<B: Backend>(
+        x: FloatTensor<B>,
+        kind: Pointwise,
+    ) -> Result<FloatTensor<B>, FloatTensor<B>> {
+        let x = match cast::<_, NdArrayTensor>(x) {
+            Ok(x) => {
+                return match nd_pointwise(&x, kind) {
+                    Some(y) => Ok(cast(y).unwrap_or_else(|_| unreachable!("B is NdArray"))),
+                    None => Err(cast(x).unwrap_or_else(|_| unreachable!("B is NdArray"))),
+                };
+            }
+            Err(x) => x,
+        };
+        let x: AdTensor = cast(x).unwrap_or_else(|_| unreachable!("is_host checked B"));
+        let Some(y) = nd_pointwise(&x.primitive, kind) else {
+            return Err(cast(x).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>")));
+        };
+        let out = match HostPointwise(kind)
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive.clone(), y.clone()), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Ok(cast(out).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>")))
     }
 
     /// The `f32` view of a tensor, if it holds `f32`.
@@ -496,6 +709,41 @@ mod tests {
         let (hx, hw) = run(false);
         gx.assert_approx_eq::<f32>(&hx, Tolerance::absolute(1e-4));
         gw.assert_approx_eq::<f32>(&hw, Tolerance::absolute(1e-4));
+    }
+
+    /// The one-pass softmax and gelu: values equal to burn's composite (gelu bit for bit, the
+    /// same `f32` operations), gradients to 1e-5, on rows spanning several rayon tasks.
+    #[test]
+    fn pointwise_kernels_equal_the_composites() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 5);
+        let x0 = random::<Ad, 3>([3, 700, 37]).mul_scalar(6.0);
+        let g0 = random::<Ad, 3>([3, 700, 37]);
+        let composite_gelu = |x: Tensor<Ad, 3>| {
+            let c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
+            let x2 = x.clone() * x.clone();
+            let u = (x.clone() * (x2.mul_scalar(0.044715).add_scalar(1.0))).mul_scalar(-c);
+            x / u.exp().add_scalar(1.0)
+        };
+        for which in ["gelu", "softmax"] {
+            let run = |ours: bool| {
+                let x = x0.clone().require_grad();
+                let y = match (which, ours) {
+                    ("gelu", true) => crate::nn::gelu_tanh(x.clone()),
+                    ("gelu", false) => composite_gelu(x.clone()),
+                    (_, true) => super::softmax(x.clone(), 2),
+                    (_, false) => burn::tensor::activation::softmax(x.clone(), 2),
+                };
+                let grads = (y.clone() * g0.clone()).sum().backward();
+                (y.into_data(), x.grad(&grads).unwrap().into_data())
+            };
+            let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
+            if which == "gelu" {
+                y.assert_eq(&y_ref, true);
+            } else {
+                y.assert_approx_eq::<f32>(&y_ref, Tolerance::rel_abs(1e-6, 1e-7));
+            }
+            g.assert_approx_eq::<f32>(&g_ref, Tolerance::rel_abs(1e-5, 1e-6));
+        }
     }
 
     /// A reshape of a standard-layout array shares its buffer; one of a transposed view is

@@ -6,7 +6,11 @@
 //! RAYON_NUM_THREADS=1 cargo run --release --example sgemm_bench -p peft-gemm
 //! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm
 //! cargo run --release --example sgemm_bench -p peft-gemm -- threshold
+//! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm -- layouts
 //! ```
+//!
+//! `layouts` times `sgemm_strided` on the products of an mT5-small LoRA step with `B` stored
+//! row-major (a forward product) and column-major (the backward's `dY · Wᵀ`, read in place).
 //!
 //! `threshold` compares one thread against all of rayon's on square products around
 //! `peft_gemm::PARALLEL_THRESHOLD`, calling `gemm` directly.
@@ -120,9 +124,59 @@ fn threshold() {
     }
 }
 
+fn layouts() {
+    println!(
+        "sgemm_strided, rayon threads: {}; GFLOP/s median / best, B row-major | B column-major",
+        rayon::current_num_threads()
+    );
+    for (m, k, n) in [
+        (1024, 512, 384),
+        (1024, 384, 512),
+        (1024, 512, 1024),
+        (1024, 1024, 512),
+        (128, 512, 32128),
+        (128, 32128, 512),
+    ] {
+        let a = data(m * k, 1);
+        let b = data(k * n, 2);
+        let mut c = vec![0.0f32; m * n];
+        let flops = 2.0 * (m * n * k) as f64;
+        let mut run = |(b_rs, b_cs): (isize, isize)| {
+            gflops(flops, Duration::from_millis(600), || {
+                // SAFETY: a is m x k row-major, b holds k x n in the given layout, c is m x n.
+                unsafe {
+                    peft_gemm::sgemm_strided(
+                        m,
+                        n,
+                        k,
+                        a.as_ptr(),
+                        k as isize,
+                        1,
+                        b.as_ptr(),
+                        b_rs,
+                        b_cs,
+                        c.as_mut_ptr(),
+                        n as isize,
+                        1,
+                        true,
+                    );
+                }
+                black_box(&mut c);
+            })
+        };
+        let (rm, rb) = run((n as isize, 1));
+        let (cm, cb) = run((1, k as isize));
+        println!("{m:>5} x {k:>5} x {n:<6} {rm:6.1} / {rb:6.1} | {cm:6.1} / {cb:6.1}");
+    }
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("threshold") {
         threshold();
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("layouts") {
+        layouts();
         return;
     }
     println!(

@@ -8,7 +8,7 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig};
-use burn::tensor::activation::{gelu, relu, silu, softmax};
+use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::Dropout;
@@ -354,7 +354,7 @@ impl<B: Backend> BertLayer<B> {
             v = Tensor::cat(vec![pv.clone(), v], 2);
         }
         let scores = ops::matmul(q, k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
-        let probs = self.attention_dropout.forward(softmax(scores, 3));
+        let probs = self.attention_dropout.forward(ops::softmax(scores, 3));
         let ctx = ops::matmul(probs, v).swap_dims(1, 2).reshape([b, l, h]);
         // AdapterHub's `bottleneck_layer_forward(hidden, input_tensor, LayerNorm)`: with no
         // active adapter, `LayerNorm(hidden + input)`.

@@ -13,7 +13,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer};
-use burn::tensor::activation::{gelu, relu, silu, softmax};
+use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use peft_core::Dropout;
@@ -530,7 +530,7 @@ impl<B: Backend> T5Attention<B> {
             }
         };
         let scores = ops::matmul(q, kv.k.clone().swap_dims(2, 3)) + bias;
-        let weights = self.dropout.forward(softmax(scores, 3));
+        let weights = self.dropout.forward(ops::softmax(scores, 3));
         let out = ops::matmul(weights, kv.v.clone()).swap_dims(1, 2).reshape([
             b,
             l,
