@@ -88,6 +88,40 @@ pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tenso
     burn::tensor::activation::softmax(x, dim)
 }
 
+/// `softmax(scores + bias)` over the last dimension, `bias` broadcast over the dimensions where
+/// it has size 1 (T5's position bias `[1, heads, q, k]` plus its mask, BERT's mask
+/// `[batch, 1, 1, k]`): attention's bias, mask and softmax in one pass per row on
+/// burn-ndarray, with the backward pass for both inputs (the bias's gradient summed over its
+/// broadcast dimensions). Elsewhere, burn's `softmax(scores + bias)`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Tensor, TensorData, Tolerance};
+///
+/// let device = Default::default();
+/// let scores = Tensor::<NdArray, 4>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 2, 2]), &device);
+/// let mask = Tensor::<NdArray, 4>::from_data(TensorData::new(vec![0.0f32, f32::MIN], [1, 1, 1, 2]), &device);
+/// let p = peft_core::ops::softmax_biased(scores, mask);
+/// p.into_data().assert_approx_eq::<f32>(&TensorData::new(vec![1.0f32, 0.0, 1.0, 0.0], [1, 1, 2, 2]), Tolerance::default());
+/// ```
+pub fn softmax_biased<B: Backend, const D: usize>(
+    scores: Tensor<B, D>,
+    bias: Tensor<B, D>,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        let (s, b) = (
+            scores.into_primitive().tensor(),
+            bias.into_primitive().tensor(),
+        );
+        return match host::softmax_biased::<B>(s, b) {
+            Ok(y) => float(y),
+            Err((s, b)) => burn::tensor::activation::softmax(float::<B, D>(s) + float(b), D - 1),
+        };
+    }
+    burn::tensor::activation::softmax(scores + bias, D - 1)
+}
+
 /// [`crate::nn::gelu_tanh`] in one pass on burn-ndarray (the same `f32` operations in the
 /// same order, so the same values, on rayon's threads), with its analytic backward pass;
 /// `None` where it does not apply, and `x` back.
@@ -307,6 +341,127 @@ mod host {
         )
     }
 
+    /// `softmax(s + bias)` over the last axis into a new array; `None` unless both hold `f32`,
+    /// `bias` broadcasts to `s`'s shape, and the last axis is not empty.
+    fn nd_softmax_biased(s: &NdArrayTensor, bias: &NdArrayTensor) -> Option<NdArrayTensor> {
+        let (sv, bv) = (view(s)?, view(bias)?);
+        let shape = sv.shape().to_vec();
+        let row = *shape.last()?;
+        if row == 0 || bv.ndim() != sv.ndim() {
+            return None;
+        }
+        let bv = bv.broadcast(IxDyn(&shape))?;
+        let sv = sv.as_standard_layout();
+        let xs = sv.as_slice()?;
+        let (b_strides, b_ptr) = (bv.strides().to_vec(), SharedPtr(bv.as_ptr()));
+        let nd = shape.len();
+        let mut out = vec![0.0f32; xs.len()];
+        let rows_per_task = (CHUNK / row).max(1);
+        out.par_chunks_mut(rows_per_task * row)
+            .zip(xs.par_chunks(rows_per_task * row))
+            .enumerate()
+            .for_each(|(task, (o, x))| {
+                let base = b_ptr.get();
+                for (i, (o, x)) in o.chunks_mut(row).zip(x.chunks(row)).enumerate() {
+                    // The bias row of row `r`: its multi-index through the bias's strides.
+                    let mut r = task * rows_per_task + i;
+                    let mut offset = 0isize;
+                    for axis in (0..nd - 1).rev() {
+                        offset += (r % shape[axis]) as isize * b_strides[axis];
+                        r /= shape[axis];
+                    }
+                    let last = b_strides[nd - 1];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                        // SAFETY: the broadcast view covers every (row, j) at these offsets.
+                        let b = unsafe { *base.offset(offset + j as isize * last) };
+                        *o = x + b;
+                        // NaN wins the maximum (f32::max would drop it).
+                        if *o > max || o.is_nan() {
+                            max = *o;
+                        }
+                    }
+                    let mut sum = 0.0f32;
+                    for o in o.iter_mut() {
+                        *o = (*o - max).exp();
+                        sum += *o;
+                    }
+                    o.iter_mut().for_each(|o| *o /= sum);
+                }
+            });
+        Some(NdArrayTensor::from(
+            ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
+        ))
+    }
+
+    /// The softmax's input gradient summed down to `shape` over the axes where `shape` has
+    /// size 1 and the gradient does not (the broadcast bias's gradient).
+    fn reduce_to(grad: NdArrayTensor, shape: &[usize]) -> NdArrayTensor {
+        let dims = view(&grad).expect("f32 gradient").shape().to_vec();
+        let mut grad = grad;
+        for (axis, (&g, &b)) in dims.iter().zip(shape).enumerate() {
+            if b == 1 && g != 1 {
+                grad = Nd::float_sum_dim(grad, axis);
+            }
+        }
+        grad
+    }
+
+    /// The biased softmax as an autodiff operation.
+    #[derive(Debug)]
+    struct HostSoftmaxBiased;
+
+    impl Backward<Nd, 2> for HostSoftmaxBiased {
+        /// The output and the bias's shape.
+        type State = (NdArrayTensor, Vec<usize>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (y, bias_shape) = ops.state;
+            let dz = |g: NdArrayTensor| nd_pointwise_backward(Pointwise::Softmax, &y, &y, &g);
+            binary::<Nd, _, _>(ops.parents, ops.node, grads, dz, |g| {
+                reduce_to(dz(g), &bias_shape)
+            });
+        }
+    }
+
+    /// [`super::softmax_biased`] on primitives of `B` (one of the two host backends), or both
+    /// inputs back when it does not apply.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn softmax_biased<B: Backend>(
+        s: FloatTensor<B>,
+        bias: FloatTensor<B>,
+    ) -> Result<FloatTensor<B>, (FloatTensor<B>, FloatTensor<B>)> {
+        let back =
+            |x| cast::<_, FloatTensor<B>>(x).unwrap_or_else(|_| unreachable!("is_host checked B"));
+        let inputs = match cast::<_, [NdArrayTensor; 2]>([s, bias]) {
+            Ok([s, bias]) => {
+                return match nd_softmax_biased(&s, &bias) {
+                    Some(y) => Ok(back(y)),
+                    None => Err((back(s), back(bias))),
+                };
+            }
+            Err(inputs) => inputs,
+        };
+        let [s, bias]: [AdTensor; 2] =
+            cast(inputs).unwrap_or_else(|_| unreachable!("is_host checked B"));
+        let back = |x: AdTensor| {
+            cast::<_, FloatTensor<B>>(x).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>"))
+        };
+        let Some(y) = nd_softmax_biased(&s.primitive, &bias.primitive) else {
+            return Err((back(s), back(bias)));
+        };
+        let bias_shape = view(&bias.primitive).expect("f32 bias").shape().to_vec();
+        let out = match HostSoftmaxBiased
+            .prepare::<NoCheckpointing>([s.node.clone(), bias.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((y.clone(), bias_shape), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Ok(back(out))
+    }
+
     /// An element-wise operation as an autodiff operation.
     #[derive(Debug)]
     struct HostPointwise(Pointwise);
@@ -404,6 +559,20 @@ mod host {
     // while the arrays they point into are alive (the borrows in `product`).
     unsafe impl Send for Ptrs {}
     unsafe impl Sync for Ptrs {}
+
+    /// One read-only pointer shared by the tasks of a parallel loop.
+    #[derive(Clone, Copy)]
+    struct SharedPtr(*const f32);
+    // SAFETY: only read through, while the array it points into is alive.
+    unsafe impl Send for SharedPtr {}
+    unsafe impl Sync for SharedPtr {}
+
+    impl SharedPtr {
+        /// A method, so that closures capture the `Sync` wrapper and not the raw pointer.
+        fn get(&self) -> *const f32 {
+            self.0
+        }
+    }
 
     impl Ptrs {
         fn parts(&self) -> (*const f32, *const f32, *mut f32) {
@@ -743,6 +912,43 @@ mod tests {
                 y.assert_approx_eq::<f32>(&y_ref, Tolerance::rel_abs(1e-6, 1e-7));
             }
             g.assert_approx_eq::<f32>(&g_ref, Tolerance::rel_abs(1e-5, 1e-6));
+        }
+    }
+
+    /// Bias, mask and softmax in one pass: values and both gradients equal burn's
+    /// `softmax(scores + bias)` for T5's `[1, heads, q, k]` bias and BERT's `[batch, 1, 1, k]`
+    /// mask (with `f32::MIN` entries), on scores read through a transposed view.
+    #[test]
+    fn biased_softmax_equals_the_composite() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 9);
+        for bias_shape in [[1, 3, 20, 30], [2, 1, 1, 30], [2, 3, 20, 30]] {
+            let s0 = random::<Ad, 4>([2, 3, 30, 20]).mul_scalar(4.0);
+            let mut b0 = random::<Ad, 4>(bias_shape).mul_scalar(3.0);
+            if bias_shape[1] == 1 {
+                // A masked key, as BERT's extended mask writes it.
+                b0 = b0.slice_fill([0..1, 0..1, 0..1, 5..6], f32::MIN);
+            }
+            let g0 = random::<Ad, 4>([2, 3, 20, 30]);
+            let run = |ours: bool| {
+                let s = s0.clone().require_grad();
+                let b = b0.clone().require_grad();
+                let st = s.clone().swap_dims(2, 3);
+                let y = if ours {
+                    super::softmax_biased(st, b.clone())
+                } else {
+                    burn::tensor::activation::softmax(st + b.clone(), 3)
+                };
+                let grads = (y.clone() * g0.clone()).sum().backward();
+                (
+                    y.into_data(),
+                    s.grad(&grads).unwrap().into_data(),
+                    b.grad(&grads).unwrap().into_data(),
+                )
+            };
+            let ((y, gs, gb), (y_ref, gs_ref, gb_ref)) = (run(true), run(false));
+            y.assert_approx_eq::<f32>(&y_ref, Tolerance::rel_abs(1e-6, 1e-7));
+            gs.assert_approx_eq::<f32>(&gs_ref, Tolerance::rel_abs(1e-5, 1e-6));
+            gb.assert_approx_eq::<f32>(&gb_ref, Tolerance::rel_abs(1e-5, 1e-6));
         }
     }
 

@@ -353,8 +353,10 @@ impl<B: Backend> BertLayer<B> {
             k = Tensor::cat(vec![pk.clone(), k], 2);
             v = Tensor::cat(vec![pv.clone(), v], 2);
         }
-        let scores = ops::matmul(q, k.swap_dims(2, 3)).div_scalar((d as f64).sqrt()) + mask_bias;
-        let probs = self.attention_dropout.forward(ops::softmax(scores, 3));
+        let scores = ops::matmul(q, k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+        let probs = self
+            .attention_dropout
+            .forward(ops::softmax_biased(scores, mask_bias));
         let ctx = ops::matmul(probs, v).swap_dims(1, 2).reshape([b, l, h]);
         // AdapterHub's `bottleneck_layer_forward(hidden, input_tensor, LayerNorm)`: with no
         // active adapter, `LayerNorm(hidden + input)`.

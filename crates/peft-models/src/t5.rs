@@ -529,8 +529,8 @@ impl<B: Backend> T5Attention<B> {
                 }
             }
         };
-        let scores = ops::matmul(q, kv.k.clone().swap_dims(2, 3)) + bias;
-        let weights = self.dropout.forward(ops::softmax(scores, 3));
+        let scores = ops::matmul(q, kv.k.clone().swap_dims(2, 3));
+        let weights = self.dropout.forward(ops::softmax_biased(scores, bias));
         let out = ops::matmul(weights, kv.v.clone()).swap_dims(1, 2).reshape([
             b,
             l,
