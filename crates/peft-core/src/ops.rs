@@ -36,8 +36,10 @@
 //! c.into_data().assert_eq(&a.matmul(b.transpose()).into_data(), true);
 //! ```
 
+use burn::tensor::Tensor;
+#[cfg(feature = "ndarray")]
+use burn::tensor::TensorPrimitive;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 
 /// `lhs · rhs` over the last two dimensions, batched over the others: burn's
 /// [`Tensor::matmul`], without copies on burn-ndarray (see the [module docs](self)).
