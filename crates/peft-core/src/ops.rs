@@ -124,6 +124,38 @@ pub fn softmax_biased<B: Backend, const D: usize>(
     burn::tensor::activation::softmax(scores + bias, D - 1)
 }
 
+/// T5's RMS norm over the last dimension, `x / sqrt(mean(x^2) + eps) * weight`: one pass per
+/// row on burn-ndarray (rows on rayon's threads), with the backward pass for `x` and `weight`.
+/// Elsewhere, the same formula in burn's operations.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        let (p, w) = (
+            x.into_primitive().tensor(),
+            weight.into_primitive().tensor(),
+        );
+        return match host::rms_norm::<B>(p, w, eps as f32) {
+            Ok(y) => float(y),
+            Err((p, w)) => rms_norm_composite(float::<B, D>(p), float(w), eps),
+        };
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+fn rms_norm_composite<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let var = (x.clone() * x.clone()).mean_dim(D - 1);
+    let x = x * (var + eps).sqrt().recip();
+    x * weight.unsqueeze()
+}
+
 /// [`crate::nn::gelu_tanh`] in one pass on burn-ndarray (the same `f32` operations in the
 /// same order, so the same values, on rayon's threads), with its analytic backward pass;
 /// `None` where it does not apply, and `x` back.
@@ -459,6 +491,163 @@ mod host {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish((y.clone(), bias_shape), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Ok(back(out))
+    }
+
+    /// RMS norm of `x`'s rows (`f32`, last axis `d`) scaled by `w` (`[d]`): the output and
+    /// each row's `1 / sqrt(mean(x^2) + eps)`.
+    fn nd_rms_norm(
+        x: &NdArrayTensor,
+        w: &NdArrayTensor,
+        eps: f32,
+    ) -> Option<(NdArrayTensor, Vec<f32>)> {
+        let (xv, wv) = (view(x)?, view(w)?);
+        let shape = xv.shape().to_vec();
+        let d = *shape.last()?;
+        if d == 0 || wv.shape() != [d] {
+            return None;
+        }
+        let (xv, wv) = (xv.as_standard_layout(), wv.as_standard_layout());
+        let (xs, ws) = (xv.as_slice()?, wv.as_slice()?);
+        let rows = xs.len() / d;
+        let mut out = vec![0.0f32; xs.len()];
+        let mut inv = vec![0.0f32; rows];
+        let per_task = (CHUNK / d).max(1);
+        out.par_chunks_mut(per_task * d)
+            .zip(inv.par_chunks_mut(per_task))
+            .zip(xs.par_chunks(per_task * d))
+            .for_each(|((o, inv), x)| {
+                for ((o, r), x) in o.chunks_mut(d).zip(inv.iter_mut()).zip(x.chunks(d)) {
+                    let mean = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    *r = (mean + eps).sqrt().recip();
+                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws) {
+                        *o = x * *r * w;
+                    }
+                }
+            });
+        Some((
+            NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?),
+            inv,
+        ))
+    }
+
+    /// The RMS norm as an autodiff operation.
+    #[derive(Debug)]
+    struct HostRmsNorm;
+
+    impl Backward<Nd, 2> for HostRmsNorm {
+        /// Input, weight, and each row's `1 / rms`.
+        type State = (NdArrayTensor, NdArrayTensor, Vec<f32>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (x, w, inv) = ops.state;
+            let xv = view(&x).expect("f32 input");
+            let shape = xv.shape().to_vec();
+            let xv = xv.as_standard_layout();
+            let wv = view(&w).expect("f32 weight");
+            let wv = wv.as_standard_layout();
+            let (xs, ws) = (
+                xv.as_slice().expect("standard"),
+                wv.as_slice().expect("standard"),
+            );
+            let d = ws.len();
+            let per_task = (CHUNK / d).max(1);
+            binary::<Nd, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |g| {
+                    // dx = r (g w) - x r^3 mean((g w) x), per row.
+                    let gv = view(&g).expect("f32 gradient");
+                    let gv = gv.as_standard_layout();
+                    let gs = gv.as_slice().expect("standard");
+                    let mut out = vec![0.0f32; gs.len()];
+                    out.par_chunks_mut(per_task * d)
+                        .zip(gs.par_chunks(per_task * d).zip(xs.par_chunks(per_task * d)))
+                        .zip(inv.par_chunks(per_task))
+                        .for_each(|((o, (g, x)), inv)| {
+                            for (((o, g), x), &r) in
+                                o.chunks_mut(d).zip(g.chunks(d)).zip(x.chunks(d)).zip(inv)
+                            {
+                                let dot: f32 =
+                                    g.iter().zip(ws).zip(x).map(|((g, w), x)| g * w * x).sum();
+                                let k = r * r * r * dot / d as f32;
+                                for (((o, &g), &w), &x) in o.iter_mut().zip(g).zip(ws).zip(x) {
+                                    *o = r * g * w - x * k;
+                                }
+                            }
+                        });
+                    NdArrayTensor::from(
+                        ArcArray::from_shape_vec(IxDyn(&shape), out).expect("input's shape"),
+                    )
+                },
+                |g| {
+                    // dw = sum over rows of g x r: partial sums per task, added in task order.
+                    let gv = view(&g).expect("f32 gradient");
+                    let gv = gv.as_standard_layout();
+                    let gs = gv.as_slice().expect("standard");
+                    let partial: Vec<Vec<f32>> = gs
+                        .par_chunks(per_task * d)
+                        .zip(xs.par_chunks(per_task * d).zip(inv.par_chunks(per_task)))
+                        .map(|(g, (x, inv))| {
+                            let mut acc = vec![0.0f32; d];
+                            for ((g, x), &r) in g.chunks(d).zip(x.chunks(d)).zip(inv) {
+                                for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
+                                    *a += g * x * r;
+                                }
+                            }
+                            acc
+                        })
+                        .collect();
+                    let mut dw = vec![0.0f32; d];
+                    for p in partial {
+                        dw.iter_mut().zip(p).for_each(|(a, p)| *a += p);
+                    }
+                    NdArrayTensor::from(
+                        ArcArray::from_shape_vec(IxDyn(&[d]), dw).expect("weight's shape"),
+                    )
+                },
+            );
+        }
+    }
+
+    /// [`super::rms_norm`] on primitives of `B` (one of the two host backends), or both
+    /// inputs back when it does not apply.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn rms_norm<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        eps: f32,
+    ) -> Result<FloatTensor<B>, (FloatTensor<B>, FloatTensor<B>)> {
+        let back =
+            |t| cast::<_, FloatTensor<B>>(t).unwrap_or_else(|_| unreachable!("is_host checked B"));
+        let inputs = match cast::<_, [NdArrayTensor; 2]>([x, w]) {
+            Ok([x, w]) => {
+                return match nd_rms_norm(&x, &w, eps) {
+                    Some((y, _)) => Ok(back(y)),
+                    None => Err((back(x), back(w))),
+                };
+            }
+            Err(inputs) => inputs,
+        };
+        let [x, w]: [AdTensor; 2] =
+            cast(inputs).unwrap_or_else(|_| unreachable!("is_host checked B"));
+        let back = |t: AdTensor| {
+            cast::<_, FloatTensor<B>>(t).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>"))
+        };
+        let Some((y, inv)) = nd_rms_norm(&x.primitive, &w.primitive, eps) else {
+            return Err((back(x), back(w)));
+        };
+        let out = match HostRmsNorm
+            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((x.primitive.clone(), w.primitive.clone(), inv), y)
+            }
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         Ok(back(out))
@@ -952,6 +1141,35 @@ mod tests {
             gs.assert_approx_eq::<f32>(&gs_ref, Tolerance::rel_abs(1e-5, 1e-6));
             gb.assert_approx_eq::<f32>(&gb_ref, Tolerance::rel_abs(1e-5, 1e-6));
         }
+    }
+
+    /// T5's RMS norm in one pass: values and both gradients equal the composite's.
+    #[test]
+    fn rms_norm_equals_the_composite() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 13);
+        let x0 = random::<Ad, 3>([3, 700, 48]).mul_scalar(3.0);
+        let w0 = random::<Ad, 1>([48]);
+        let g0 = random::<Ad, 3>([3, 700, 48]);
+        let run = |ours: bool| {
+            let x = x0.clone().require_grad();
+            let w = w0.clone().require_grad();
+            let y = if ours {
+                super::rms_norm(x.clone(), w.clone(), 1e-6)
+            } else {
+                super::rms_norm_composite(x.clone(), w.clone(), 1e-6)
+            };
+            let grads = (y.clone() * g0.clone()).sum().backward();
+            (
+                y.into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                w.grad(&grads).unwrap().into_data(),
+            )
+        };
+        let ((y, gx, gw), (y_ref, gx_ref, gw_ref)) = (run(true), run(false));
+        y.assert_approx_eq::<f32>(&y_ref, Tolerance::rel_abs(1e-6, 1e-7));
+        gx.assert_approx_eq::<f32>(&gx_ref, Tolerance::rel_abs(1e-5, 1e-6));
+        // The weight's gradient sums 2,100 rows, in another order than the composite's.
+        gw.assert_approx_eq::<f32>(&gw_ref, Tolerance::rel_abs(1e-4, 1e-5));
     }
 
     /// A reshape of a standard-layout array shares its buffer; one of a transposed view is

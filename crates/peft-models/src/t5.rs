@@ -376,9 +376,7 @@ impl<B: Backend> T5LayerNorm<B> {
 
     /// Normalises the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let var = (x.clone() * x.clone()).mean_dim(D - 1);
-        let x = x * (var + self.eps).sqrt().recip();
-        x * self.weight.val().unsqueeze()
+        ops::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
