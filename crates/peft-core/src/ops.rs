@@ -118,7 +118,7 @@ pub fn softmax_biased<B: Backend, const D: usize>(
         );
         return match host::softmax_biased::<B>(s, b) {
             Ok(y) => float(y),
-            Err((s, b)) => burn::tensor::activation::softmax(float::<B, D>(s) + float(b), D - 1),
+            Err([s, b]) => burn::tensor::activation::softmax(float::<B, D>(s) + float(b), D - 1),
         };
     }
     burn::tensor::activation::softmax(scores + bias, D - 1)
@@ -140,7 +140,7 @@ pub fn rms_norm<B: Backend, const D: usize>(
         );
         return match host::rms_norm::<B>(p, w, eps as f32) {
             Ok(y) => float(y),
-            Err((p, w)) => rms_norm_composite(float::<B, D>(p), float(w), eps),
+            Err([p, w]) => rms_norm_composite(float::<B, D>(p), float(w), eps),
         };
     }
     rms_norm_composite(x, weight, eps)
@@ -216,31 +216,85 @@ mod host {
         }
     }
 
-    /// Runs `nd` on NdArray primitives or `ad` on autodiff ones; `B` is one of the two.
-    fn dispatch<B: Backend, const N: usize>(
+    /// Runs a host kernel on primitives of `B` (one of the two host backends). On NdArray, the
+    /// kernel alone. Under autodiff, the kernel on the inner arrays, then `op` recorded with the
+    /// state that `state` builds from the inputs, whether each is tracked, the output and the
+    /// kernel's extra result (only when some input is tracked). The inputs come back when the
+    /// kernel declines (`None`: not `f32`, or shapes it does not handle).
+    #[allow(clippy::type_complexity)]
+    fn run<B: Backend, O: Backward<Nd, N>, X, const N: usize>(
         inputs: [FloatTensor<B>; N],
-        nd: impl FnOnce([NdArrayTensor; N]) -> NdArrayTensor,
-        ad: impl FnOnce([AdTensor; N]) -> AdTensor,
-    ) -> FloatTensor<B> {
-        match cast::<_, [NdArrayTensor; N]>(inputs) {
-            Ok(t) => cast(nd(t)).unwrap_or_else(|_| unreachable!("B is NdArray")),
-            Err(inputs) => match cast::<_, [AdTensor; N]>(inputs) {
-                Ok(t) => cast(ad(t)).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>")),
-                Err(_) => unreachable!("is_host checked the backend"),
-            },
+        kernel: impl Fn(&[NdArrayTensor; N]) -> Option<(NdArrayTensor, X)>,
+        op: O,
+        state: impl FnOnce(&[NdArrayTensor; N], [bool; N], &NdArrayTensor, X) -> O::State,
+    ) -> Result<FloatTensor<B>, [FloatTensor<B>; N]> {
+        /// A primitive of `B` (NdArray's or autodiff's) back as `B`'s.
+        fn back<B: Backend, T: 'static>(t: T) -> FloatTensor<B> {
+            cast(t).unwrap_or_else(|_| unreachable!("B's own primitive"))
         }
+        let inputs = match cast::<_, [NdArrayTensor; N]>(inputs) {
+            Ok(nd) => {
+                return match kernel(&nd) {
+                    Some((y, _)) => Ok(back::<B, _>(y)),
+                    None => Err(nd.map(back::<B, _>)),
+                };
+            }
+            Err(inputs) => inputs,
+        };
+        let ad: [AdTensor; N] = cast(inputs).unwrap_or_else(|_| unreachable!("is_host checked B"));
+        let prims = ad.each_ref().map(|t| t.primitive.clone());
+        let Some((y, extra)) = kernel(&prims) else {
+            return Err(ad.map(back::<B, _>));
+        };
+        let out = match op
+            .prepare::<NoCheckpointing>(ad.each_ref().map(|t| t.node.clone()))
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let tracked = ad.each_ref().map(|t| t.is_tracked());
+                prep.finish(state(&prims, tracked, &y, extra), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Ok(back::<B, _>(out))
+    }
+
+    /// `run` for a kernel that never declines (it falls back to burn-ndarray's own operation).
+    fn run_total<B: Backend, O: Backward<Nd, N>, const N: usize>(
+        inputs: [FloatTensor<B>; N],
+        kernel: impl Fn(&[NdArrayTensor; N]) -> NdArrayTensor,
+        op: O,
+        state: impl FnOnce(&[NdArrayTensor; N], [bool; N]) -> O::State,
+    ) -> FloatTensor<B> {
+        run::<B, O, (), N>(
+            inputs,
+            |t| Some((kernel(t), ())),
+            op,
+            |t, tracked, _, _| state(t, tracked),
+        )
+        .unwrap_or_else(|_| unreachable!("the kernel always answers"))
     }
 
     pub(super) fn matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
-        dispatch::<B, 2>(
+        run_total::<B, _, 2>(
             [lhs, rhs],
-            |[l, r]| nd_matmul(&l, &r, false, false, true),
-            |[l, r]| ad_matmul(l, r),
+            |[l, r]| nd_matmul(l, r, false, false, true),
+            HostMatmul,
+            // Each gradient needs the other operand.
+            |[l, r], [l_tracked, r_tracked]| {
+                (r_tracked.then(|| l.clone()), l_tracked.then(|| r.clone()))
+            },
         )
     }
 
     pub(super) fn reshape<B: Backend>(x: FloatTensor<B>, shape: &[usize]) -> FloatTensor<B> {
-        dispatch::<B, 1>([x], |[x]| nd_reshape(x, shape), |[x]| ad_reshape(x, shape))
+        run_total::<B, _, 1>(
+            [x],
+            |[x]| nd_reshape(x.clone(), shape),
+            HostReshape,
+            |[x], _| burn::tensor::TensorMetadata::shape(x).to_vec(),
+        )
     }
 
     /// The element-wise operations done in one pass here.
@@ -460,40 +514,21 @@ mod host {
 
     /// [`super::softmax_biased`] on primitives of `B` (one of the two host backends), or both
     /// inputs back when it does not apply.
-    #[allow(clippy::type_complexity)]
     pub(super) fn softmax_biased<B: Backend>(
         s: FloatTensor<B>,
         bias: FloatTensor<B>,
-    ) -> Result<FloatTensor<B>, (FloatTensor<B>, FloatTensor<B>)> {
-        let back =
-            |x| cast::<_, FloatTensor<B>>(x).unwrap_or_else(|_| unreachable!("is_host checked B"));
-        let inputs = match cast::<_, [NdArrayTensor; 2]>([s, bias]) {
-            Ok([s, bias]) => {
-                return match nd_softmax_biased(&s, &bias) {
-                    Some(y) => Ok(back(y)),
-                    None => Err((back(s), back(bias))),
-                };
-            }
-            Err(inputs) => inputs,
-        };
-        let [s, bias]: [AdTensor; 2] =
-            cast(inputs).unwrap_or_else(|_| unreachable!("is_host checked B"));
-        let back = |x: AdTensor| {
-            cast::<_, FloatTensor<B>>(x).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>"))
-        };
-        let Some(y) = nd_softmax_biased(&s.primitive, &bias.primitive) else {
-            return Err((back(s), back(bias)));
-        };
-        let bias_shape = view(&bias.primitive).expect("f32 bias").shape().to_vec();
-        let out = match HostSoftmaxBiased
-            .prepare::<NoCheckpointing>([s.node.clone(), bias.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((y.clone(), bias_shape), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        Ok(back(out))
+    ) -> Result<FloatTensor<B>, [FloatTensor<B>; 2]> {
+        run::<B, _, _, 2>(
+            [s, bias],
+            |[s, bias]| Some((nd_softmax_biased(s, bias)?, ())),
+            HostSoftmaxBiased,
+            |[_, bias], _, y, ()| {
+                (
+                    y.clone(),
+                    burn::tensor::TensorMetadata::shape(bias).to_vec(),
+                )
+            },
+        )
     }
 
     /// RMS norm of `x`'s rows (`f32`, last axis `d`) scaled by `w` (`[d]`): the output and
@@ -615,42 +650,17 @@ mod host {
 
     /// [`super::rms_norm`] on primitives of `B` (one of the two host backends), or both
     /// inputs back when it does not apply.
-    #[allow(clippy::type_complexity)]
     pub(super) fn rms_norm<B: Backend>(
         x: FloatTensor<B>,
         w: FloatTensor<B>,
         eps: f32,
-    ) -> Result<FloatTensor<B>, (FloatTensor<B>, FloatTensor<B>)> {
-        let back =
-            |t| cast::<_, FloatTensor<B>>(t).unwrap_or_else(|_| unreachable!("is_host checked B"));
-        let inputs = match cast::<_, [NdArrayTensor; 2]>([x, w]) {
-            Ok([x, w]) => {
-                return match nd_rms_norm(&x, &w, eps) {
-                    Some((y, _)) => Ok(back(y)),
-                    None => Err((back(x), back(w))),
-                };
-            }
-            Err(inputs) => inputs,
-        };
-        let [x, w]: [AdTensor; 2] =
-            cast(inputs).unwrap_or_else(|_| unreachable!("is_host checked B"));
-        let back = |t: AdTensor| {
-            cast::<_, FloatTensor<B>>(t).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>"))
-        };
-        let Some((y, inv)) = nd_rms_norm(&x.primitive, &w.primitive, eps) else {
-            return Err((back(x), back(w)));
-        };
-        let out = match HostRmsNorm
-            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                prep.finish((x.primitive.clone(), w.primitive.clone(), inv), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        Ok(back(out))
+    ) -> Result<FloatTensor<B>, [FloatTensor<B>; 2]> {
+        run::<B, _, _, 2>(
+            [x, w],
+            |[x, w]| nd_rms_norm(x, w, eps),
+            HostRmsNorm,
+            |[x, w], _, _, inv| (x.clone(), w.clone(), inv),
+        )
     }
 
     /// An element-wise operation as an autodiff operation.
@@ -675,28 +685,13 @@ mod host {
         x: FloatTensor<B>,
         kind: Pointwise,
     ) -> Result<FloatTensor<B>, FloatTensor<B>> {
-        let x = match cast::<_, NdArrayTensor>(x) {
-            Ok(x) => {
-                return match nd_pointwise(&x, kind) {
-                    Some(y) => Ok(cast(y).unwrap_or_else(|_| unreachable!("B is NdArray"))),
-                    None => Err(cast(x).unwrap_or_else(|_| unreachable!("B is NdArray"))),
-                };
-            }
-            Err(x) => x,
-        };
-        let x: AdTensor = cast(x).unwrap_or_else(|_| unreachable!("is_host checked B"));
-        let Some(y) = nd_pointwise(&x.primitive, kind) else {
-            return Err(cast(x).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>")));
-        };
-        let out = match HostPointwise(kind)
-            .prepare::<NoCheckpointing>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((x.primitive.clone(), y.clone()), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        Ok(cast(out).unwrap_or_else(|_| unreachable!("B is Autodiff<NdArray>")))
+        run::<B, _, _, 1>(
+            [x],
+            |[x]| Some((nd_pointwise(x, kind)?, ())),
+            HostPointwise(kind),
+            |[x], _, y, ()| (x.clone(), y.clone()),
+        )
+        .map_err(|[x]| x)
     }
 
     /// The `f32` view of a tensor, if it holds `f32`.
@@ -913,25 +908,6 @@ mod host {
         }
     }
 
-    fn ad_matmul(lhs: AdTensor, rhs: AdTensor) -> AdTensor {
-        let out = nd_matmul(&lhs.primitive, &rhs.primitive, false, false, true);
-        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-        match HostMatmul
-            .prepare::<NoCheckpointing>([lhs.node.clone(), rhs.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = (
-                    rhs_tracked.then(|| lhs.primitive.clone()),
-                    lhs_tracked.then(|| rhs.primitive.clone()),
-                );
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
-    }
-
     /// The reshape as an autodiff operation: the gradient is reshaped back.
     #[derive(Debug)]
     struct HostReshape;
@@ -945,21 +921,6 @@ mod host {
             unary::<Nd, _>(ops.parents, ops.node, grads, |grad| {
                 nd_reshape(grad, &shape)
             });
-        }
-    }
-
-    fn ad_reshape(x: AdTensor, shape: &[usize]) -> AdTensor {
-        let input_shape = view(&x.primitive)
-            .map(|v| v.shape().to_vec())
-            .unwrap_or_else(|| burn::tensor::TensorMetadata::shape(&x.primitive).to_vec());
-        let out = nd_reshape(x.primitive.clone(), shape);
-        match HostReshape
-            .prepare::<NoCheckpointing>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(input_shape, out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 }
