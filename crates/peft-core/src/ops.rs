@@ -314,6 +314,24 @@ mod host {
     /// Elements per rayon task of the element-wise kernels.
     const CHUNK: usize = 1 << 14;
 
+    /// The softmax of one row, in place: `exp(x - max) / sum`, as burn's composite computes it.
+    /// NaN wins the maximum (`f32::max` would drop it), as it wins the sum.
+    fn softmax_in_place(row: &mut [f32]) {
+        let max =
+            row.iter().copied().fold(
+                f32::NEG_INFINITY,
+                |m, v| {
+                    if v > m || v.is_nan() { v } else { m }
+                },
+            );
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+
     /// `kind` applied to `x` (contiguous, `f32`) into a new array of its shape.
     fn nd_pointwise(x: &NdArrayTensor, kind: Pointwise) -> Option<NdArrayTensor> {
         let v = view(x)?;
@@ -346,16 +364,8 @@ mod host {
                     .zip(xs.par_chunks(rows))
                     .for_each(|(o, x)| {
                         for (o, x) in o.chunks_mut(row).zip(x.chunks(row)) {
-                            // NaN wins the maximum (f32::max would drop it), as it wins the sum.
-                            let max = x.iter().copied().fold(f32::NEG_INFINITY, |m, v| {
-                                if v > m || v.is_nan() { v } else { m }
-                            });
-                            let mut sum = 0.0f32;
-                            for (o, &x) in o.iter_mut().zip(x) {
-                                *o = (x - max).exp();
-                                sum += *o;
-                            }
-                            o.iter_mut().for_each(|o| *o /= sum);
+                            o.copy_from_slice(x);
+                            softmax_in_place(o);
                         }
                     });
             }
@@ -459,22 +469,11 @@ mod host {
                         r /= shape[axis];
                     }
                     let last = b_strides[nd - 1];
-                    let mut max = f32::NEG_INFINITY;
                     for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
                         // SAFETY: the broadcast view covers every (row, j) at these offsets.
-                        let b = unsafe { *base.offset(offset + j as isize * last) };
-                        *o = x + b;
-                        // NaN wins the maximum (f32::max would drop it).
-                        if *o > max || o.is_nan() {
-                            max = *o;
-                        }
+                        *o = x + unsafe { *base.offset(offset + j as isize * last) };
                     }
-                    let mut sum = 0.0f32;
-                    for o in o.iter_mut() {
-                        *o = (*o - max).exp();
-                        sum += *o;
-                    }
-                    o.iter_mut().for_each(|o| *o /= sum);
+                    softmax_in_place(o);
                 }
             });
         Some(NdArrayTensor::from(
