@@ -189,7 +189,7 @@ mod host {
     use burn::tensor::Shape;
     use burn::tensor::backend::Backend;
     use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-    use ndarray::{ArcArray, ArrayViewD, IxDyn};
+    use ndarray::{ArcArray, ArrayViewD, CowArray, IxDyn};
     use rayon::prelude::*;
 
     type Nd = NdArray<f32>;
@@ -336,7 +336,7 @@ mod host {
     fn nd_pointwise(x: &NdArrayTensor, kind: Pointwise) -> Option<NdArrayTensor> {
         let v = view(x)?;
         let shape = v.shape().to_vec();
-        let v = v.as_standard_layout();
+        let v = standard(&v);
         let xs = v.as_slice()?;
         let mut out = vec![0.0f32; xs.len()];
         match kind {
@@ -388,11 +388,7 @@ mod host {
             view(g).expect("f32 gradient"),
         );
         // Borrowed when already contiguous (the usual case), copied otherwise.
-        let (x, y, g) = (
-            x.as_standard_layout(),
-            y.as_standard_layout(),
-            g.as_standard_layout(),
-        );
+        let (x, y, g) = (standard(&x), standard(&y), standard(&g));
         let shape = g.shape().to_vec();
         let (xs, ys, gs) = (
             x.as_slice().expect("standard"),
@@ -449,7 +445,7 @@ mod host {
             return None;
         }
         let bv = bv.broadcast(IxDyn(&shape))?;
-        let sv = sv.as_standard_layout();
+        let sv = standard(&sv);
         let xs = sv.as_slice()?;
         let (b_strides, b_ptr) = (bv.strides().to_vec(), SharedPtr(bv.as_ptr()));
         let nd = shape.len();
@@ -543,7 +539,7 @@ mod host {
         if d == 0 || wv.shape() != [d] {
             return None;
         }
-        let (xv, wv) = (xv.as_standard_layout(), wv.as_standard_layout());
+        let (xv, wv) = (standard(&xv), standard(&wv));
         let (xs, ws) = (xv.as_slice()?, wv.as_slice()?);
         let rows = xs.len() / d;
         let mut out = vec![0.0f32; xs.len()];
@@ -579,9 +575,9 @@ mod host {
             let (x, w, inv) = ops.state;
             let xv = view(&x).expect("f32 input");
             let shape = xv.shape().to_vec();
-            let xv = xv.as_standard_layout();
+            let xv = standard(&xv);
             let wv = view(&w).expect("f32 weight");
-            let wv = wv.as_standard_layout();
+            let wv = standard(&wv);
             let (xs, ws) = (
                 xv.as_slice().expect("standard"),
                 wv.as_slice().expect("standard"),
@@ -595,7 +591,7 @@ mod host {
                 |g| {
                     // dx = r (g w) - x r^3 mean((g w) x), per row.
                     let gv = view(&g).expect("f32 gradient");
-                    let gv = gv.as_standard_layout();
+                    let gv = standard(&gv);
                     let gs = gv.as_slice().expect("standard");
                     let mut out = vec![0.0f32; gs.len()];
                     out.par_chunks_mut(per_task * d)
@@ -620,7 +616,7 @@ mod host {
                 |g| {
                     // dw = sum over rows of g x r: partial sums per task, added in task order.
                     let gv = view(&g).expect("f32 gradient");
-                    let gv = gv.as_standard_layout();
+                    let gv = standard(&gv);
                     let gs = gv.as_slice().expect("standard");
                     let partial: Vec<Vec<f32>> = gs
                         .par_chunks(per_task * d)
@@ -691,6 +687,77 @@ mod host {
             |[x], _, y, ()| (x.clone(), y.clone()),
         )
         .map_err(|[x]| x)
+    }
+
+    /// `v` in standard (row-major) layout: borrowed when it already is, copied otherwise,
+    /// matrix by matrix over the last two axes (rows with `copy_from_slice`, transposed
+    /// matrices in tiles that stay in the L1 cache), the matrices on rayon's threads. The same
+    /// values as ndarray's `as_standard_layout`, which walks a dynamic-rank view one element
+    /// at a time: copying attention's transposed keys that way was the largest single cost
+    /// of a decoding step.
+    pub(super) fn standard<'b>(v: &'b ArrayViewD<'_, f32>) -> CowArray<'b, f32, IxDyn> {
+        let nd = v.ndim();
+        if v.is_standard_layout() || nd < 2 || v.is_empty() {
+            return v.as_standard_layout();
+        }
+        let shape = v.shape();
+        let (rows, cols) = (shape[nd - 2], shape[nd - 1]);
+        let strides = v.strides();
+        let (rs, cs) = (strides[nd - 2], strides[nd - 1]);
+        let batch = &shape[..nd - 2];
+        let count: usize = batch.iter().product();
+        let len = v.len();
+        let mut out = Vec::<f32>::with_capacity(len);
+        let p = Ptrs {
+            a: v.as_ptr(),
+            b: v.as_ptr(),
+            c: out.as_mut_ptr(),
+        };
+        let one = |i: usize| {
+            let (src, _, dst) = p.parts();
+            let mut offset = 0isize;
+            let mut rest = i;
+            for axis in (0..nd - 2).rev() {
+                offset += (rest % batch[axis]) as isize * strides[axis];
+                rest /= batch[axis];
+            }
+            // SAFETY: matrix `i` of the view starts at `offset` from its first element and
+            // covers `rows x cols` elements at strides `rs`, `cs` (ndarray's invariants);
+            // block `i` of the output is `rows * cols` elements inside `out`'s capacity,
+            // disjoint from every other block.
+            unsafe {
+                let (src, dst) = (src.offset(offset), dst.add(i * rows * cols));
+                if cs == 1 {
+                    for r in 0..rows {
+                        std::ptr::copy_nonoverlapping(
+                            src.offset(r as isize * rs),
+                            dst.add(r * cols),
+                            cols,
+                        );
+                    }
+                } else {
+                    const TILE: usize = 32;
+                    for r0 in (0..rows).step_by(TILE) {
+                        for c0 in (0..cols).step_by(TILE) {
+                            for r in r0..(r0 + TILE).min(rows) {
+                                let (s, d) = (src.offset(r as isize * rs), dst.add(r * cols));
+                                for c in c0..(c0 + TILE).min(cols) {
+                                    *d.add(c) = *s.offset(c as isize * cs);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if count > 1 && len >= CHUNK {
+            (0..count).into_par_iter().for_each(one);
+        } else {
+            (0..count).for_each(one);
+        }
+        // SAFETY: every one of the `len` elements was written above.
+        unsafe { out.set_len(len) };
+        CowArray::from(ndarray::Array::from_shape_vec(IxDyn(shape), out).expect("the view's shape"))
     }
 
     /// The `f32` view of a tensor, if it holds `f32`.
@@ -797,13 +864,13 @@ mod host {
             |v: &ArrayViewD<'_, f32>| v.shape()[nd - 1] <= 1 || v.strides()[nd - 1] == 1;
         let (a_copy, b_copy);
         let a = if row_major && !rows_contiguous(&a) {
-            a_copy = a.as_standard_layout();
+            a_copy = standard(&a);
             a_copy.view()
         } else {
             a
         };
         let b = if row_major && !rows_contiguous(&b) {
-            b_copy = b.as_standard_layout();
+            b_copy = standard(&b);
             b_copy.view()
         } else {
             b
@@ -867,8 +934,9 @@ mod host {
         ArcArray::from_shape_vec(IxDyn(&shape), out).ok()
     }
 
-    /// A view of the same buffer under the new shape when `x` is `f32` in standard layout,
-    /// burn-ndarray's reshape otherwise.
+    /// A view of the same buffer under the new shape when `x` is `f32` in standard layout, a
+    /// copy into standard layout ([`standard`]) viewed under the new shape when it is `f32` in
+    /// another layout, burn-ndarray's reshape otherwise.
     fn nd_reshape(x: NdArrayTensor, shape: &[usize]) -> NdArrayTensor {
         if let NdArrayTensor::F32(storage) = &x
             && storage.is_owned()
@@ -880,6 +948,14 @@ mod host {
             let array = storage.into_shared();
             return match array.into_shape_with_order(IxDyn(shape)) {
                 Ok(a) => NdArrayTensor::from(a),
+                Err(e) => panic!("reshape to {shape:?}: {e}"),
+            };
+        }
+        if let NdArrayTensor::F32(storage) = &x {
+            // One copy into standard layout (attention's merge of its heads), then a view.
+            let copy = standard(&storage.view()).into_owned();
+            return match copy.into_shape_with_order(IxDyn(shape)) {
+                Ok(a) => NdArrayTensor::from(a.into_shared()),
                 Err(e) => panic!("reshape to {shape:?}: {e}"),
             };
         }
@@ -1130,6 +1206,49 @@ mod tests {
         gx.assert_approx_eq::<f32>(&gx_ref, Tolerance::rel_abs(1e-5, 1e-6));
         // The weight's gradient sums 2,100 rows, in another order than the composite's.
         gw.assert_approx_eq::<f32>(&gw_ref, Tolerance::rel_abs(1e-4, 1e-5));
+    }
+
+    /// The layout copy gives ndarray's `as_standard_layout` element for element, on every view
+    /// the models make and some they do not (reversed axes, tile edges, one matrix or many,
+    /// small and past the parallel threshold).
+    #[test]
+    fn standard_layout_copies_equal_ndarrays() {
+        use ndarray::{Array, Axis, IxDyn};
+        for shape in [
+            vec![70usize, 45],
+            vec![2, 3, 5, 7],
+            vec![4, 6, 40, 70],
+            vec![1, 1, 33, 1],
+        ] {
+            let len: usize = shape.iter().product();
+            let a = Array::from_shape_vec(IxDyn(&shape), (0..len).map(|i| i as f32).collect())
+                .expect("shape");
+            let nd = shape.len();
+            let mut views = vec![a.view()];
+            let mut t = a.view();
+            t.swap_axes(nd - 2, nd - 1);
+            views.push(t);
+            let mut t = a.view();
+            t.swap_axes(0, nd - 2);
+            views.push(t);
+            let mut t = a.view();
+            t.invert_axis(Axis(nd - 1));
+            t.swap_axes(0, nd - 1);
+            views.push(t);
+            let mut t = a.view();
+            t.invert_axis(Axis(0));
+            views.push(t);
+            for v in views {
+                let ours = super::host::standard(&v);
+                assert!(ours.is_standard_layout());
+                assert_eq!(ours.shape(), v.shape());
+                assert_eq!(
+                    ours.as_slice(),
+                    v.as_standard_layout().as_slice(),
+                    "{shape:?}"
+                );
+            }
+        }
     }
 
     /// A reshape of a standard-layout array shares its buffer; one of a transposed view is

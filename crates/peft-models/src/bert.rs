@@ -357,7 +357,7 @@ impl<B: Backend> BertLayer<B> {
         let probs = self
             .attention_dropout
             .forward(ops::softmax_biased(scores, mask_bias));
-        let ctx = ops::matmul(probs, v).swap_dims(1, 2).reshape([b, l, h]);
+        let ctx = ops::reshape(ops::matmul(probs, v).swap_dims(1, 2), [b, l, h]);
         // AdapterHub's `bottleneck_layer_forward(hidden, input_tensor, LayerNorm)`: with no
         // active adapter, `LayerNorm(hidden + input)`.
         let attn = self.attention_adapters.forward(

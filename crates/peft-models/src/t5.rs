@@ -529,11 +529,10 @@ impl<B: Backend> T5Attention<B> {
         };
         let scores = ops::matmul(q, kv.k.clone().swap_dims(2, 3));
         let weights = self.dropout.forward(ops::softmax_biased(scores, bias));
-        let out = ops::matmul(weights, kv.v.clone()).swap_dims(1, 2).reshape([
-            b,
-            l,
-            self.n_heads * self.d_kv,
-        ]);
+        let out = ops::reshape(
+            ops::matmul(weights, kv.v.clone()).swap_dims(1, 2),
+            [b, l, self.n_heads * self.d_kv],
+        );
         (self.o.forward(out), kv)
     }
 }
