@@ -75,6 +75,50 @@ pub fn reshape<B: Backend, const D1: usize, const D2: usize>(
     x.reshape(shape)
 }
 
+/// The positions `start..start + len` of dimension `dim`: burn's [`Tensor::narrow`], as a view
+/// of the same buffer on burn-ndarray (whose slice copies). A KV cache with room to grow reads
+/// its filled part through it. Autodiff and other backends take burn's `narrow`.
+///
+/// # Panics
+/// As burn's `narrow`, when the range is out of bounds.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Tensor, TensorData};
+///
+/// let t = Tensor::<NdArray, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]), &Default::default());
+/// let n = peft_core::ops::narrow(t, 1, 1, 2);
+/// n.into_data().assert_eq(&TensorData::new(vec![2.0f32, 3.0, 5.0, 6.0], [2, 2]), true);
+/// ```
+pub fn narrow<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dim: usize,
+    start: usize,
+    len: usize,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        return match host::narrow::<B>(x.into_primitive().tensor(), dim, start, len) {
+            Ok(y) => float(y),
+            Err(x) => float::<B, D>(x).narrow(dim, start, len),
+        };
+    }
+    x.narrow(dim, start, len)
+}
+
+/// `x` stored in standard (row-major) layout. On burn-ndarray, a tensor that is a transposed
+/// or permuted view of another is copied (one pass per matrix, see [`matmul`]); so
+/// `contiguous(k.swap_dims(2, 3)).swap_dims(2, 3)` is `k` with its last two axes swapped in
+/// memory, which a product with `kᵀ` then reads with no copy. Elsewhere (autodiff, other
+/// backends) `x` as it is: the values are the same either way.
+pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        return float(host::contiguous::<B>(x.into_primitive().tensor()));
+    }
+    x
+}
+
 /// burn's `activation::softmax`, over the last dimension: one pass per row on burn-ndarray
 /// (rows on rayon's threads, in place of five single-threaded passes and their temporaries),
 /// with its own backward pass, `dx = y (g - sum(g y))`. Other backends, and other dimensions,
@@ -228,10 +272,6 @@ mod host {
         op: O,
         state: impl FnOnce(&[NdArrayTensor; N], [bool; N], &NdArrayTensor, X) -> O::State,
     ) -> Result<FloatTensor<B>, [FloatTensor<B>; N]> {
-        /// A primitive of `B` (NdArray's or autodiff's) back as `B`'s.
-        fn back<B: Backend, T: 'static>(t: T) -> FloatTensor<B> {
-            cast(t).unwrap_or_else(|_| unreachable!("B's own primitive"))
-        }
         let inputs = match cast::<_, [NdArrayTensor; N]>(inputs) {
             Ok(nd) => {
                 return match kernel(&nd) {
@@ -295,6 +335,46 @@ mod host {
             HostReshape,
             |[x], _| burn::tensor::TensorMetadata::shape(x).to_vec(),
         )
+    }
+
+    /// A primitive of `B` (NdArray's or autodiff's) back as `B`'s.
+    fn back<B: Backend, T: 'static>(t: T) -> FloatTensor<B> {
+        cast(t).unwrap_or_else(|_| unreachable!("B's own primitive"))
+    }
+
+    /// A view of positions `start..start + len` of axis `dim`, on plain NdArray `f32`; the
+    /// input back otherwise (autodiff, another dtype, out of bounds).
+    pub(super) fn narrow<B: Backend>(
+        x: FloatTensor<B>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<FloatTensor<B>, FloatTensor<B>> {
+        match cast::<_, NdArrayTensor>(x)? {
+            NdArrayTensor::F32(storage)
+                if dim < storage.shape().len()
+                    && start
+                        .checked_add(len)
+                        .is_some_and(|end| end <= storage.shape()[dim]) =>
+            {
+                let mut a = storage.into_shared();
+                a.slice_axis_inplace(ndarray::Axis(dim), ndarray::Slice::from(start..start + len));
+                Ok(back::<B, _>(NdArrayTensor::from(a)))
+            }
+            other => Err(back::<B, _>(other)),
+        }
+    }
+
+    /// `x` in standard layout on plain NdArray `f32` ([`standard`]); as it is otherwise.
+    pub(super) fn contiguous<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        match cast::<_, NdArrayTensor>(x) {
+            Ok(NdArrayTensor::F32(storage)) if !storage.view().is_standard_layout() => {
+                let copy = standard(&storage.view()).into_owned();
+                back::<B, _>(NdArrayTensor::from(copy.into_shared()))
+            }
+            Ok(other) => back::<B, _>(other),
+            Err(x) => x,
+        }
     }
 
     /// The element-wise operations done in one pass here.

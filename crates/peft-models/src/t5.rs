@@ -412,13 +412,93 @@ pub fn relative_position_bucket(
     bucket as usize
 }
 
-/// Cached keys and values of one attention layer, `[batch, heads, len, d_kv]`.
+/// Cached keys and values of one attention layer: `len` positions of buffers
+/// `[batch, heads, capacity, d_kv]` with room for more.
+///
+/// A decoding step appends in place ([`KvCache::append`]): the new position is written into the
+/// buffers, which grow by doubling when full, so a generation of `n` tokens copies the cache
+/// `O(log n)` times instead of once per token. The keys' buffer is laid out transposed in
+/// memory (`[batch, heads, d_kv, capacity]`), so that the attention scores `q kᵀ` read it
+/// with no copy (on burn-ndarray; other backends keep their own layouts).
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
-    /// Keys.
-    pub k: Tensor<B, 4>,
-    /// Values.
-    pub v: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// A cache holding exactly `k` and `v` (`[batch, heads, len, d_kv]`, the same shape).
+    pub fn new(k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let len = k.dims()[2];
+        KvCache {
+            k: ops::contiguous(k.swap_dims(2, 3)).swap_dims(2, 3),
+            v,
+            len,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the buffers have room for before they grow.
+    pub fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// The keys, `[batch, heads, len, d_kv]` (a view of the buffer on burn-ndarray).
+    pub fn keys(&self) -> Tensor<B, 4> {
+        ops::narrow(self.k.clone(), 2, 0, self.len)
+    }
+
+    /// The values, `[batch, heads, len, d_kv]` (a view of the buffer on burn-ndarray).
+    pub fn values(&self) -> Tensor<B, 4> {
+        ops::narrow(self.v.clone(), 2, 0, self.len)
+    }
+
+    /// Appends the positions of `k` and `v` (`[batch, heads, new, d_kv]`), in place when the
+    /// buffers have room and are not shared, into buffers of twice the capacity otherwise.
+    ///
+    /// # Panics
+    /// When batch, heads or head size differ from the cache's.
+    pub fn append(mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let [b, h, new, d] = k.dims();
+        let [cb, ch, cap, cd] = self.k.dims();
+        assert_eq!(
+            [b, h, d],
+            [cb, ch, cd],
+            "KV cache append: batch, heads, head size"
+        );
+        let end = self.len + new;
+        if end > cap {
+            let grown = end.max(2 * cap).max(16);
+            let device = k.device();
+            let (kept_k, kept_v) = (self.keys(), self.values());
+            let keys = Tensor::<B, 4>::zeros([b, h, d, grown], &device).swap_dims(2, 3);
+            let values = Tensor::<B, 4>::zeros([b, h, grown, d], &device);
+            self.k = keys.slice_assign([0..b, 0..h, 0..self.len, 0..d], kept_k);
+            self.v = values.slice_assign([0..b, 0..h, 0..self.len, 0..d], kept_v);
+        }
+        self.k = self.k.slice_assign([0..b, 0..h, self.len..end, 0..d], k);
+        self.v = self.v.slice_assign([0..b, 0..h, self.len..end, 0..d], v);
+        self.len = end;
+        self
+    }
+
+    /// Keeps the rows `rows` of the batch, in that order (the keys' buffer keeps its
+    /// transposed layout).
+    pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
+        let keys = self.k.clone().select(0, rows.clone()).swap_dims(2, 3);
+        self.k = ops::contiguous(keys).swap_dims(2, 3);
+        self.v = self.v.clone().select(0, rows);
+    }
 }
 
 /// Multi-head attention without score scaling; `q`, `k`, `v`, `o` are adapter sites.
@@ -501,39 +581,51 @@ impl<B: Backend> T5Attention<B> {
     }
 
     /// Attention of `x` over `kv_input` (itself for self-attention), with an additive bias
-    /// (position bias plus mask), reusing or extending `cache`.
+    /// (position bias plus mask). With `cache`, incremental decoding: cross-attention
+    /// (`static_kv`) computes its keys and values once and reuses them, self-attention appends
+    /// this step's to the cache; without, nothing is kept.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         kv_input: Option<Tensor<B, 3>>,
         bias: Tensor<B, 4>,
-        cache: Option<KvCache<B>>,
+        cache: Option<&mut Option<KvCache<B>>>,
         static_kv: bool,
-    ) -> (Tensor<B, 3>, KvCache<B>) {
+    ) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
         let q = self.heads(self.q.forward(x.clone()));
-        let kv = match (cache, static_kv) {
-            (Some(c), true) => c,
-            (cache, _) => {
-                let src = kv_input.unwrap_or(x);
-                let k = self.heads(self.k.forward(src.clone()));
-                let v = self.heads(self.v.forward(src));
-                match cache {
-                    Some(c) => KvCache {
-                        k: Tensor::cat(vec![c.k, k], 2),
-                        v: Tensor::cat(vec![c.v, v], 2),
-                    },
-                    None => KvCache { k, v },
-                }
+        let project = |x: Tensor<B, 3>| {
+            let src = kv_input.clone().unwrap_or(x);
+            (
+                self.heads(self.k.forward(src.clone())),
+                self.heads(self.v.forward(src)),
+            )
+        };
+        let (k, v) = match cache {
+            None => project(x),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some(c) if static_kv => c,
+                    Some(c) => {
+                        let (k, v) = project(x);
+                        c.append(k, v)
+                    }
+                    None => {
+                        let (k, v) = project(x);
+                        KvCache::new(k, v)
+                    }
+                };
+                let kv = slot.insert(kv);
+                (kv.keys(), kv.values())
             }
         };
-        let scores = ops::matmul(q, kv.k.clone().swap_dims(2, 3));
+        let scores = ops::matmul(q, k.swap_dims(2, 3));
         let weights = self.dropout.forward(ops::softmax_biased(scores, bias));
         let out = ops::reshape(
-            ops::matmul(weights, kv.v.clone()).swap_dims(1, 2),
+            ops::matmul(weights, v).swap_dims(1, 2),
             [b, l, self.n_heads * self.d_kv],
         );
-        (self.o.forward(out), kv)
+        self.o.forward(out)
     }
 }
 
@@ -622,15 +714,12 @@ impl<B: Backend> T5AttentionLayer<B> {
         h: Tensor<B, 3>,
         kv_input: Option<Tensor<B, 3>>,
         bias: Tensor<B, 4>,
-        cache: Option<KvCache<B>>,
+        cache: Option<&mut Option<KvCache<B>>>,
         static_kv: bool,
-    ) -> (Tensor<B, 3>, KvCache<B>) {
+    ) -> Tensor<B, 3> {
         let x = self.layer_norm.forward(h.clone());
-        let (out, kv) = self.attention.forward(x, kv_input, bias, cache, static_kv);
-        (
-            self.adapters.forward(self.dropout.forward(out), h, None),
-            kv,
-        )
+        let out = self.attention.forward(x, kv_input, bias, cache, static_kv);
+        self.adapters.forward(self.dropout.forward(out), h, None)
     }
 }
 
@@ -660,8 +749,7 @@ impl<B: Backend> DecoderCache<B> {
     /// Keeps the rows `rows` (in that order) of every self- and cross-attention cache.
     pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
         for kv in self.self_kv.iter_mut().chain(self.cross_kv.iter_mut()) {
-            kv.k = kv.k.clone().select(0, rows.clone());
-            kv.v = kv.v.clone().select(0, rows.clone());
+            kv.select_rows(rows.clone());
         }
     }
 
@@ -674,31 +762,33 @@ impl<B: Backend> DecoderCache<B> {
             *self = other;
             return;
         }
-        let pad_front = |t: Tensor<B, 4>, len: usize| {
+        let pad = |t: Tensor<B, 4>, len: usize, front: bool| {
             let [b, h, l, d] = t.dims();
             if l >= len {
                 return t;
             }
             let z = Tensor::zeros([b, h, len - l, d], &t.device());
-            Tensor::cat(vec![z, t], 2)
-        };
-        let pad_back = |t: Tensor<B, 4>, len: usize| {
-            let [b, h, l, d] = t.dims();
-            if l >= len {
-                return t;
-            }
-            let z = Tensor::zeros([b, h, len - l, d], &t.device());
-            Tensor::cat(vec![t, z], 2)
+            Tensor::cat(if front { vec![z, t] } else { vec![t, z] }, 2)
         };
         for (a, b) in self.self_kv.iter_mut().zip(other.self_kv) {
-            let len = a.k.dims()[2];
-            a.k = Tensor::cat(vec![a.k.clone(), pad_front(b.k, len)], 0);
-            a.v = Tensor::cat(vec![a.v.clone(), pad_front(b.v, len)], 0);
+            let len = a.len();
+            *a = KvCache::new(
+                Tensor::cat(vec![a.keys(), pad(b.keys(), len, true)], 0),
+                Tensor::cat(vec![a.values(), pad(b.values(), len, true)], 0),
+            );
         }
         for (a, b) in self.cross_kv.iter_mut().zip(other.cross_kv) {
-            let len = a.k.dims()[2].max(b.k.dims()[2]);
-            a.k = Tensor::cat(vec![pad_back(a.k.clone(), len), pad_back(b.k, len)], 0);
-            a.v = Tensor::cat(vec![pad_back(a.v.clone(), len), pad_back(b.v, len)], 0);
+            let len = a.len().max(b.len());
+            *a = KvCache::new(
+                Tensor::cat(
+                    vec![pad(a.keys(), len, false), pad(b.keys(), len, false)],
+                    0,
+                ),
+                Tensor::cat(
+                    vec![pad(a.values(), len, false), pad(b.values(), len, false)],
+                    0,
+                ),
+            );
         }
     }
 }
@@ -814,35 +904,38 @@ impl<B: Backend> T5Stack<B> {
         });
 
         let mut h = self.dropout.forward(embeds);
+        // The caches of this step, one slot per block, taken out of `cache` so that the
+        // self-attention buffers are appended to in place (not shared), and put back after.
+        let slots = |kv: &mut Vec<KvCache<B>>| {
+            let mut slots: Vec<Option<KvCache<B>>> =
+                std::mem::take(kv).into_iter().map(Some).collect();
+            slots.resize(self.block.len(), None);
+            slots
+        };
+        let (mut self_slots, mut cross_slots) = match cache.as_mut() {
+            Some(c) => (slots(&mut c.self_kv), slots(&mut c.cross_kv)),
+            None => (Vec::new(), Vec::new()),
+        };
         for (i, blk) in self.block.iter().enumerate() {
-            let prev = cache.as_mut().and_then(|c| c.self_kv.get(i).cloned());
-            let (out, kv) = blk
+            h = blk
                 .self_attention
-                .forward(h, None, bias.clone(), prev, false);
-            h = out;
-            if let Some(c) = cache.as_mut() {
-                if c.self_kv.len() > i {
-                    c.self_kv[i] = kv;
-                } else {
-                    c.self_kv.push(kv);
-                }
-            }
+                .forward(h, None, bias.clone(), self_slots.get_mut(i), false);
             if let (Some(cross), Some((enc, _)), Some(cb)) =
                 (&blk.cross_attention, &encoder, &cross_bias)
             {
-                let prev = cache.as_mut().and_then(|c| c.cross_kv.get(i).cloned());
-                let have = prev.is_some();
-                let (out, kv) = cross.forward(h, Some(enc.clone()), cb.clone(), prev, have);
-                h = out;
-                if let Some(c) = cache.as_mut()
-                    && !have
-                {
-                    c.cross_kv.push(kv);
-                }
+                h = cross.forward(
+                    h,
+                    Some(enc.clone()),
+                    cb.clone(),
+                    cross_slots.get_mut(i),
+                    true,
+                );
             }
             h = blk.ff.forward(h);
         }
         if let Some(c) = cache.as_mut() {
+            c.self_kv = self_slots.into_iter().flatten().collect();
+            c.cross_kv = cross_slots.into_iter().flatten().collect();
             c.len += l;
         }
         self.dropout.forward(self.final_layer_norm.forward(h))
@@ -1046,8 +1139,7 @@ impl<B: Backend> crate::generation::Seq2SeqGenerate<B> for T5ForConditionalGener
 
     fn reorder_cache(cache: &mut DecoderCache<B>, rows: Tensor<B, 1, Int>) {
         for kv in cache.self_kv.iter_mut() {
-            kv.k = kv.k.clone().select(0, rows.clone());
-            kv.v = kv.v.clone().select(0, rows.clone());
+            kv.select_rows(rows.clone());
         }
     }
 
@@ -1245,5 +1337,81 @@ impl<B: Backend> HfParams<B> for T5ForConditionalGeneration<B> {
             v.push(("lm_head.weight", "shared.weight"));
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+
+    use super::KvCache;
+
+    type Nd = NdArray<f32>;
+
+    fn random(shape: [usize; 4]) -> Tensor<Nd, 4> {
+        Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), &Default::default())
+    }
+
+    /// The address of a tensor's first element.
+    fn address(t: &Tensor<Nd, 4>) -> *const f32 {
+        match t.clone().into_primitive().tensor() {
+            burn::backend::ndarray::NdArrayTensor::F32(s) => s.view().as_ptr(),
+            _ => panic!("f32 expected"),
+        }
+    }
+
+    /// Appending step by step holds what concatenating does; within the capacity the buffers
+    /// are written in place (the same addresses), past it they double; selecting rows keeps
+    /// the rows and the capacity.
+    #[test]
+    fn kv_cache_appends_in_place_and_equals_concatenation() {
+        let (b, h, d) = (3, 2, 5);
+        let (k0, v0) = (random([b, h, 4, d]), random([b, h, 4, d]));
+        let mut cache = KvCache::new(k0.clone(), v0.clone());
+        assert_eq!((cache.len(), cache.capacity()), (4, 4));
+        let (mut keys, mut values) = (k0, v0);
+        let mut addresses = Vec::new();
+        for step in 0..20 {
+            let (k, v) = (random([b, h, 1, d]), random([b, h, 1, d]));
+            keys = Tensor::cat(vec![keys, k.clone()], 2);
+            values = Tensor::cat(vec![values, v.clone()], 2);
+            cache = cache.append(k, v);
+            assert_eq!(cache.len(), 5 + step);
+            cache
+                .keys()
+                .into_data()
+                .assert_eq(&keys.clone().into_data(), true);
+            cache
+                .values()
+                .into_data()
+                .assert_eq(&values.clone().into_data(), true);
+            addresses.push((cache.capacity(), address(&cache.k), address(&cache.v)));
+        }
+        // Capacities 16 (from 4), then 32; the addresses change only when the capacity does.
+        assert_eq!(addresses.first().map(|a| a.0), Some(16));
+        assert_eq!(addresses.last().map(|a| a.0), Some(32));
+        for pair in addresses.windows(2) {
+            if pair[0].0 == pair[1].0 {
+                assert_eq!(
+                    pair[0], pair[1],
+                    "an append within the capacity moved a buffer"
+                );
+            }
+        }
+        let rows = Tensor::<Nd, 1, Int>::from_data(
+            TensorData::new(vec![2i64, 0], [2]),
+            &Default::default(),
+        );
+        cache.select_rows(rows.clone());
+        assert_eq!(cache.capacity(), 32);
+        cache
+            .keys()
+            .into_data()
+            .assert_eq(&keys.select(0, rows.clone()).into_data(), true);
+        cache
+            .values()
+            .into_data()
+            .assert_eq(&values.select(0, rows).into_data(), true);
     }
 }
