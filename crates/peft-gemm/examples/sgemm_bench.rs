@@ -170,9 +170,166 @@ fn layouts() {
     }
 }
 
+/// One greedy decoding step of the bench's mT5-small at batch 8, as products only: every
+/// weight its own matrix (8 decoder blocks: self-attention q, k, v, o, cross-attention q, o,
+/// feed-forward wi_0, wi_1, wo; then the 32,128-row LM head), 154 MB in all, so that each
+/// sweep streams the weights from memory as decoding does. Milliseconds per sweep and the
+/// weights' GB/s, against a threaded sum over the same bytes.
+fn decode() {
+    let m = 8;
+    let mut shapes = Vec::new();
+    for _ in 0..8 {
+        shapes.extend([(512, 384); 4]);
+        shapes.extend([(512, 384), (384, 512)]);
+        shapes.extend([(512, 1024), (512, 1024), (1024, 512)]);
+    }
+    shapes.push((512, 32128));
+    let weights: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, n))| data(k * n, i as u32))
+        .collect();
+    let bytes: usize = weights.iter().map(|w| w.len() * 4).sum();
+    let a = data(m * 1024, 7);
+    let mut c = vec![0.0f32; m * 32128];
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let mut t: Vec<f64> = (0..15)
+            .map(|_| {
+                let s = Instant::now();
+                f();
+                s.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        (t[t.len() / 2], t[0])
+    };
+    let (med, best) = time(&mut || {
+        for (w, &(k, n)) in weights.iter().zip(&shapes) {
+            // SAFETY: a holds m x k row-major (k <= 1024), w is k x n row-major, c m x n.
+            unsafe {
+                peft_gemm::sgemm_strided(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    w.as_ptr(),
+                    n as isize,
+                    1,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    true,
+                );
+            }
+        }
+        black_box(&mut c);
+    });
+    let gb = bytes as f64 / 1e9;
+    println!(
+        "decode step products (m = 8, {:.0} MB of weights), rayon threads {}: {:.2} ms median, {:.2} ms best ({:.1} GB/s)",
+        gb * 1e3,
+        rayon::current_num_threads(),
+        med * 1e3,
+        best * 1e3,
+        gb / best
+    );
+    for (k, n) in [(512usize, 384usize), (512, 1024), (1024, 512), (512, 32128)] {
+        let w = data(k * n, 5);
+        let (_, best) = time(&mut || {
+            // SAFETY: a holds m x k (k <= 1024), w is k x n, c holds m x n.
+            unsafe {
+                peft_gemm::sgemm_strided(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    w.as_ptr(),
+                    n as isize,
+                    1,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    true,
+                );
+            }
+            black_box(&mut c);
+        });
+        println!(
+            "  8 x {k} x {n}, the same weight again: {:.3} ms best, {:.1} GFLOP/s",
+            best * 1e3,
+            2.0 * (m * k * n) as f64 / best / 1e9
+        );
+    }
+    // The same products on one small weight (in cache): the kernels' own rate.
+    let flops: f64 = shapes.iter().map(|&(k, n)| 2.0 * (m * k * n) as f64).sum();
+    let small = data(1024 * 1024, 3);
+    let (_, hot) = time(&mut || {
+        for &(k, n) in &shapes {
+            let (k, n) = if n > 1024 { (k, 1024) } else { (k, n) };
+            // SAFETY: as above, with `small` holding k x n (k, n <= 1024).
+            unsafe {
+                peft_gemm::sgemm_strided(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    small.as_ptr(),
+                    n as isize,
+                    1,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    true,
+                );
+            }
+        }
+        black_box(&mut c);
+    });
+    let hot_flops = flops - 2.0 * (m * 512 * (32128 - 1024)) as f64;
+    println!(
+        "the same products on an in-cache weight (LM head cut to 1024 columns): {:.2} ms best, {:.1} GFLOP/s",
+        hot * 1e3,
+        hot_flops / hot / 1e9
+    );
+    use rayon::prelude::*;
+    let (med, best) = time(&mut || {
+        let s: f32 = weights
+            .par_iter()
+            .map(|w| {
+                // 16 independent sums, so that the compiler vectorises and memory is the limit.
+                let mut acc = [0.0f32; 16];
+                for chunk in w.chunks_exact(16) {
+                    for (a, v) in acc.iter_mut().zip(chunk) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        black_box(s);
+    });
+    println!(
+        "threaded sum over the same weights: {:.2} ms median, {:.2} ms best ({:.1} GB/s)",
+        med * 1e3,
+        best * 1e3,
+        gb / best
+    );
+}
+
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("threshold") {
         threshold();
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("decode") {
+        decode();
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("layouts") {

@@ -148,6 +148,8 @@ pub const PARALLEL_THRESHOLD: u64 = 128 * 128 * 128;
 /// `m`, `n`, `k` is larger than this, and matrixmultiply otherwise.
 pub const NDARRAY_BLAS_CUTOFF: usize = 7;
 
+mod small_m;
+
 #[cfg(feature = "call-counter")]
 mod counter {
     use core::sync::atomic::{AtomicU64, Ordering};
@@ -481,6 +483,16 @@ pub unsafe fn sgemm_strided(
                 m, k, n, 1.0, a, a_rs, a_cs, b, b_rs, b_cs, 0.0, c, c_rs, c_cs,
             );
         }
+        return;
+    }
+    // SAFETY: the caller's contract.
+    if m <= small_m::MAX_M
+        && unsafe {
+            small_m::sgemm(
+                m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, c_cs, threaded,
+            )
+        }
+    {
         return;
     }
     let parallelism = if threaded {

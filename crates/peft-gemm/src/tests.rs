@@ -817,6 +817,16 @@ fn sgemm_strided_matches_reference_on_all_layouts() {
         (5, 9, 3),
     ];
     shapes.extend([(1, 300, 64), (33, 17, 65), (130, 140, 150)]);
+    // The small-M path (decoding; B of at least 32K elements): every row count it takes,
+    // with and without a column tail, with one block of B's rows and several (k > 128).
+    for m in 1..=8 {
+        shapes.extend([
+            (m, 16, 2048),
+            (m, 300 + 37 * m, 129 + 60 * m),
+            (m, 256 + m, 129),
+        ]);
+    }
+    shapes.push((8, 1000, 300));
     for _ in 0..40 {
         shapes.push((1 + rng.below(40), 1 + rng.below(40), 1 + rng.below(40)));
     }
@@ -902,4 +912,91 @@ fn sgemm_strided_matches_reference_on_all_layouts() {
             }
         }
     }
+}
+
+/// Decoding products (at most 8 rows) sum each element in one chain over `k` whatever the
+/// number of rows: a row computed alone equals the same row computed in a batch, bit for bit,
+/// threaded or not (a request joining a running batch gets the tokens it would get alone).
+#[test]
+fn small_m_rows_do_not_depend_on_the_batch() {
+    let mut rng = Rng(0x5eed_0018);
+    for (n, k) in [(300usize, 300usize), (32128, 64), (1024, 512)] {
+        let m = 8;
+        let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
+        let product = |rows: usize, a: &[f32], threaded: bool| {
+            let mut c = vec![f32::NAN; rows * n];
+            // SAFETY: a holds rows x k, b holds k x n, c holds rows x n, all row-major.
+            unsafe {
+                sgemm_strided(
+                    rows,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    threaded,
+                );
+            }
+            c
+        };
+        for threaded in [false, true] {
+            let batch = product(m, &a, threaded);
+            for i in 0..m {
+                let alone = product(1, &a[i * k..(i + 1) * k], !threaded);
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&batch[i * n..(i + 1) * n])
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{n}x{k}: row {i} alone differs from the same row in a batch of {m}"
+                );
+            }
+        }
+    }
+}
+
+/// The decoding shapes above do take the small-M path on a CPU that has AVX2 and FMA (so the
+/// tests above check it, not `gemm`), and a small `B` does not.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn small_m_path_takes_decoding_shapes() {
+    if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+        || std::env::var("PEFT_GEMM_SMALL_M").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+    {
+        return;
+    }
+    let (m, n, k) = (8, 384, 512);
+    let a = vec![1.0f32; m * k];
+    let b = vec![1.0f32; k * n];
+    let mut c = vec![f32::NAN; m * n];
+    let take = |n: usize, k: usize, c: &mut [f32]| {
+        // SAFETY: a holds m x k, b holds k x n, c holds m x n, row-major (n, k at most the above).
+        unsafe {
+            crate::small_m::sgemm(
+                m,
+                n,
+                k,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                n as isize,
+                1,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+                true,
+            )
+        }
+    };
+    assert!(take(n, k, &mut c), "8 x 512 x 384 takes the small-M path");
+    assert!(c.iter().all(|&v| v == k as f32));
+    assert!(!take(32, 32, &mut c), "a 32 x 32 B stays with gemm");
 }
