@@ -10,10 +10,11 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
+use peft_core::optim::AdamWConfig;
 use peft_core::train::{SplitMix, masked_cross_entropy};
 use peft_core::{InitLoraWeights, LoraConfig, PeftModel, TargetModules, TaskType};
 use peft_models::{T5Config, T5ForConditionalGeneration};

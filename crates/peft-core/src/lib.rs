@@ -69,6 +69,7 @@ pub mod methods;
 pub mod mixed;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod params;
 mod peft_model;
 pub mod prompt_site;

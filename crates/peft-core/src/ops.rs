@@ -215,6 +215,36 @@ pub(crate) fn gelu_tanh_host<B: Backend, const D: usize>(
     Err(x)
 }
 
+/// One AdamW step on burn-ndarray ([`crate::optim`]): the moments updated in place and the
+/// parameter written once, in chunks on rayon's threads, with burn's `f32` operations in
+/// burn's order. The inputs back where it does not apply (another backend, not `f32`, not in
+/// standard layout, shapes that differ).
+#[cfg(feature = "ndarray")]
+#[allow(clippy::type_complexity)]
+pub(crate) fn adamw_host<B: Backend, const D: usize>(
+    tensor: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
+    step: crate::optim::AdamWStep,
+) -> Result<
+    (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>),
+    (
+        Tensor<B, D>,
+        Tensor<B, D>,
+        Option<(Tensor<B, D>, Tensor<B, D>)>,
+    ),
+> {
+    if !host::is_host::<B>() {
+        return Err((tensor, grad, moments));
+    }
+    let prim = |t: Tensor<B, D>| t.into_primitive().tensor();
+    let moments = moments.map(|(m, v)| (prim(m), prim(v)));
+    match host::adamw::<B>(prim(tensor), prim(grad), moments, step) {
+        Ok((p, m, v)) => Ok((float(p), float(m), float(v))),
+        Err((p, g, mv)) => Err((float(p), float(g), mv.map(|(m, v)| (float(m), float(v))))),
+    }
+}
+
 #[cfg(feature = "ndarray")]
 fn float<B: Backend, const D: usize>(p: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
@@ -375,6 +405,94 @@ mod host {
             Ok(other) => back::<B, _>(other),
             Err(x) => x,
         }
+    }
+
+    /// [`super::adamw_host`] on plain NdArray.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn adamw<B: Backend>(
+        p: FloatTensor<B>,
+        g: FloatTensor<B>,
+        mv: Option<(FloatTensor<B>, FloatTensor<B>)>,
+        step: crate::optim::AdamWStep,
+    ) -> Result<
+        (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+        (
+            FloatTensor<B>,
+            FloatTensor<B>,
+            Option<(FloatTensor<B>, FloatTensor<B>)>,
+        ),
+    > {
+        let p = match cast::<_, NdArrayTensor>(p) {
+            Ok(p) => p,
+            Err(p) => return Err((p, g, mv)),
+        };
+        let nd = |t: FloatTensor<B>| -> NdArrayTensor {
+            cast(t).unwrap_or_else(|_| unreachable!("the same backend as the parameter"))
+        };
+        let (g, mv) = (nd(g), mv.map(|(m, v)| (nd(m), nd(v))));
+        let shape = burn::tensor::TensorMetadata::shape(&p).to_vec();
+        let usable = |t: &NdArrayTensor| {
+            matches!(t, NdArrayTensor::F32(s)
+                if s.view().is_standard_layout() && s.shape() == shape.as_slice())
+        };
+        let (NdArrayTensor::F32(ps), true, true) = (
+            p.clone(),
+            usable(&g) && usable(&p),
+            mv.as_ref().is_none_or(|(m, v)| usable(m) && usable(v)),
+        ) else {
+            let back_nd = |t: NdArrayTensor| back::<B, _>(t);
+            return Err((
+                back_nd(p),
+                back_nd(g),
+                mv.map(|(m, v)| (back_nd(m), back_nd(v))),
+            ));
+        };
+        drop(p);
+        let first = mv.is_none();
+        let mut pa = ps.into_shared();
+        let (mut ma, mut va) = match mv {
+            Some((NdArrayTensor::F32(m), NdArrayTensor::F32(v))) => {
+                (m.into_shared(), v.into_shared())
+            }
+            Some(_) => unreachable!("checked f32 above"),
+            None => (
+                ArcArray::zeros(IxDyn(pa.shape())),
+                ArcArray::zeros(IxDyn(pa.shape())),
+            ),
+        };
+        {
+            let gv = view(&g).expect("f32");
+            let gs = gv.as_slice().expect("standard layout, checked");
+            // Unique buffers (copied first if shared), in standard layout (checked).
+            let ps = pa.as_slice_mut().expect("standard layout");
+            let ms = ma.as_slice_mut().expect("standard layout");
+            let vs = va.as_slice_mut().expect("standard layout");
+            let s = step;
+            ps.par_chunks_mut(CHUNK)
+                .zip(ms.par_chunks_mut(CHUNK))
+                .zip(vs.par_chunks_mut(CHUNK))
+                .zip(gs.par_chunks(CHUNK))
+                .for_each(|(((p, m), v), g)| {
+                    for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                        let g2 = g * g;
+                        let (mm, vv) = if first {
+                            (g * s.factor_1, g2 * s.factor_2)
+                        } else {
+                            (
+                                *m * s.beta_1 + g * s.factor_1,
+                                *v * s.beta_2 + g2 * s.factor_2,
+                            )
+                        };
+                        *m = mm;
+                        *v = vv;
+                        let delta =
+                            (mm / s.correction_1) / ((vv / s.correction_2).sqrt() + s.epsilon);
+                        *p = *p * s.keep - delta * s.lr;
+                    }
+                });
+        }
+        let out = |a: ArcArray<f32, IxDyn>| back::<B, _>(NdArrayTensor::from(a));
+        Ok((out(pa), out(ma), out(va)))
     }
 
     /// The element-wise operations done in one pass here.

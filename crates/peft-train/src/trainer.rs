@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
+use peft_core::optim::AdamWConfig;
 use peft_core::train::{LinearSchedule, SplitMix, clip_grad_norm};
 use peft_core::{AdapterHost, PeftModel};
 use serde_json::json;
