@@ -134,6 +134,21 @@ pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tenso
     burn::tensor::activation::softmax(x, dim)
 }
 
+/// burn's `activation::log_softmax` over the last dimension: one pass per row on burn-ndarray
+/// (rows on rayon's threads, in place of burn's max, subtract, exp, sum, log and subtract
+/// passes), with its own backward pass, `dx = g - exp(y) sum(g)`. The cross-entropy over a
+/// vocabulary of logits takes it. Other backends, and other dimensions, take burn's.
+pub fn log_softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if dim + 1 == D && host::is_host::<B>() {
+        match host::pointwise::<B>(x.into_primitive().tensor(), host::Pointwise::LogSoftmax) {
+            Ok(y) => return Tensor::from_primitive(TensorPrimitive::Float(y)),
+            Err(x) => return burn::tensor::activation::log_softmax(float(x), dim),
+        }
+    }
+    burn::tensor::activation::log_softmax(x, dim)
+}
+
 /// `softmax(scores + bias)` over the last dimension, `bias` broadcast over the dimensions where
 /// it has size 1 (T5's position bias `[1, heads, q, k]` plus its mask, BERT's mask
 /// `[batch, 1, 1, k]`): attention's bias, mask and softmax in one pass per row on
@@ -502,6 +517,8 @@ mod host {
         GeluTanh,
         /// Softmax over the last axis.
         Softmax,
+        /// Log-softmax over the last axis.
+        LogSoftmax,
     }
 
     /// `2 sqrt(2 / pi)` as `nn::gelu_tanh`'s `mul_scalar` rounds it.
@@ -511,6 +528,25 @@ mod host {
 
     /// Elements per rayon task of the element-wise kernels.
     const CHUNK: usize = 1 << 14;
+
+    /// The log-softmax of one row, in place: `(x - max) - ln(sum(exp(x - max)))`, as burn's
+    /// composite computes it. NaN wins the maximum, as in [`softmax_in_place`].
+    fn log_softmax_in_place(row: &mut [f32]) {
+        let max =
+            row.iter().copied().fold(
+                f32::NEG_INFINITY,
+                |m, v| {
+                    if v > m || v.is_nan() { v } else { m }
+                },
+            );
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v -= max;
+            sum += v.exp();
+        }
+        let lse = sum.ln();
+        row.iter_mut().for_each(|v| *v -= lse);
+    }
 
     /// The softmax of one row, in place: `exp(x - max) / sum`, as burn's composite computes it.
     /// NaN wins the maximum (`f32::max` would drop it), as it wins the sum.
@@ -550,20 +586,25 @@ mod host {
                         }
                     });
             }
-            Pointwise::Softmax => {
+            Pointwise::Softmax | Pointwise::LogSoftmax => {
                 let row = *shape.last()?;
                 if row == 0 {
                     return Some(NdArrayTensor::from(
                         ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
                     ));
                 }
+                let log = matches!(kind, Pointwise::LogSoftmax);
                 let rows = (CHUNK / row).max(1) * row;
                 out.par_chunks_mut(rows)
                     .zip(xs.par_chunks(rows))
                     .for_each(|(o, x)| {
                         for (o, x) in o.chunks_mut(row).zip(x.chunks(row)) {
                             o.copy_from_slice(x);
-                            softmax_in_place(o);
+                            if log {
+                                log_softmax_in_place(o);
+                            } else {
+                                softmax_in_place(o);
+                            }
                         }
                     });
             }
@@ -622,6 +663,25 @@ mod host {
                                 let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                                 for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
                                     *o = y * (g - dot);
+                                }
+                            }
+                        });
+                }
+            }
+            Pointwise::LogSoftmax => {
+                // y = x - max - ln(sum(exp(x - max))): dx = g - exp(y) sum(g), per row.
+                let row = *shape.last().expect("at least one axis");
+                if let Some(per_task) = CHUNK.checked_div(row) {
+                    let rows = per_task.max(1) * row;
+                    out.par_chunks_mut(rows)
+                        .zip(ys.par_chunks(rows).zip(gs.par_chunks(rows)))
+                        .for_each(|(o, (y, g))| {
+                            for (o, (y, g)) in
+                                o.chunks_mut(row).zip(y.chunks(row).zip(g.chunks(row)))
+                            {
+                                let total: f32 = g.iter().sum();
+                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                                    *o = g - y.exp() * total;
                                 }
                             }
                         });
@@ -1318,14 +1378,16 @@ mod tests {
             let u = (x.clone() * (x2.mul_scalar(0.044715).add_scalar(1.0))).mul_scalar(-c);
             x / u.exp().add_scalar(1.0)
         };
-        for which in ["gelu", "softmax"] {
+        for which in ["gelu", "softmax", "log_softmax"] {
             let run = |ours: bool| {
                 let x = x0.clone().require_grad();
                 let y = match (which, ours) {
                     ("gelu", true) => crate::nn::gelu_tanh(x.clone()),
                     ("gelu", false) => composite_gelu(x.clone()),
-                    (_, true) => super::softmax(x.clone(), 2),
-                    (_, false) => burn::tensor::activation::softmax(x.clone(), 2),
+                    ("softmax", true) => super::softmax(x.clone(), 2),
+                    ("softmax", false) => burn::tensor::activation::softmax(x.clone(), 2),
+                    (_, true) => super::log_softmax(x.clone(), 2),
+                    (_, false) => burn::tensor::activation::log_softmax(x.clone(), 2),
                 };
                 let grads = (y.clone() * g0.clone()).sum().backward();
                 (y.into_data(), x.grad(&grads).unwrap().into_data())

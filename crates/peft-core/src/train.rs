@@ -4,7 +4,6 @@
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 
@@ -92,7 +91,10 @@ pub fn masked_cross_entropy<B: Backend>(
     let keep = labels.clone().greater_equal_elem(0);
     let count = keep.clone().int().sum().into_scalar().elem::<i64>() as usize;
     let idx = labels.clamp_min(0).reshape([b, l, 1]);
-    let nll = log_softmax(logits, 2).gather(2, idx).reshape([b, l]).neg();
+    let nll = crate::ops::log_softmax(logits, 2)
+        .gather(2, idx)
+        .reshape([b, l])
+        .neg();
     let total = nll.mask_fill(keep.bool_not(), 0.0).sum();
     (total.div_scalar(count.max(1) as f64), count)
 }

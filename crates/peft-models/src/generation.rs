@@ -136,7 +136,7 @@ pub fn beam<B: Backend, M: Seq2SeqGenerate<B>>(
         let ids =
             Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [batch * k, 1]), &device);
         let logits = model.decode_step(ids, enc.clone(), mask.clone(), &mut cache);
-        let lp = burn::tensor::activation::log_softmax(logits.reshape([batch * k, vocab]), 1);
+        let lp = peft_core::ops::log_softmax(logits.reshape([batch * k, vocab]), 1);
         let lp: Vec<f32> = lp
             .into_data()
             .convert::<f32>()

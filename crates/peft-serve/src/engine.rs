@@ -1120,7 +1120,7 @@ impl<B: Backend> Worker<B> {
                 let logits = p
                     .with_batch_adapters(names, |m| m.forward(ids, Some(mask), None).0)
                     .map_err(peft_err)?;
-                let probs = burn::tensor::activation::softmax(logits, 1);
+                let probs = peft_core::ops::softmax(logits, 1);
                 let [rows, n] = probs.dims();
                 let v = to_f32(probs.into_data())?;
                 let out = (0..rows)
