@@ -529,16 +529,20 @@ mod host {
     /// Elements per rayon task of the element-wise kernels.
     const CHUNK: usize = 1 << 14;
 
+    /// The largest value of a row; NaN wins (`f32::max` would drop it).
+    fn row_max(row: &[f32]) -> f32 {
+        row.iter().copied().fold(
+            f32::NEG_INFINITY,
+            |m, v| {
+                if v > m || v.is_nan() { v } else { m }
+            },
+        )
+    }
+
     /// The log-softmax of one row, in place: `(x - max) - ln(sum(exp(x - max)))`, as burn's
     /// composite computes it. NaN wins the maximum, as in [`softmax_in_place`].
     fn log_softmax_in_place(row: &mut [f32]) {
-        let max =
-            row.iter().copied().fold(
-                f32::NEG_INFINITY,
-                |m, v| {
-                    if v > m || v.is_nan() { v } else { m }
-                },
-            );
+        let max = row_max(row);
         let mut sum = 0.0f32;
         for v in row.iter_mut() {
             *v -= max;
@@ -551,13 +555,7 @@ mod host {
     /// The softmax of one row, in place: `exp(x - max) / sum`, as burn's composite computes it.
     /// NaN wins the maximum (`f32::max` would drop it), as it wins the sum.
     fn softmax_in_place(row: &mut [f32]) {
-        let max =
-            row.iter().copied().fold(
-                f32::NEG_INFINITY,
-                |m, v| {
-                    if v > m || v.is_nan() { v } else { m }
-                },
-            );
+        let max = row_max(row);
         let mut sum = 0.0f32;
         for v in row.iter_mut() {
             *v = (*v - max).exp();

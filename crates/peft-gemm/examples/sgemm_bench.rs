@@ -7,7 +7,12 @@
 //! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm
 //! cargo run --release --example sgemm_bench -p peft-gemm -- threshold
 //! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm -- layouts
+//! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm -- decode
 //! ```
+//!
+//! `decode` times the products of one greedy decoding step (8 rows by every weight of the
+//! bench's mT5-small, 154 MB) against the memory bandwidth, and each decoder shape alone;
+//! `PEFT_GEMM_SMALL_M=off` times `gemm` in place of the decoding kernel.
 //!
 //! `layouts` times `sgemm_strided` on the products of an mT5-small LoRA step with `B` stored
 //! row-major (a forward product) and column-major (the backward's `dY · Wᵀ`, read in place).
@@ -170,6 +175,30 @@ fn layouts() {
     }
 }
 
+/// `C := A B`, all row-major and tight (`A` m x k, `B` k x n, `C` m x n), through
+/// `sgemm_strided` with threads allowed.
+fn row_major(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    // SAFETY: the slices cover the matrices (checked above).
+    unsafe {
+        peft_gemm::sgemm_strided(
+            m,
+            n,
+            k,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+            true,
+        );
+    }
+}
+
 /// One greedy decoding step of the bench's mT5-small at batch 8, as products only: every
 /// weight its own matrix (8 decoder blocks: self-attention q, k, v, o, cross-attention q, o,
 /// feed-forward wi_0, wi_1, wo; then the 32,128-row LM head), 154 MB in all, so that each
@@ -206,24 +235,7 @@ fn decode() {
     };
     let (med, best) = time(&mut || {
         for (w, &(k, n)) in weights.iter().zip(&shapes) {
-            // SAFETY: a holds m x k row-major (k <= 1024), w is k x n row-major, c m x n.
-            unsafe {
-                peft_gemm::sgemm_strided(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k as isize,
-                    1,
-                    w.as_ptr(),
-                    n as isize,
-                    1,
-                    c.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    true,
-                );
-            }
+            row_major(m, n, k, &a, w, &mut c);
         }
         black_box(&mut c);
     });
@@ -239,24 +251,7 @@ fn decode() {
     for (k, n) in [(512usize, 384usize), (512, 1024), (1024, 512), (512, 32128)] {
         let w = data(k * n, 5);
         let (_, best) = time(&mut || {
-            // SAFETY: a holds m x k (k <= 1024), w is k x n, c holds m x n.
-            unsafe {
-                peft_gemm::sgemm_strided(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k as isize,
-                    1,
-                    w.as_ptr(),
-                    n as isize,
-                    1,
-                    c.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    true,
-                );
-            }
+            row_major(m, n, k, &a, &w, &mut c);
             black_box(&mut c);
         });
         println!(
@@ -265,36 +260,19 @@ fn decode() {
             2.0 * (m * k * n) as f64 / best / 1e9
         );
     }
-    // The same products on one small weight (in cache): the kernels' own rate.
+    // The same products reusing one 4 MB weight (from L3, not memory).
     let flops: f64 = shapes.iter().map(|&(k, n)| 2.0 * (m * k * n) as f64).sum();
     let small = data(1024 * 1024, 3);
     let (_, hot) = time(&mut || {
         for &(k, n) in &shapes {
             let (k, n) = if n > 1024 { (k, 1024) } else { (k, n) };
-            // SAFETY: as above, with `small` holding k x n (k, n <= 1024).
-            unsafe {
-                peft_gemm::sgemm_strided(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k as isize,
-                    1,
-                    small.as_ptr(),
-                    n as isize,
-                    1,
-                    c.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    true,
-                );
-            }
+            row_major(m, n, k, &a, &small, &mut c);
         }
         black_box(&mut c);
     });
     let hot_flops = flops - 2.0 * (m * 512 * (32128 - 1024)) as f64;
     println!(
-        "the same products on an in-cache weight (LM head cut to 1024 columns): {:.2} ms best, {:.1} GFLOP/s",
+        "the same products reusing one 4 MB weight (LM head cut to 1024 columns): {:.2} ms best, {:.1} GFLOP/s",
         hot * 1e3,
         hot_flops / hot / 1e9
     );
