@@ -648,7 +648,10 @@ mod host {
                         }
                     });
             }
-            Pointwise::Softmax => {
+            Pointwise::Softmax | Pointwise::LogSoftmax => {
+                // Softmax: dx = y (g - sum(g y)). Log-softmax, y = x - max - ln(sum(exp(x -
+                // max))): dx = g - exp(y) sum(g). Per row.
+                let log = matches!(kind, Pointwise::LogSoftmax);
                 let row = *shape.last().expect("at least one axis");
                 if let Some(per_task) = CHUNK.checked_div(row) {
                     let rows = per_task.max(1) * row;
@@ -658,28 +661,16 @@ mod host {
                             for (o, (y, g)) in
                                 o.chunks_mut(row).zip(y.chunks(row).zip(g.chunks(row)))
                             {
-                                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                                    *o = y * (g - dot);
-                                }
-                            }
-                        });
-                }
-            }
-            Pointwise::LogSoftmax => {
-                // y = x - max - ln(sum(exp(x - max))): dx = g - exp(y) sum(g), per row.
-                let row = *shape.last().expect("at least one axis");
-                if let Some(per_task) = CHUNK.checked_div(row) {
-                    let rows = per_task.max(1) * row;
-                    out.par_chunks_mut(rows)
-                        .zip(ys.par_chunks(rows).zip(gs.par_chunks(rows)))
-                        .for_each(|(o, (y, g))| {
-                            for (o, (y, g)) in
-                                o.chunks_mut(row).zip(y.chunks(row).zip(g.chunks(row)))
-                            {
-                                let total: f32 = g.iter().sum();
-                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                                    *o = g - y.exp() * total;
+                                if log {
+                                    let total: f32 = g.iter().sum();
+                                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                                        *o = g - y.exp() * total;
+                                    }
+                                } else {
+                                    let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                                        *o = y * (g - dot);
+                                    }
                                 }
                             }
                         });
