@@ -450,19 +450,17 @@ mod host {
             matches!(t, NdArrayTensor::F32(s)
                 if s.view().is_standard_layout() && s.shape() == shape.as_slice())
         };
-        let (NdArrayTensor::F32(ps), true, true) = (
-            p.clone(),
-            usable(&g) && usable(&p),
-            mv.as_ref().is_none_or(|(m, v)| usable(m) && usable(v)),
-        ) else {
+        if !(usable(&p) && usable(&g) && mv.as_ref().is_none_or(|(m, v)| usable(m) && usable(v))) {
             let back_nd = |t: NdArrayTensor| back::<B, _>(t);
             return Err((
                 back_nd(p),
                 back_nd(g),
                 mv.map(|(m, v)| (back_nd(m), back_nd(v))),
             ));
+        }
+        let NdArrayTensor::F32(ps) = p else {
+            unreachable!("checked f32 above")
         };
-        drop(p);
         let first = mv.is_none();
         let mut pa = ps.into_shared();
         let (mut ma, mut va) = match mv {
