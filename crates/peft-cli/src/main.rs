@@ -1007,11 +1007,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             _ => None,
         };
         let summary = on_backend!(cli.device, |Bk| {
-            peft_cli::train::train::<burn::backend::Autodiff<Bk>>(
-                args,
-                &indexed_device(index),
-                cancel,
-            )
+            let device = indexed_device(index);
+            peft_core::ops::on_pool(|| {
+                peft_cli::train::train::<burn::backend::Autodiff<Bk>>(args, &device, cancel)
+            })
         })?;
         if summary.interrupted {
             std::process::exit(130);
@@ -1024,10 +1023,17 @@ fn dispatch(cli: Cli) -> Result<()> {
     if let Cmd::Bench(args) = &cli.cmd {
         let name = format!("{:?}", cli.device).to_lowercase();
         return on_backend!(cli.device, |Bk| {
-            let v = bench::run::<burn::backend::Autodiff<Bk>>(args, &Default::default(), &name)?;
+            let v = peft_core::ops::on_pool(|| {
+                bench::run::<burn::backend::Autodiff<Bk>>(args, &Default::default(), &name)
+            })?;
             println!("{v}");
             Ok(())
         });
     }
-    on_backend!(cli.device, |Bk| run::<Bk>(cli.cmd, &Default::default()))
+    // The compute commands run on rayon's pool (`peft_core::ops::on_pool`); `serve` above does
+    // not, since its handlers call the model from their own threads.
+    on_backend!(cli.device, |Bk| peft_core::ops::on_pool(|| run::<Bk>(
+        cli.cmd,
+        &Default::default()
+    )))
 }
