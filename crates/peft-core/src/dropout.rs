@@ -35,31 +35,70 @@ fn host_backend<B: Backend>() -> bool {
     name.contains("NdArray") || name.contains("Flex")
 }
 
-/// A mask of `n` values, each `scale` with probability `keep` and 0 otherwise.
+/// Where a dropout call's mask lies in the seeded stream, and the probability of keeping.
 ///
-/// Value `j` is half `j % 2` (low 32 bits, then high) of the stream's draw `j / 2`, and
-/// SplitMix64's draw `q` is `mix(state + (q + 1) * GOLDEN)`, so blocks of the mask are drawn
-/// on rayon's threads independently and the mask is the one a single thread would draw.
-fn host_mask(n: usize, keep: f64, scale: f32) -> Vec<f32> {
-    use rayon::prelude::*;
-    const BLOCK: usize = 1 << 14;
-    let threshold = (keep * 4_294_967_296.0) as u64;
-    let start = STATE.fetch_add(GOLDEN.wrapping_mul(n as u64 | 1), Ordering::SeqCst);
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(BLOCK)
-        .enumerate()
-        .for_each(|(block, chunk)| {
-            // BLOCK is even, so every block starts on the low half of a draw.
-            let first = (block * BLOCK / 2) as u64;
-            for (q, pair) in chunk.chunks_mut(2).enumerate() {
-                let z =
-                    SplitMix::mix(start.wrapping_add(GOLDEN.wrapping_mul(first + q as u64 + 1)));
-                for (v, half) in pair.iter_mut().zip([z & 0xffff_ffff, z >> 32]) {
-                    *v = if half < threshold { scale } else { 0.0 };
-                }
+/// Element `j` of the mask is kept when half `j % 2` (low 32 bits, then high) of the stream's
+/// draw `j / 2` is below `keep * 2^32`. SplitMix64's draw `q` is `mix(start + (q + 1) *
+/// GOLDEN)`, so any part of the mask is drawn on its own (on rayon's threads) and equals what
+/// a single thread drawing the whole stream would give.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaskStream {
+    start: u64,
+    threshold: u64,
+}
+
+impl MaskStream {
+    /// The stream of the next dropout call, over `n` elements (advances the global state).
+    fn next(n: usize, keep: f64) -> Self {
+        MaskStream {
+            start: STATE.fetch_add(GOLDEN.wrapping_mul(n as u64 | 1), Ordering::SeqCst),
+            threshold: (keep * 4_294_967_296.0) as u64,
+        }
+    }
+
+    /// The keep bits of elements `64 * first_word ..`, one word per 64 elements: bit `b` of
+    /// `words[w]` is set when element `64 * (first_word + w) + b` is kept.
+    pub(crate) fn fill(&self, first_word: usize, words: &mut [u64]) {
+        for (w, word) in words.iter_mut().enumerate() {
+            let first = 32 * (first_word + w) as u64;
+            let mut bits = 0u64;
+            for q in 0..32u64 {
+                let z = SplitMix::mix(self.start.wrapping_add(GOLDEN.wrapping_mul(first + q + 1)));
+                bits |= u64::from((z & 0xffff_ffff) < self.threshold) << (2 * q);
+                bits |= u64::from((z >> 32) < self.threshold) << (2 * q + 1);
             }
-        });
-    out
+            *word = bits;
+        }
+    }
+
+    /// The mask as values: `scale` where kept, 0 elsewhere (`n` of them).
+    fn values(&self, n: usize, scale: f32) -> Vec<f32> {
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 14;
+        let mut out = vec![0.0f32; n];
+        out.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(block, chunk)| {
+                let mut words = [0u64; BLOCK / 64];
+                let words = &mut words[..chunk.len().div_ceil(64)];
+                self.fill(block * BLOCK / 64, words);
+                for (j, v) in chunk.iter_mut().enumerate() {
+                    *v = if words[j / 64] >> (j % 64) & 1 == 1 {
+                        scale
+                    } else {
+                        0.0
+                    };
+                }
+            });
+        out
+    }
+}
+
+/// A mask of `n` values, each `scale` with probability `keep` and 0 otherwise, from the next
+/// part of the stream ([`MaskStream`]).
+#[cfg(test)]
+fn host_mask(n: usize, keep: f64, scale: f32) -> Vec<f32> {
+    MaskStream::next(n, keep).values(n, scale)
 }
 
 /// `n` draws from U[0, 1) on the same seeded host stream as the dropout masks (LoHa's rank and
@@ -101,8 +140,17 @@ impl Dropout {
         let keep = 1.0 - self.prob;
         if host_backend::<B>() {
             let shape = input.shape();
-            let mask = host_mask(shape.num_elements(), keep, (1.0 / keep) as f32);
-            let mask = Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device);
+            let n = shape.num_elements();
+            let (stream, scale) = (MaskStream::next(n, keep), (1.0 / keep) as f32);
+            // burn-ndarray: mask and product in one pass, the mask kept as bits for the
+            // backward pass; the same values as the product below.
+            #[cfg(feature = "ndarray")]
+            let input = match crate::ops::dropout_host(input, &stream, scale) {
+                Ok(out) => return out,
+                Err(input) => input,
+            };
+            let mask =
+                Tensor::<B, D>::from_data(TensorData::new(stream.values(n, scale), shape), &device);
             return input * mask;
         }
         let mask = input.random_like(Distribution::Bernoulli(keep));
@@ -114,8 +162,12 @@ impl Dropout {
 mod tests {
     use super::*;
 
+    /// The tests that seed the global stream and draw from it, one at a time.
+    static STREAM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn host_masks_keep_the_requested_fraction_and_are_reproducible() {
+        let _stream = STREAM.lock().unwrap_or_else(|e| e.into_inner());
         seed(7);
         let a = host_mask(200_000, 0.9, 2.0);
         seed(7);
@@ -140,5 +192,41 @@ mod tests {
         }
         sequential.truncate(200_001);
         assert_eq!(host_mask(200_001, 0.9, 2.0), sequential);
+    }
+
+    /// The one-pass dropout of burn-ndarray (`ops::dropout_host`) gives `x * mask` with the
+    /// mask the generic path draws, and its gradient is `g * mask`, bit for bit, including
+    /// the non-finite inputs that `x * 0` turns into NaN.
+    #[test]
+    fn one_pass_dropout_equals_the_mask_product() {
+        let _stream = STREAM.lock().unwrap_or_else(|e| e.into_inner());
+        use burn::backend::{Autodiff, NdArray};
+        type Ad = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let n = 3 * 16_384 + 77;
+        let mut xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        xs[5] = f32::INFINITY;
+        xs[9] = f32::NAN;
+        let gs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let dropout = Dropout::new(0.25);
+
+        seed(11);
+        let x =
+            Tensor::<Ad, 2>::from_data(TensorData::new(xs.clone(), [1, n]), &device).require_grad();
+        let y = dropout.forward(x.clone());
+        let g = Tensor::<Ad, 2>::from_data(TensorData::new(gs.clone(), [1, n]), &device);
+        let grads = (y.clone() * g).sum().backward();
+        let dx = x.grad(&grads).expect("x is tracked").into_data();
+        let y = y.into_data();
+
+        seed(11);
+        let mask = host_mask(n, 0.75, (1.0f64 / 0.75) as f32);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let want_y: Vec<f32> = xs.iter().zip(&mask).map(|(x, m)| x * m).collect();
+        let want_dx: Vec<f32> = gs.iter().zip(&mask).map(|(g, m)| g * m).collect();
+        assert_eq!(bits(y.as_slice::<f32>().unwrap()), bits(&want_y));
+        assert_eq!(bits(dx.as_slice::<f32>().unwrap()), bits(&want_dx));
+        let kept = mask.iter().filter(|m| **m != 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.75).abs() < 0.01, "{kept}");
     }
 }

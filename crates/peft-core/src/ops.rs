@@ -263,6 +263,24 @@ pub(crate) fn gelu_tanh_host<B: Backend, const D: usize>(
     Err(x)
 }
 
+/// Dropout on burn-ndarray ([`crate::dropout`]): `x * mask` in one pass on rayon's threads,
+/// the mask drawn from `stream` in the same pass and kept as one bit per element for the
+/// backward pass (`g * mask`). The values are those of the product with the mask as values;
+/// `x` back where it does not apply.
+#[cfg(feature = "ndarray")]
+pub(crate) fn dropout_host<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    stream: &crate::dropout::MaskStream,
+    scale: f32,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if host::is_host::<B>() {
+        return host::dropout::<B>(x.into_primitive().tensor(), stream, scale)
+            .map(float)
+            .map_err(float);
+    }
+    Err(x)
+}
+
 /// One AdamW step on burn-ndarray ([`crate::optim`]): the moments updated in place and the
 /// parameter written once, in chunks on rayon's threads, with burn's `f32` operations in
 /// burn's order. The inputs back where it does not apply (another backend, not `f32`, not in
@@ -963,6 +981,78 @@ mod host {
             |[x]| Some((nd_pointwise(x, kind)?, ())),
             HostPointwise(kind),
             |[x], _, y, ()| (x.clone(), y.clone()),
+        )
+        .map_err(|[x]| x)
+    }
+
+    /// Dropout as an autodiff operation; its state is the keep bits and the scale.
+    #[derive(Debug)]
+    struct HostDropout;
+
+    impl Backward<Nd, 1> for HostDropout {
+        type State = (Vec<u64>, f32);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (bits, scale) = ops.state;
+            unary::<Nd, _>(ops.parents, ops.node, grads, |g| {
+                let g = view(&g).expect("f32 gradient");
+                let shape = g.shape().to_vec();
+                let g = standard(&g);
+                let out = masked(g.as_slice().expect("standard"), &bits, scale);
+                NdArrayTensor::from(
+                    ArcArray::from_shape_vec(IxDyn(&shape), out).expect("shape of the gradient"),
+                )
+            });
+        }
+    }
+
+    /// `x[j] * (scale if bit j of bits is set, else 0)`, in chunks on rayon's threads.
+    fn masked(xs: &[f32], bits: &[u64], scale: f32) -> Vec<f32> {
+        let mut out = vec![0.0f32; xs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .zip(bits.par_chunks(CHUNK / 64))
+            .for_each(|((o, x), b)| apply_mask(o, x, b, scale));
+        out
+    }
+
+    fn apply_mask(out: &mut [f32], xs: &[f32], bits: &[u64], scale: f32) {
+        for ((o, x), &word) in out.chunks_mut(64).zip(xs.chunks(64)).zip(bits) {
+            for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                *o = x * if word >> j & 1 == 1 { scale } else { 0.0 };
+            }
+        }
+    }
+
+    /// [`super::dropout_host`] on primitives of `B` (one of the two host backends), or the
+    /// input back when it does not hold `f32`.
+    pub(super) fn dropout<B: Backend>(
+        x: FloatTensor<B>,
+        stream: &crate::dropout::MaskStream,
+        scale: f32,
+    ) -> Result<FloatTensor<B>, FloatTensor<B>> {
+        run::<B, _, _, 1>(
+            [x],
+            |[x]| {
+                let v = view(x)?;
+                let shape = v.shape().to_vec();
+                let v = standard(&v);
+                let xs = v.as_slice()?;
+                let mut bits = vec![0u64; xs.len().div_ceil(64)];
+                let mut out = vec![0.0f32; xs.len()];
+                out.par_chunks_mut(CHUNK)
+                    .zip(xs.par_chunks(CHUNK))
+                    .zip(bits.par_chunks_mut(CHUNK / 64))
+                    .enumerate()
+                    .for_each(|(i, ((o, x), b))| {
+                        stream.fill(i * (CHUNK / 64), b);
+                        apply_mask(o, x, b, scale);
+                    });
+                let y = NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?);
+                Some((y, bits))
+            },
+            HostDropout,
+            move |_, _, _, bits| (bits, scale),
         )
         .map_err(|[x]| x)
     }
