@@ -415,7 +415,7 @@ impl<B: Backend> AdaptedLinear<B> {
                 continue;
             };
             let Some(m) = &a.magnitude else {
-                y = y + a.forward(x.clone());
+                y = crate::ops::add(y, a.forward(x.clone()));
                 continue;
             };
             // DoRA, as PEFT's `DoraLinearLayer.forward`: the norm of W + s B A is detached;

@@ -216,6 +216,37 @@ pub fn softmax_biased<B: Backend, const D: usize>(
     burn::tensor::activation::softmax(scores + bias, D - 1)
 }
 
+/// `lhs + rhs`: burn's `+`, in one pass on rayon's threads on burn-ndarray when both have
+/// the same shape (residual connections), with the same values. Broadcasting operands and
+/// other backends take burn's `+`.
+pub fn add<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() && lhs.shape() == rhs.shape() {
+        let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+        return match host::elementwise::<B>(l, r, host::Elementwise::Add) {
+            Ok(y) => float(y),
+            Err([l, r]) => float::<B, D>(l) + float::<B, D>(r),
+        };
+    }
+    lhs + rhs
+}
+
+/// `lhs * rhs` element by element: burn's `*`, in one pass on rayon's threads on
+/// burn-ndarray when both have the same shape (the gated feed-forward's `act(x W0) * x W1`),
+/// with the same values and gradients. Broadcasting operands and other backends take
+/// burn's `*`.
+pub fn mul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() && lhs.shape() == rhs.shape() {
+        let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+        return match host::elementwise::<B>(l, r, host::Elementwise::Mul) {
+            Ok(y) => float(y),
+            Err([l, r]) => float::<B, D>(l) * float::<B, D>(r),
+        };
+    }
+    lhs * rhs
+}
+
 /// T5's RMS norm over the last dimension, `x / sqrt(mean(x^2) + eps) * weight`: one pass per
 /// row on burn-ndarray (rows on rayon's threads), with the backward pass for `x` and `weight`.
 /// Elsewhere, the same formula in burn's operations.
@@ -603,14 +634,96 @@ mod host {
 
     /// The softmax of one row, in place: `exp(x - max) / sum`, as burn's composite computes it.
     /// NaN wins the maximum (`f32::max` would drop it), as it wins the sum.
-    fn softmax_in_place(row: &mut [f32]) {
+    pub(super) fn softmax_in_place(row: &mut [f32]) {
         let max = row_max(row);
+        let sum = exp_shifted(row, max);
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+
+    /// `row[j] = exp(row[j] - max)` for every `j`, and the sum of the results. With AVX2 and
+    /// FMA, eight at a time ([`exp8`], within a few units in the last place of `f32::exp`;
+    /// the sum then adds in eight lanes), else with `f32::exp` one at a time. Either way each
+    /// value depends only on its own input and its place in the row, so a row gives the same
+    /// results whatever else is in the batch.
+    pub(super) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { exp_shifted_avx2(row, max) };
+        }
         let mut sum = 0.0f32;
         for v in row.iter_mut() {
             *v = (*v - max).exp();
             sum += *v;
         }
-        row.iter_mut().for_each(|v| *v /= sum);
+        sum
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_shifted_avx2(row: &mut [f32], max: f32) -> f32 {
+        use core::arch::x86_64::*;
+        let (body, tail) = row.split_at_mut(row.len() / 8 * 8);
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        for lanes in body.chunks_exact_mut(8) {
+            // SAFETY: `lanes` holds exactly 8 floats (unaligned loads and stores).
+            unsafe {
+                let x = _mm256_sub_ps(_mm256_loadu_ps(lanes.as_ptr()), m);
+                let y = exp8(x);
+                _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+                acc = _mm256_add_ps(acc, y);
+            }
+        }
+        let mut parts = [0.0f32; 8];
+        // SAFETY: `parts` holds 8 floats.
+        unsafe { _mm256_storeu_ps(parts.as_mut_ptr(), acc) };
+        let mut sum = parts.iter().sum::<f32>();
+        for v in tail {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        sum
+    }
+
+    /// `exp` of eight lanes: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, Cephes' degree-6
+    /// polynomial for `exp(r)`, times `2^n` built in the exponent bits. Inputs are clamped to
+    /// `[-88.38, 88.38]` (NaN stays NaN: `max`/`min` return their second operand when either
+    /// is NaN), so `-inf` and anything below about -87.34 give 0, where `f32::exp` gives 0
+    /// or a subnormal under 1.2e-38.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: core::arch::x86_64::__m256) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        let x = _mm256_max_ps(_mm256_set1_ps(-88.376_26), x);
+        let x = _mm256_min_ps(_mm256_set1_ps(88.376_26), x);
+        // n = floor(x log2(e) + 1/2).
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(core::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        // r = x - n ln 2, with ln 2 in two parts.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        // 2^n: n + 127 in the exponent field (n >= -127 after the clamp; -127 gives 0).
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
     }
 
     /// `kind` applied to `x` (contiguous, `f32`) into a new array of its shape.
@@ -983,6 +1096,104 @@ mod host {
             |[x], _, y, ()| (x.clone(), y.clone()),
         )
         .map_err(|[x]| x)
+    }
+
+    /// The element-wise binary operations of [`super::add`] and [`super::mul`].
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum Elementwise {
+        Add,
+        Mul,
+    }
+
+    /// `f(x[j], y[j])` for every `j`, into a new vector, in chunks on rayon's threads.
+    fn zip_map(xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+        let n = xs.len().min(ys.len());
+        let mut out = Vec::<f32>::with_capacity(n);
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
+            .for_each(|(o, (x, y))| {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                    o.write(f(x, y));
+                }
+            });
+        // SAFETY: the chunks cover all `n` elements, and each was written above.
+        unsafe { out.set_len(n) };
+        out
+    }
+
+    /// `x op y` for two `f32` arrays of the same shape, in standard layout (copied into it
+    /// when they are not); `None` otherwise.
+    fn nd_elementwise(
+        x: &NdArrayTensor,
+        y: &NdArrayTensor,
+        kind: Elementwise,
+    ) -> Option<NdArrayTensor> {
+        let (xv, yv) = (view(x)?, view(y)?);
+        if xv.shape() != yv.shape() {
+            return None;
+        }
+        let shape = xv.shape().to_vec();
+        let (xv, yv) = (standard(&xv), standard(&yv));
+        let (xs, ys) = (xv.as_slice()?, yv.as_slice()?);
+        let out = match kind {
+            Elementwise::Add => zip_map(xs, ys, |x, y| x + y),
+            Elementwise::Mul => zip_map(xs, ys, |x, y| x * y),
+        };
+        Some(NdArrayTensor::from(
+            ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
+        ))
+    }
+
+    /// An element-wise binary operation as an autodiff operation. Addition passes the
+    /// gradient to both operands; multiplication multiplies it by the other operand, as
+    /// burn's backward passes do.
+    #[derive(Debug)]
+    struct HostElementwise(Elementwise);
+
+    impl Backward<Nd, 2> for HostElementwise {
+        /// For a product, the operands the gradients need: `lhs` when `rhs` is tracked, and
+        /// the reverse.
+        type State = (Option<NdArrayTensor>, Option<NdArrayTensor>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (lhs, rhs) = ops.state;
+            let times = |g: NdArrayTensor, other: Option<NdArrayTensor>| {
+                let other = other.expect("kept for the gradient");
+                nd_elementwise(&g, &other, Elementwise::Mul)
+                    .unwrap_or_else(|| Nd::float_mul(g, other))
+            };
+            match self.0 {
+                Elementwise::Add => {
+                    binary::<Nd, _, _>(ops.parents, ops.node, grads, |g| g, |g| g);
+                }
+                Elementwise::Mul => binary::<Nd, _, _>(
+                    ops.parents,
+                    ops.node,
+                    grads,
+                    |g| times(g, rhs),
+                    |g| times(g, lhs),
+                ),
+            }
+        }
+    }
+
+    /// [`super::add`] / [`super::mul`] on primitives of `B` (one of the two host backends), or
+    /// both back when they do not apply.
+    pub(super) fn elementwise<B: Backend>(
+        lhs: FloatTensor<B>,
+        rhs: FloatTensor<B>,
+        kind: Elementwise,
+    ) -> Result<FloatTensor<B>, [FloatTensor<B>; 2]> {
+        run::<B, _, _, 2>(
+            [lhs, rhs],
+            |[l, r]| Some((nd_elementwise(l, r, kind)?, ())),
+            HostElementwise(kind),
+            move |[l, r], [l_tracked, r_tracked], _, ()| match kind {
+                Elementwise::Add => (None, None),
+                Elementwise::Mul => (r_tracked.then(|| l.clone()), l_tracked.then(|| r.clone())),
+            },
+        )
     }
 
     /// Dropout as an autodiff operation; its state is the keep bits and the scale.
@@ -1373,7 +1584,7 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Distribution, Tensor, Tolerance};
 
-    use super::{matmul, reshape};
+    use super::{host, matmul, reshape};
 
     type Nd = NdArray<f32>;
     type Ad = Autodiff<Nd>;
@@ -1473,6 +1684,84 @@ mod tests {
         let (hx, hw) = run(false);
         gx.assert_approx_eq::<f32>(&hx, Tolerance::absolute(1e-4));
         gw.assert_approx_eq::<f32>(&hw, Tolerance::absolute(1e-4));
+    }
+
+    /// `add` and `mul` equal burn's `+` and `*` bit for bit, values and gradients, on
+    /// operands spanning several rayon tasks, one of them a transposed view; a broadcasting
+    /// operand takes burn's path.
+    #[test]
+    fn elementwise_kernels_equal_burns() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 3);
+        let a0 = random::<Ad, 3>([3, 129, 257]);
+        let b0 = random::<Ad, 3>([3, 257, 129]).swap_dims(1, 2);
+        let g0 = random::<Ad, 3>([3, 129, 257]);
+        for mul in [false, true] {
+            let run = |ours: bool| {
+                let (a, b) = (a0.clone().require_grad(), b0.clone().require_grad());
+                let y = match (mul, ours) {
+                    (true, true) => super::mul(a.clone(), b.clone()),
+                    (true, false) => a.clone() * b.clone(),
+                    (false, true) => super::add(a.clone(), b.clone()),
+                    (false, false) => a.clone() + b.clone(),
+                };
+                let grads = (y.clone() * g0.clone()).sum().backward();
+                let ga = a.grad(&grads).unwrap().into_data();
+                let gb = b.grad(&grads).unwrap().into_data();
+                (y.into_data(), ga, gb)
+            };
+            let (ours, theirs) = (run(true), run(false));
+            ours.0.assert_eq(&theirs.0, true);
+            ours.1.assert_eq(&theirs.1, true);
+            ours.2.assert_eq(&theirs.2, true);
+        }
+        let (a, row) = (random::<Nd, 2>([4, 5]), random::<Nd, 2>([1, 5]));
+        super::add(a.clone(), row.clone())
+            .into_data()
+            .assert_eq(&(a.clone() + row.clone()).into_data(), true);
+        super::mul(a.clone(), row.clone())
+            .into_data()
+            .assert_eq(&(a * row).into_data(), true);
+    }
+
+    /// The eight-lane `exp` of the softmax against `f32::exp`: within 4e-7 relative over the
+    /// range a softmax feeds it (`x - max <= 0`) and beyond, 0 below the clamp, `exp(0) == 1`
+    /// exactly, NaN kept; and the row softmax sums to 1.
+    #[test]
+    fn eight_lane_exp_follows_f32_exp() {
+        let mut xs: Vec<f32> = (0..20_000)
+            .map(|i| -87.0 + i as f32 * (87.0 + 80.0) / 20_000.0)
+            .collect();
+        xs.extend([0.0, -0.0, -1e-30, 1e-30, -87.3]);
+        let want: Vec<f32> = xs.iter().map(|x| x.exp()).collect();
+        let mut got = xs.clone();
+        let sum = host::exp_shifted(&mut got, 0.0);
+        for ((x, w), g) in xs.iter().zip(&want).zip(&got) {
+            let rel = ((g - w) / w).abs();
+            assert!(rel <= 4e-7, "exp({x}): {g} against {w}");
+        }
+        let total: f64 = want.iter().map(|&w| w as f64).sum();
+        assert!(
+            ((sum as f64 - total) / total).abs() < 1e-5,
+            "{sum} against {total}"
+        );
+        let mut edge = vec![
+            f32::NEG_INFINITY,
+            -1000.0,
+            -88.5,
+            0.0,
+            f32::NAN,
+            -3.0,
+            -2.0,
+            -1.0,
+            -0.5,
+        ];
+        host::exp_shifted(&mut edge, 0.0);
+        assert_eq!(&edge[..4], &[0.0, 0.0, 0.0, 1.0]);
+        assert!(edge[4].is_nan());
+        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+        host::softmax_in_place(&mut row);
+        let total: f32 = row.iter().sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
     }
 
     /// The one-pass softmax and gelu: values equal to burn's composite (gelu bit for bit, the

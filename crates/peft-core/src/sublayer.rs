@@ -120,8 +120,8 @@ impl<B: Backend> SublayerAdapters<B> {
     ) -> Tensor<B, D> {
         let Some(last) = stack.last() else {
             return match layer_norm {
-                Some(ln) => ln(hidden + residual),
-                None => hidden + residual,
+                Some(ln) => ln(crate::ops::add(hidden, residual)),
+                None => crate::ops::add(hidden, residual),
             };
         };
         let mut h = hidden;

@@ -688,7 +688,9 @@ impl<B: Backend> T5FeedForward<B> {
         let x = self.layer_norm.forward(h.clone());
         let inner = match (&self.wi, &self.wi_0, &self.wi_1) {
             (Some(wi), _, _) => self.act.apply(wi.forward(x)),
-            (None, Some(w0), Some(w1)) => self.act.apply(w0.forward(x.clone())) * w1.forward(x),
+            (None, Some(w0), Some(w1)) => {
+                peft_core::ops::mul(self.act.apply(w0.forward(x.clone())), w1.forward(x))
+            }
             _ => unreachable!("constructed with wi or wi_0 and wi_1"),
         };
         // AdapterHub: `bottleneck_layer_forward(dropout(out), residual_input=h, layer_norm=None)`.
