@@ -2,7 +2,7 @@
 //! the time is reading `B` (the weights) from memory: `8 x 512 · 512 x 32128` is 66 MB of `B`
 //! for 0.26 GFLOP.
 //!
-//! `B` is streamed once, in blocks of [`KC`] rows by at most [`NC`] columns (128 KB, held in
+//! `B` is streamed once, in blocks of [`KC`] rows by at most [`NC`] columns (136 KB, held in
 //! L2 while every column strip of the block is done), with no packing of `B`; `A` is packed
 //! once per call (at most `8 x k` elements), and the column blocks go to rayon's threads.
 //! Each element of `C` is one chain of fused multiply-adds over `k` in order, whatever `m`
@@ -20,6 +20,9 @@ pub const MIN_B: usize = 1 << 15;
 const KC: usize = 128;
 /// Columns of `B` per block (and at most per rayon task).
 const NC: usize = 256;
+/// Distance between rows of the block's copy: `NC` plus one cache line, so that the rows
+/// fall in different sets of the L1 cache when a strip walks down them.
+const LD: usize = NC + 16;
 
 /// `C := A B` for `m <= MAX_M`, `B` with contiguous rows (`b_cs == 1`) and `C` likewise
 /// (`c_cs == 1`), when the CPU has AVX2 and FMA. Returns `false`, touching nothing, when it
@@ -83,7 +86,7 @@ pub(crate) unsafe fn sgemm(
             let (j0, j1) = (blk * nc, ((blk + 1) * nc).min(n));
             PACKED.with(|packed| {
                 let mut packed = packed.borrow_mut();
-                packed.resize(KC * NC, 0.0);
+                packed.resize(KC * LD, 0.0);
                 // SAFETY: AVX2 and FMA were detected above; the block's columns lie inside B
                 // and C (the caller's contract), blocks write disjoint columns of C, and
                 // `packed` is this thread's own.
@@ -122,7 +125,7 @@ pub(crate) unsafe fn sgemm(
 }
 
 thread_local! {
-    /// Each thread's copy of the block of `B` in use (`KC * NC` values, 128 KB).
+    /// Each thread's copy of the block of `B` in use (`KC * LD` values, 136 KB).
     static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -157,7 +160,7 @@ impl Ptrs {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{KC, MAX_M};
+    use super::{KC, LD, MAX_M};
 
     /// Columns per strip: two vectors of 8, one cache line of the packed block per row.
     const WIDTH: usize = 16;
@@ -169,15 +172,20 @@ mod x86 {
     /// Columns `j0..j1` of `C := A B` (`n` columns in all), `A` packed (`ap`, see
     /// [`super::sgemm`]).
     ///
-    /// Each block of `B` (at most `KC` rows of the columns) is first copied into `buf`
-    /// strip by strip, reading `B` a row at a time: walking down a strip of `B` itself meets
-    /// rows that are far apart and often map to the same cache sets (a row of the LM head is
-    /// 128 KB). The strips then read `buf` in order, once per group of [`ROWS`] rows of `A`.
-    /// While they do, the next block is requested for L2, a line per step.
+    /// Each block of `B` (at most `KC` rows of the columns) is first copied into `buf` row by
+    /// row, rows [`LD`] values apart: walking down a strip of `B` itself meets rows that are
+    /// far apart and often map to the same cache sets (a row of the LM head is 128 KB), while
+    /// the copy's rows, one cache line more than `NC` apart, fall in different sets. The
+    /// strips then walk down `buf`, once per group of [`ROWS`] rows of `A`. While they do, the
+    /// next block is requested for L2, a line every few steps.
+    ///
+    /// Copying the strips one after the other instead (each strip's rows next to each other)
+    /// scattered the copy's writes 8 KB apart, into the same L1 sets: the step's products
+    /// took 15-22 ms, against 11.8-12.7 ms this way (`sgemm_bench -- decode`, medians).
     ///
     /// # Safety
     /// AVX2 and FMA present; `m <= MAX_M`; `ap` holds `k * MAX_M` values; rows `0..k` of `B`
-    /// and `0..m` of `C` are valid at columns `j0..j1` (at most `NC`); `buf` holds `KC * NC`
+    /// and `0..m` of `C` are valid at columns `j0..j1` (at most `NC`); `buf` holds `KC * LD`
     /// values.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -215,17 +223,11 @@ mod x86 {
                 line: 0,
             };
             // SAFETY (the whole block): rows kb..ke of B and 0..m of C are valid at columns
-            // j0..j1; buf holds KC * NC >= rows * full values; ap holds k * MAX_M values.
+            // j0..j1; buf holds KC * LD >= rows * LD values; ap holds k * MAX_M values.
             unsafe {
                 for r in 0..rows {
                     let src = b.offset((kb + r) as isize * b_rs).add(j0);
-                    for s in 0..count {
-                        std::ptr::copy_nonoverlapping(
-                            src.add(s * WIDTH),
-                            buf.add((s * rows + r) * WIDTH),
-                            WIDTH,
-                        );
-                    }
+                    std::ptr::copy_nonoverlapping(src, buf.add(r * LD), full);
                 }
                 let mut next = next;
                 let mut i0 = 0;
@@ -236,6 +238,7 @@ mod x86 {
                         c_rs,
                         rows,
                         first: kb == 0,
+                        passes: m.div_ceil(ROWS),
                     };
                     match m - i0 {
                         1 => strips::<1>(part, buf, j0, count, &mut next),
@@ -307,6 +310,9 @@ mod x86 {
         rows: usize,
         /// Whether this is the first block of `k` (`C` starts from zero, not from itself).
         first: bool,
+        /// Passes over the block (groups of [`ROWS`] rows of `A`): each asks for the next
+        /// block's lines every `passes` steps, so that together they ask for all of them.
+        passes: usize,
     }
 
     /// `M` rows of `C` (at most [`ROWS`]) over `count` strips of the packed block.
@@ -332,17 +338,19 @@ mod x86 {
                         *row = [_mm256_loadu_ps(out), _mm256_loadu_ps(out.add(8))];
                     }
                 }
-                let mut p = buf.add(s * part.rows * WIDTH);
+                let mut p = buf.add(s * WIDTH);
                 let mut a = part.ap;
-                for _ in 0..part.rows {
-                    next.step();
+                for l in 0..part.rows {
+                    if l % part.passes == 0 {
+                        next.step();
+                    }
                     let (b0, b1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
                     for (i, row) in acc.iter_mut().enumerate() {
                         let x = _mm256_broadcast_ss(&*a.add(i));
                         row[0] = _mm256_fmadd_ps(x, b0, row[0]);
                         row[1] = _mm256_fmadd_ps(x, b1, row[1]);
                     }
-                    p = p.add(WIDTH);
+                    p = p.add(LD);
                     a = a.add(MAX_M);
                 }
                 for (i, row) in acc.iter().enumerate() {
