@@ -415,7 +415,9 @@ impl<B: Backend> AdaptedLinear<B> {
                 continue;
             };
             let Some(m) = &a.magnitude else {
-                y = crate::ops::add(y, a.forward(x.clone()));
+                // y + B(A(dropout(x))) * scaling, the scaling and the sum in one pass.
+                let delta = a.unscaled(a.dropout.forward(x.clone()));
+                y = crate::ops::add_scaled(y, delta, a.scaling);
                 continue;
             };
             // DoRA, as PEFT's `DoraLinearLayer.forward`: the norm of W + s B A is detached;

@@ -231,6 +231,26 @@ pub fn add<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> 
     lhs + rhs
 }
 
+/// `lhs + rhs * scale` (same shapes): burn's `lhs + rhs.mul_scalar(scale)` in one pass on
+/// rayon's threads on burn-ndarray (a LoRA delta added to the base output), with the same
+/// values and gradients; burn's operations elsewhere.
+pub fn add_scaled<B: Backend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+    scale: f64,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() && lhs.shape() == rhs.shape() {
+        let (l, r) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+        let kind = host::Elementwise::AddScaled(scale as f32);
+        return match host::elementwise::<B>(l, r, kind) {
+            Ok(y) => float(y),
+            Err([l, r]) => float::<B, D>(l) + float::<B, D>(r).mul_scalar(scale),
+        };
+    }
+    lhs + rhs.mul_scalar(scale)
+}
+
 /// `lhs * rhs` element by element: burn's `*`, in one pass on rayon's threads on
 /// burn-ndarray when both have the same shape (the gated feed-forward's `act(x W0) * x W1`),
 /// with the same values and gradients. Broadcasting operands and other backends take
@@ -1103,6 +1123,8 @@ mod host {
     pub(crate) enum Elementwise {
         Add,
         Mul,
+        /// `x + y * scale`, `scale` rounded to `f32` as burn's `mul_scalar` rounds it.
+        AddScaled(f32),
     }
 
     /// `f(x[j], y[j])` for every `j`, into a new vector, in chunks on rayon's threads.
@@ -1139,6 +1161,7 @@ mod host {
         let out = match kind {
             Elementwise::Add => zip_map(xs, ys, |x, y| x + y),
             Elementwise::Mul => zip_map(xs, ys, |x, y| x * y),
+            Elementwise::AddScaled(scale) => zip_map(xs, ys, |x, y| x + y * scale),
         };
         Some(NdArrayTensor::from(
             ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
@@ -1167,6 +1190,25 @@ mod host {
                 Elementwise::Add => {
                     binary::<Nd, _, _>(ops.parents, ops.node, grads, |g| g, |g| g);
                 }
+                Elementwise::AddScaled(scale) => {
+                    binary::<Nd, _, _>(
+                        ops.parents,
+                        ops.node,
+                        grads,
+                        |g| g,
+                        |g| {
+                            let v = view(&g).expect("f32 gradient");
+                            let shape = v.shape().to_vec();
+                            let v = standard(&v);
+                            let xs = v.as_slice().expect("standard");
+                            let out = zip_map(xs, xs, |x, _| x * scale);
+                            NdArrayTensor::from(
+                                ArcArray::from_shape_vec(IxDyn(&shape), out)
+                                    .expect("shape of the gradient"),
+                            )
+                        },
+                    );
+                }
                 Elementwise::Mul => binary::<Nd, _, _>(
                     ops.parents,
                     ops.node,
@@ -1190,7 +1232,7 @@ mod host {
             |[l, r]| Some((nd_elementwise(l, r, kind)?, ())),
             HostElementwise(kind),
             move |[l, r], [l_tracked, r_tracked], _, ()| match kind {
-                Elementwise::Add => (None, None),
+                Elementwise::Add | Elementwise::AddScaled(_) => (None, None),
                 Elementwise::Mul => (r_tracked.then(|| l.clone()), l_tracked.then(|| r.clone())),
             },
         )
@@ -1686,7 +1728,8 @@ mod tests {
         gw.assert_approx_eq::<f32>(&hw, Tolerance::absolute(1e-4));
     }
 
-    /// `add` and `mul` equal burn's `+` and `*` bit for bit, values and gradients, on
+    /// `add`, `mul` and `add_scaled` equal burn's `+`, `*` and `+ mul_scalar` bit for bit,
+    /// values and gradients, on
     /// operands spanning several rayon tasks, one of them a transposed view; a broadcasting
     /// operand takes burn's path.
     #[test]
@@ -1695,14 +1738,16 @@ mod tests {
         let a0 = random::<Ad, 3>([3, 129, 257]);
         let b0 = random::<Ad, 3>([3, 257, 129]).swap_dims(1, 2);
         let g0 = random::<Ad, 3>([3, 129, 257]);
-        for mul in [false, true] {
+        for which in ["add", "mul", "add_scaled"] {
             let run = |ours: bool| {
                 let (a, b) = (a0.clone().require_grad(), b0.clone().require_grad());
-                let y = match (mul, ours) {
-                    (true, true) => super::mul(a.clone(), b.clone()),
-                    (true, false) => a.clone() * b.clone(),
-                    (false, true) => super::add(a.clone(), b.clone()),
-                    (false, false) => a.clone() + b.clone(),
+                let y = match (which, ours) {
+                    ("mul", true) => super::mul(a.clone(), b.clone()),
+                    ("mul", false) => a.clone() * b.clone(),
+                    ("add", true) => super::add(a.clone(), b.clone()),
+                    ("add", false) => a.clone() + b.clone(),
+                    (_, true) => super::add_scaled(a.clone(), b.clone(), 4.0 / 3.0),
+                    (_, false) => a.clone() + b.clone().mul_scalar(4.0 / 3.0),
                 };
                 let grads = (y.clone() * g0.clone()).sum().backward();
                 let ga = a.grad(&grads).unwrap().into_data();

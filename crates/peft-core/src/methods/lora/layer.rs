@@ -125,13 +125,17 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// `B(A(x)) * scaling`, no dropout.
     pub fn branch<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.unscaled(x).mul_scalar(self.scaling)
+    }
+
+    /// `B(A(x))` (with `lora_bias`), before the scaling; no dropout.
+    pub(crate) fn unscaled<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let h = linear(x, self.lora_a.val(), None);
         linear(
             h,
             self.lora_b.val(),
             self.lora_bias.as_ref().map(|b| b.val()),
         )
-        .mul_scalar(self.scaling)
     }
 
     /// `scaling * A @ B` in `[in, out]` layout: what merging adds to the base weight.
