@@ -660,90 +660,158 @@ mod host {
         row.iter_mut().for_each(|v| *v /= sum);
     }
 
-    /// `row[j] = exp(row[j] - max)` for every `j`, and the sum of the results. With AVX2 and
-    /// FMA, eight at a time ([`exp8`], within a few units in the last place of `f32::exp`;
-    /// the sum then adds in eight lanes), else with `f32::exp` one at a time. Either way each
-    /// value depends only on its own input and its place in the row, so a row gives the same
-    /// results whatever else is in the batch.
+    /// `row[j] = exp(row[j] - max)` for every `j`, and the sum of the results (added in
+    /// order). The exponentials are [`exp_in_place`]'s, the values of `f32::exp`.
     pub(super) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+        row.iter_mut().for_each(|v| *v -= max);
+        exp_in_place(row);
+        row.iter().sum()
+    }
+
+    /// `x = exp(x)` for every element, with the values of `f32::exp`, bit for bit: with AVX2
+    /// and FMA, eight at a time by [`vexp::exp8`], a lane-wise copy of glibc's `expf` (which
+    /// is what `f32::exp` calls on Linux), else one at a time with `f32::exp`. The copy is
+    /// used only after [`vexp::matches_libm`] has found it equal to `f32::exp` on this
+    /// machine.
+    pub(super) fn exp_in_place(xs: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { exp_shifted_avx2(row, max) };
+        if vexp::matches_libm() {
+            // SAFETY: `matches_libm` is true only with AVX2 and FMA present.
+            unsafe { vexp::exp_avx2(xs) };
+            return;
         }
-        let mut sum = 0.0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        sum
+        xs.iter_mut().for_each(|v| *v = v.exp());
+    }
+
+    /// Whether [`exp_in_place`] takes the eight-lane path on this machine.
+    #[cfg(test)]
+    pub(super) fn vector_exp() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return vexp::matches_libm();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn exp_shifted_avx2(row: &mut [f32], max: f32) -> f32 {
+    mod vexp {
         use core::arch::x86_64::*;
-        let (body, tail) = row.split_at_mut(row.len() / 8 * 8);
-        let m = _mm256_set1_ps(max);
-        let mut acc = _mm256_setzero_ps();
-        for lanes in body.chunks_exact_mut(8) {
-            // SAFETY: `lanes` holds exactly 8 floats (unaligned loads and stores).
-            unsafe {
-                let x = _mm256_sub_ps(_mm256_loadu_ps(lanes.as_ptr()), m);
-                let y = exp8(x);
-                _mm256_storeu_ps(lanes.as_mut_ptr(), y);
-                acc = _mm256_add_ps(acc, y);
+
+        /// glibc's `__exp2f_data.tab`: `bits(2^(i/32)) - (i << 47)` (correctly rounded
+        /// doubles; the same values come out of computing them).
+        const TAB: [u64; 32] = [
+            0x3ff0000000000000,
+            0x3fefd9b0d3158574,
+            0x3fefb5586cf9890f,
+            0x3fef9301d0125b51,
+            0x3fef72b83c7d517b,
+            0x3fef54873168b9aa,
+            0x3fef387a6e756238,
+            0x3fef1e9df51fdee1,
+            0x3fef06fe0a31b715,
+            0x3feef1a7373aa9cb,
+            0x3feedea64c123422,
+            0x3feece086061892d,
+            0x3feebfdad5362a27,
+            0x3feeb42b569d4f82,
+            0x3feeab07dd485429,
+            0x3feea47eb03a5585,
+            0x3feea09e667f3bcd,
+            0x3fee9f75e8ec5f74,
+            0x3feea11473eb0187,
+            0x3feea589994cce13,
+            0x3feeace5422aa0db,
+            0x3feeb737b0cdc5e5,
+            0x3feec49182a3f090,
+            0x3feed503b23e255d,
+            0x3feee89f995ad3ad,
+            0x3feeff76f2fb5e47,
+            0x3fef199bdd85529c,
+            0x3fef3720dcef9069,
+            0x3fef5818dcfba487,
+            0x3fef7c97337b9b5f,
+            0x3fefa4afa2a490da,
+            0x3fefd0765b6e4540,
+        ];
+        /// `32 / ln 2`, the rounding shift `1.5 * 2^52`, and the polynomial for `2^(r/32)`.
+        const INV_LN2_N: f64 = f64::from_bits(0x40471547652b82fe);
+        const SHIFT: f64 = f64::from_bits(0x4338000000000000);
+        const C: [f64; 3] = [
+            f64::from_bits(0x3ebc6af84b912394),
+            f64::from_bits(0x3f2ebfce50fac4f3),
+            f64::from_bits(0x3f962e42ff0c52d6),
+        ];
+
+        /// Whether [`exp8`] may stand in for `f32::exp` here: the CPU has AVX2 and FMA, and
+        /// on a sweep of 2^20 inputs over the whole range it takes (`|x| < 88`) the two
+        /// agree bit for bit. Checked once per process (a few milliseconds).
+        pub(super) fn matches_libm() -> bool {
+            static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *OK.get_or_init(|| {
+                if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+                {
+                    return false;
+                }
+                // Every 2^11-th bit pattern of each sign below 88.0, so every exponent and
+                // table entry is met.
+                let mut xs: Vec<f32> = (0..0x42b0_0000u32)
+                    .step_by(1 << 11)
+                    .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
+                    .collect();
+                let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
+                // SAFETY: AVX2 and FMA are present (checked above).
+                unsafe { exp_avx2(&mut xs) };
+                xs.iter().map(|y| y.to_bits()).eq(want)
+            })
+        }
+
+        /// `exp` of every element; eight at a time where all eight are below 88 in
+        /// magnitude (glibc's main path), `f32::exp` for the rest (overflow, underflow, NaN
+        /// and infinities, which glibc treats apart).
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) fn exp_avx2(xs: &mut [f32]) {
+            let mut lanes = xs.chunks_exact_mut(8);
+            for v in &mut lanes {
+                // SAFETY: `v` holds exactly 8 floats (unaligned loads and stores).
+                unsafe {
+                    let x = _mm256_loadu_ps(v.as_ptr());
+                    let top =
+                        _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7ff0_0000));
+                    let big = _mm256_cmpgt_epi32(top, _mm256_set1_epi32(0x42a0_0000));
+                    if _mm256_testz_si256(big, big) == 0 {
+                        v.iter_mut().for_each(|v| *v = v.exp());
+                        continue;
+                    }
+                    let lo = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+                    let hi = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)));
+                    let y = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+                    _mm256_storeu_ps(v.as_mut_ptr(), y);
+                }
             }
+            lanes.into_remainder().iter_mut().for_each(|v| *v = v.exp());
         }
-        let mut parts = [0.0f32; 8];
-        // SAFETY: `parts` holds 8 floats.
-        unsafe { _mm256_storeu_ps(parts.as_mut_ptr(), acc) };
-        let mut sum = parts.iter().sum::<f32>();
-        for v in tail {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        sum
-    }
 
-    /// `exp` of eight lanes: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, Cephes' degree-6
-    /// polynomial for `exp(r)`, times `2^n` built in the exponent bits. Inputs are clamped to
-    /// `[-88.38, 88.38]` (NaN stays NaN: `max`/`min` return their second operand when either
-    /// is NaN), so `-inf` and anything below about -87.34 give 0, where `f32::exp` gives 0
-    /// or a subnormal under 1.2e-38.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn exp8(x: core::arch::x86_64::__m256) -> core::arch::x86_64::__m256 {
-        use core::arch::x86_64::*;
-        let x = _mm256_max_ps(_mm256_set1_ps(-88.376_26), x);
-        let x = _mm256_min_ps(_mm256_set1_ps(88.376_26), x);
-        // n = floor(x log2(e) + 1/2).
-        let n = _mm256_floor_ps(_mm256_fmadd_ps(
-            x,
-            _mm256_set1_ps(core::f32::consts::LOG2_E),
-            _mm256_set1_ps(0.5),
-        ));
-        // r = x - n ln 2, with ln 2 in two parts.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        /// glibc's `expf` main path on four lanes, in `f64`, with the fused multiply-adds
+        /// of its FMA build (`__expf_fma`): `x 32 / ln 2 = k + r`, `exp(x) = 2^(k/32)
+        /// 2^(r/32)`, `2^(k/32)` from the table with `k / 32` added to its exponent, `2^(r/32)`
+        /// a cubic in `r`; rounded to `f32` at the end.
+        #[target_feature(enable = "avx2,fma")]
+        fn exp4(x: __m256d) -> __m256d {
+            let inv = _mm256_set1_pd(INV_LN2_N);
+            let shift = _mm256_set1_pd(SHIFT);
+            let kd = _mm256_fmadd_pd(inv, x, shift);
+            let ki = _mm256_castpd_si256(kd);
+            let kd = _mm256_sub_pd(kd, shift);
+            let r = _mm256_fmsub_pd(inv, x, kd);
+            let index = _mm256_and_si256(ki, _mm256_set1_epi64x(31));
+            // SAFETY: every index is in 0..32 (masked above), inside TAB.
+            let t = unsafe { _mm256_i64gather_epi64::<8>(TAB.as_ptr().cast(), index) };
+            let s = _mm256_castsi256_pd(_mm256_add_epi64(t, _mm256_slli_epi64::<47>(ki)));
+            let z = _mm256_fmadd_pd(_mm256_set1_pd(C[0]), r, _mm256_set1_pd(C[1]));
+            let r2 = _mm256_mul_pd(r, r);
+            let y = _mm256_fmadd_pd(_mm256_set1_pd(C[2]), r, _mm256_set1_pd(1.0));
+            let y = _mm256_fmadd_pd(z, r2, y);
+            _mm256_mul_pd(y, s)
         }
-        let r2 = _mm256_mul_ps(r, r);
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        // 2^n: n + 127 in the exponent field (n >= -127 after the clamp; -127 gives 0).
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
     }
 
     /// `kind` applied to `x` (contiguous, `f32`) into a new array of its shape.
@@ -759,10 +827,15 @@ mod host {
                 out.par_chunks_mut(CHUNK)
                     .zip(xs.par_chunks(CHUNK))
                     .for_each(|(o, x)| {
+                        // The operations of nn::gelu_tanh's composite, in its order, the
+                        // exponentials eight at a time (the same values).
                         for (o, &x) in o.iter_mut().zip(x) {
-                            // The operations of nn::gelu_tanh's composite, in its order.
                             let t = x * x * 0.044_715f32 + 1.0;
-                            *o = x / ((x * t * c).exp() + 1.0);
+                            *o = x * t * c;
+                        }
+                        exp_in_place(o);
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = x / (*o + 1.0);
                         }
                     });
             }
@@ -1768,45 +1841,50 @@ mod tests {
             .assert_eq(&(a * row).into_data(), true);
     }
 
-    /// The eight-lane `exp` of the softmax against `f32::exp`: within 4e-7 relative over the
-    /// range a softmax feeds it (`x - max <= 0`) and beyond, 0 below the clamp, `exp(0) == 1`
-    /// exactly, NaN kept; and the row softmax sums to 1.
+    /// The eight-lane `exp` (softmax, gelu) equals `f32::exp` bit for bit: on every 97th bit
+    /// pattern of both signs (all exponents, every table entry, the fast path and the
+    /// scalar one for `|x| >= 88`), and on NaN, the infinities and the overflow and
+    /// underflow edges; and `exp_shifted` sums what it wrote.
     #[test]
-    fn eight_lane_exp_follows_f32_exp() {
-        let mut xs: Vec<f32> = (0..20_000)
-            .map(|i| -87.0 + i as f32 * (87.0 + 80.0) / 20_000.0)
+    fn eight_lane_exp_equals_f32_exp() {
+        let mut xs: Vec<f32> = (0..0x7f80_0000u32)
+            .step_by(97)
+            .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
             .collect();
-        xs.extend([0.0, -0.0, -1e-30, 1e-30, -87.3]);
-        let want: Vec<f32> = xs.iter().map(|x| x.exp()).collect();
-        let mut got = xs.clone();
-        let sum = host::exp_shifted(&mut got, 0.0);
-        for ((x, w), g) in xs.iter().zip(&want).zip(&got) {
-            let rel = ((g - w) / w).abs();
-            assert!(rel <= 4e-7, "exp({x}): {g} against {w}");
-        }
-        let total: f64 = want.iter().map(|&w| w as f64).sum();
-        assert!(
-            ((sum as f64 - total) / total).abs() < 1e-5,
-            "{sum} against {total}"
-        );
-        let mut edge = vec![
-            f32::NEG_INFINITY,
-            -1000.0,
-            -88.5,
-            0.0,
+        xs.extend([
             f32::NAN,
-            -3.0,
-            -2.0,
-            -1.0,
-            -0.5,
-        ];
-        host::exp_shifted(&mut edge, 0.0);
-        assert_eq!(&edge[..4], &[0.0, 0.0, 0.0, 1.0]);
-        assert!(edge[4].is_nan());
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            88.72,
+            88.73,
+            -103.9,
+            -104.0,
+            0.0,
+        ]);
+        #[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            assert!(
+                host::vector_exp(),
+                "glibc's expf, copied, should take the fast path here"
+            );
+        }
+        let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
+        let mut got = xs.clone();
+        host::exp_in_place(&mut got);
+        for ((x, w), g) in xs.iter().zip(&want).zip(&got) {
+            assert!(
+                g.to_bits() == *w || (x.is_nan() && g.is_nan()),
+                "exp({x}): {g} against {}",
+                f32::from_bits(*w)
+            );
+        }
         let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
-        host::softmax_in_place(&mut row);
-        let total: f32 = row.iter().sum();
-        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        let copy = row.clone();
+        let sum = host::exp_shifted(&mut row, 2.0);
+        for (y, x) in row.iter().zip(&copy) {
+            assert_eq!(y.to_bits(), (x - 2.0).exp().to_bits());
+        }
+        assert_eq!(sum, row.iter().sum::<f32>());
     }
 
     /// The one-pass softmax and gelu: values equal to burn's composite (gelu bit for bit, the
