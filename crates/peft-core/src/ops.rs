@@ -1887,6 +1887,29 @@ mod tests {
         assert_eq!(sum, row.iter().sum::<f32>());
     }
 
+    /// Every one of the 2,237,661,184 `f32` inputs below 88 in magnitude (the copy of glibc's
+    /// main path) against `f32::exp`, bit for bit. About 20 s:
+    /// `cargo test -p peft-core --lib exp_equals_f32_exp_everywhere -- --ignored`.
+    #[test]
+    #[ignore = "exhaustive, about 20 s; run when the vector exp changes"]
+    fn exp_equals_f32_exp_everywhere() {
+        let mut xs = vec![0.0f32; 1 << 20];
+        for sign in [0u32, 0x8000_0000] {
+            for start in (0..0x42b0_0000u32).step_by(1 << 20) {
+                for (i, x) in xs.iter_mut().enumerate() {
+                    *x = f32::from_bits((start + i as u32).min(0x42af_ffff) | sign);
+                }
+                let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
+                host::exp_in_place(&mut xs);
+                let same = xs.iter().zip(&want).all(|(g, w)| g.to_bits() == *w);
+                assert!(
+                    same,
+                    "a difference among the inputs from bit pattern {start:#x}"
+                );
+            }
+        }
+    }
+
     /// The one-pass softmax and gelu: values equal to burn's composite (gelu bit for bit, the
     /// same `f32` operations), gradients to 1e-5, on rows spanning several rayon tasks.
     #[test]
