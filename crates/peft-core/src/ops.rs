@@ -669,7 +669,7 @@ mod host {
     }
 
     /// `x = exp(x)` for every element, with the values of `f32::exp`, bit for bit: with AVX2
-    /// and FMA, eight at a time by [`vexp::exp8`], a lane-wise copy of glibc's `expf` (which
+    /// and FMA, eight at a time by [`vexp::exp_avx2`], a lane-wise copy of glibc's `expf` (which
     /// is what `f32::exp` calls on Linux), else one at a time with `f32::exp`. The copy is
     /// used only after [`vexp::matches_libm`] has found it equal to `f32::exp` on this
     /// machine.
@@ -741,7 +741,7 @@ mod host {
             f64::from_bits(0x3f962e42ff0c52d6),
         ];
 
-        /// Whether [`exp8`] may stand in for `f32::exp` here: the CPU has AVX2 and FMA, and
+        /// Whether [`exp_avx2`] may stand in for `f32::exp` here: the CPU has AVX2 and FMA, and
         /// on a sweep of 2^20 inputs over the whole range it takes (`|x| < 88`) the two
         /// agree bit for bit. Checked once per process (a few milliseconds).
         pub(super) fn matches_libm() -> bool {
@@ -1217,6 +1217,22 @@ mod host {
         out
     }
 
+    /// `f(x[j])` for every `j`, into a new vector, in chunks on rayon's threads.
+    fn map(xs: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+        let mut out = Vec::<f32>::with_capacity(xs.len());
+        out.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    o.write(f(x));
+                }
+            });
+        // SAFETY: the chunks cover all `xs.len()` elements, and each was written above.
+        unsafe { out.set_len(xs.len()) };
+        out
+    }
+
     /// `x op y` for two `f32` arrays of the same shape, in standard layout (copied into it
     /// when they are not); `None` otherwise.
     fn nd_elementwise(
@@ -1273,8 +1289,7 @@ mod host {
                             let v = view(&g).expect("f32 gradient");
                             let shape = v.shape().to_vec();
                             let v = standard(&v);
-                            let xs = v.as_slice().expect("standard");
-                            let out = zip_map(xs, xs, |x, _| x * scale);
+                            let out = map(v.as_slice().expect("standard"), |x| x * scale);
                             NdArrayTensor::from(
                                 ArcArray::from_shape_vec(IxDyn(&shape), out)
                                     .expect("shape of the gradient"),
