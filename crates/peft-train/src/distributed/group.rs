@@ -293,7 +293,20 @@ impl WorkerGroup {
         let start = Instant::now();
         loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(r) => return r.map_err(|e| TrainError::Collective(format!("{what}: {e}"))),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    // A failed transfer is most often the first sign of a lost worker, which
+                    // the monitor names a moment later (its connection closes too): wait for
+                    // it briefly, so that the error names the rank.
+                    let failed = Instant::now();
+                    while failed.elapsed() < Duration::from_secs(2) {
+                        if let Some((rank, reason)) = lock(&self.status).lost.clone() {
+                            return Err(TrainError::WorkerLost { rank, reason });
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    return Err(TrainError::Collective(format!("{what}: {e}")));
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     if let Some((rank, reason)) = lock(&self.status).lost.clone() {
                         return Err(TrainError::WorkerLost { rank, reason });
