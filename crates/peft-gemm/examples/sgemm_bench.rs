@@ -248,7 +248,13 @@ fn decode() {
         best * 1e3,
         gb / best
     );
-    for (k, n) in [(512usize, 384usize), (512, 1024), (1024, 512), (512, 32128)] {
+    for (k, n) in [
+        (128usize, 256usize),
+        (512, 384),
+        (512, 1024),
+        (1024, 512),
+        (512, 32128),
+    ] {
         let w = data(k * n, 5);
         let (_, best) = time(&mut || {
             row_major(m, n, k, &a, &w, &mut c);

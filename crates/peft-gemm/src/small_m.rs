@@ -2,11 +2,12 @@
 //! the time is reading `B` (the weights) from memory: `8 x 512 · 512 x 32128` is 66 MB of `B`
 //! for 0.26 GFLOP.
 //!
-//! `B` is streamed once, in blocks of [`KC`] rows by at most [`NC`] columns (136 KB, held in
-//! L2 while every column strip of the block is done), with no packing of `B`; `A` is packed
-//! once per call (at most `8 x k` elements), and the column blocks go to rayon's threads.
-//! Each element of `C` is one chain of fused multiply-adds over `k` in order, whatever `m`
-//! is: a row computed alone equals the same row computed in a batch, bit for bit.
+//! `B` is read once, in place: every vector of `B` meets all `m` rows of `A` while it is in
+//! a register, so nothing of `B` is packed or copied, and the next block of `B` is requested
+//! for L2 while a block is worked on. `A` is packed once per call (at most `8 x k`
+//! elements), and the column blocks go to rayon's threads. Each element of `C` is one chain
+//! of fused multiply-adds over `k` in order, whatever `m` is: a row computed alone equals the
+//! same row computed in a batch, bit for bit.
 //!
 //! AVX2 and FMA only, detected at run time; [`sgemm`] answers `false` where it does not apply
 //! and the caller takes the general path.
@@ -20,9 +21,6 @@ pub const MIN_B: usize = 1 << 15;
 const KC: usize = 128;
 /// Columns of `B` per block (and at most per rayon task).
 const NC: usize = 256;
-/// Distance between rows of the block's copy: `NC` plus one cache line, so that the rows
-/// fall in different sets of the L1 cache when a strip walks down them.
-const LD: usize = NC + 16;
 
 /// `C := A B` for `m <= MAX_M`, `B` with contiguous rows (`b_cs == 1`) and `C` likewise
 /// (`c_cs == 1`), when the CPU has AVX2 and FMA. Returns `false`, touching nothing, when it
@@ -84,28 +82,9 @@ pub(crate) unsafe fn sgemm(
         let one = |blk: usize| {
             let (b, c) = ptrs.get();
             let (j0, j1) = (blk * nc, ((blk + 1) * nc).min(n));
-            PACKED.with(|packed| {
-                let mut packed = packed.borrow_mut();
-                packed.resize(KC * LD, 0.0);
-                // SAFETY: AVX2 and FMA were detected above; the block's columns lie inside B
-                // and C (the caller's contract), blocks write disjoint columns of C, and
-                // `packed` is this thread's own.
-                unsafe {
-                    x86::block(
-                        m,
-                        k,
-                        ap.as_ptr(),
-                        b,
-                        b_rs,
-                        c,
-                        c_rs,
-                        j0,
-                        j1,
-                        n,
-                        packed.as_mut_ptr(),
-                    )
-                };
-            });
+            // SAFETY: AVX2 and FMA were detected above; the block's columns lie inside B and
+            // C (the caller's contract), and blocks write disjoint columns of C.
+            unsafe { x86::block(m, k, ap.as_ptr(), b, b_rs, c, c_rs, j0, j1, n) };
         };
         if blocks > 1 && threads > 1 {
             use rayon::prelude::*;
@@ -122,11 +101,6 @@ pub(crate) unsafe fn sgemm(
         );
         false
     }
-}
-
-thread_local! {
-    /// Each thread's copy of the block of `B` in use (`KC * LD` values, 136 KB).
-    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Whether this path is on: `PEFT_GEMM_SMALL_M=off` sends these products to `gemm` as well,
@@ -160,33 +134,32 @@ impl Ptrs {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{KC, LD, MAX_M};
+    use super::{KC, MAX_M};
 
-    /// Columns per strip: two vectors of 8, one cache line of the packed block per row.
-    const WIDTH: usize = 16;
-    /// Rows of `A` per pass over a packed block: 4 rows by 2 vectors is 8 accumulators, which
-    /// leaves registers for the loads of `B` and the broadcasts of `A` (8 rows by 1 vector
-    /// made the compiler spill an accumulator to the stack, a third of the rate).
-    const ROWS: usize = 4;
+    /// Columns per strip: one vector. Each row of `A` has its own accumulator, so a strip
+    /// holds at most 8 accumulators, a vector of `B` and a broadcast of `A` in registers.
+    const WIDTH: usize = 8;
+    /// Steps of a block's strips per line of the next block requested for L2: a block of
+    /// `r` rows and `w` columns takes `r * w / 8` steps and the next block has at most
+    /// `r * w / 16` lines.
+    const STEPS_PER_LINE: usize = 2;
 
     /// Columns `j0..j1` of `C := A B` (`n` columns in all), `A` packed (`ap`, see
     /// [`super::sgemm`]).
     ///
-    /// Each block of `B` (at most `KC` rows of the columns) is first copied into `buf` row by
-    /// row, rows [`LD`] values apart: walking down a strip of `B` itself meets rows that are
-    /// far apart and often map to the same cache sets (a row of the LM head is 128 KB), while
-    /// the copy's rows, one cache line more than `NC` apart, fall in different sets. The
-    /// strips then walk down `buf`, once per group of [`ROWS`] rows of `A`. While they do, the
-    /// next block is requested for L2, a line every few steps.
+    /// Block by block of [`KC`] rows, each strip of [`WIDTH`] columns walks down `B` itself,
+    /// loading each vector of `B` once for all `m` rows of `A`; the next block (the next rows
+    /// of these columns, or the first rows of the next columns) is requested for L2, a line
+    /// every [`STEPS_PER_LINE`] steps.
     ///
-    /// Copying the strips one after the other instead (each strip's rows next to each other)
-    /// scattered the copy's writes 8 KB apart, into the same L1 sets: the step's products
-    /// took 15-22 ms, against 11.8-12.7 ms this way (`sgemm_bench -- decode`, medians).
+    /// This replaced a kernel that copied each block of `B` into a buffer and walked it once
+    /// per 4 rows of `A` with 16-column strips: with 8 rows, copying `B` took as long as
+    /// multiplying it (`sgemm_bench -- decode`: 11.8-12.4 ms per step's products, 8.7-10
+    /// ms with the copy left out).
     ///
     /// # Safety
     /// AVX2 and FMA present; `m <= MAX_M`; `ap` holds `k * MAX_M` values; rows `0..k` of `B`
-    /// and `0..m` of `C` are valid at columns `j0..j1` (at most `NC`); `buf` holds `KC * LD`
-    /// values.
+    /// and `0..m` of `C` are valid at columns `j0..j1`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn block(
@@ -200,10 +173,23 @@ mod x86 {
         j0: usize,
         j1: usize,
         n: usize,
-        buf: *mut f32,
     ) {
         let count = (j1 - j0) / WIDTH;
         let full = count * WIDTH;
+        // The first block, all at once: no earlier block requested it (unless it was this
+        // thread's last one, whose lines are then already at hand).
+        let lines = (j1 - j0).div_ceil(16);
+        let mut first = Prefetch {
+            at: b.wrapping_add(j0),
+            b_rs,
+            per_row: lines,
+            left: k.min(KC) * lines,
+            row: 0,
+            line: 0,
+        };
+        while first.left > 0 {
+            first.step();
+        }
         let mut kb = 0;
         while kb < k {
             let ke = (kb + KC).min(k);
@@ -212,7 +198,7 @@ mod x86 {
             // the next columns (the next block of this thread, unless it is another's).
             let (next_k, next_j) = if ke < k { (ke, j0) } else { (0, j1) };
             let next_cols = n.saturating_sub(next_j).min(j1 - j0);
-            let next = Prefetch {
+            let mut next = Prefetch {
                 at: b
                     .wrapping_offset(next_k as isize * b_rs)
                     .wrapping_add(next_j),
@@ -223,33 +209,31 @@ mod x86 {
                 line: 0,
             };
             // SAFETY (the whole block): rows kb..ke of B and 0..m of C are valid at columns
-            // j0..j1; buf holds KC * LD >= rows * LD values; ap holds k * MAX_M values.
+            // j0..j1; ap holds k * MAX_M values.
             unsafe {
-                for r in 0..rows {
-                    let src = b.offset((kb + r) as isize * b_rs).add(j0);
-                    std::ptr::copy_nonoverlapping(src, buf.add(r * LD), full);
-                }
-                let mut next = next;
-                let mut i0 = 0;
-                while i0 < m {
-                    let part = Part {
-                        ap: ap.add(kb * MAX_M + i0),
-                        c: c.offset(i0 as isize * c_rs),
-                        c_rs,
-                        rows,
-                        first: kb == 0,
-                        passes: m.div_ceil(ROWS),
-                    };
-                    match m - i0 {
-                        1 => strips::<1>(part, buf, j0, count, &mut next),
-                        2 => strips::<2>(part, buf, j0, count, &mut next),
-                        3 => strips::<3>(part, buf, j0, count, &mut next),
-                        _ => strips::<ROWS>(part, buf, j0, count, &mut next),
+                let part = Part {
+                    ap: ap.add(kb * MAX_M),
+                    b: b.offset(kb as isize * b_rs),
+                    b_rs,
+                    c,
+                    c_rs,
+                    rows,
+                    first: kb == 0,
+                };
+                for s in 0..count {
+                    let j = j0 + s * WIDTH;
+                    match m {
+                        1 => strip::<1>(part, j, &mut next),
+                        2 => strip::<2>(part, j, &mut next),
+                        3 => strip::<3>(part, j, &mut next),
+                        4 => strip::<4>(part, j, &mut next),
+                        5 => strip::<5>(part, j, &mut next),
+                        6 => strip::<6>(part, j, &mut next),
+                        7 => strip::<7>(part, j, &mut next),
+                        _ => strip::<MAX_M>(part, j, &mut next),
                     }
-                    i0 += ROWS;
                 }
-                // The last columns, one at a time from B: the same chain of fused
-                // multiply-adds.
+                // The last columns, one at a time: the same chain of fused multiply-adds.
                 for jj in j0 + full..j1 {
                     for i in 0..m {
                         let out = c.offset(i as isize * c_rs).add(jj);
@@ -298,66 +282,56 @@ mod x86 {
         }
     }
 
-    /// The rows of `A` and `C` one pass over a packed block works on.
+    /// One block of `B` and the matching rows of packed `A`, with `C`.
     #[derive(Clone, Copy)]
     struct Part {
-        /// `A`, packed, at the block's first row of `B` and the pass's first row of `A`.
+        /// `A`, packed, at the block's first row of `B`.
         ap: *const f32,
-        /// `C` at the pass's first row.
+        /// `B` at the block's first row.
+        b: *const f32,
+        b_rs: isize,
         c: *mut f32,
         c_rs: isize,
         /// Rows of `B` in the block.
         rows: usize,
         /// Whether this is the first block of `k` (`C` starts from zero, not from itself).
         first: bool,
-        /// Passes over the block (groups of [`ROWS`] rows of `A`): each asks for the next
-        /// block's lines every `passes` steps, so that together they ask for all of them.
-        passes: usize,
     }
 
-    /// `M` rows of `C` (at most [`ROWS`]) over `count` strips of the packed block.
+    /// Columns `j..j + WIDTH` of the `M` rows of `C`, over the part's rows of `B`.
     ///
     /// # Safety
-    /// As [`block`]'s, for the part's rows.
+    /// As [`block`]'s, for these columns.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn strips<const M: usize>(
-        part: Part,
-        buf: *const f32,
-        j0: usize,
-        count: usize,
-        next: &mut Prefetch,
-    ) {
+    unsafe fn strip<const M: usize>(part: Part, j: usize, next: &mut Prefetch) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            for s in 0..count {
-                let j = j0 + s * WIDTH;
-                let mut acc = [[_mm256_setzero_ps(); 2]; M];
-                if !part.first {
-                    for (i, row) in acc.iter_mut().enumerate() {
-                        let out = part.c.offset(i as isize * part.c_rs).add(j);
-                        *row = [_mm256_loadu_ps(out), _mm256_loadu_ps(out.add(8))];
-                    }
+            let mut acc = [_mm256_setzero_ps(); M];
+            if !part.first {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    *row = _mm256_loadu_ps(part.c.offset(i as isize * part.c_rs).add(j));
                 }
-                let mut p = buf.add(s * WIDTH);
-                let mut a = part.ap;
-                for l in 0..part.rows {
-                    if l % part.passes == 0 {
-                        next.step();
-                    }
-                    let (b0, b1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
-                    for (i, row) in acc.iter_mut().enumerate() {
-                        let x = _mm256_broadcast_ss(&*a.add(i));
-                        row[0] = _mm256_fmadd_ps(x, b0, row[0]);
-                        row[1] = _mm256_fmadd_ps(x, b1, row[1]);
-                    }
-                    p = p.add(LD);
-                    a = a.add(MAX_M);
+            }
+            let mut p = part.b.add(j);
+            let mut a = part.ap;
+            // A countdown, not `l % STEPS_PER_LINE` with a run-time divisor: a division per
+            // step cost more than the step's fused multiply-adds.
+            let mut until_step = 0;
+            for _ in 0..part.rows {
+                if until_step == 0 {
+                    next.step();
+                    until_step = STEPS_PER_LINE;
                 }
-                for (i, row) in acc.iter().enumerate() {
-                    let out = part.c.offset(i as isize * part.c_rs).add(j);
-                    _mm256_storeu_ps(out, row[0]);
-                    _mm256_storeu_ps(out.add(8), row[1]);
+                until_step -= 1;
+                let bv = _mm256_loadu_ps(p);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    *row = _mm256_fmadd_ps(_mm256_broadcast_ss(&*a.add(i)), bv, *row);
                 }
+                p = p.offset(part.b_rs);
+                a = a.add(MAX_M);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                _mm256_storeu_ps(part.c.offset(i as isize * part.c_rs).add(j), *row);
             }
         }
     }
