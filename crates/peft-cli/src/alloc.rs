@@ -7,6 +7,9 @@
 //! `forward`, `serve`, ...) use mimalloc and training (`train`, and `bench` of a training
 //! workload) keeps the system allocator and its lower peak. `PEFT_ALLOCATOR=system|mimalloc`
 //! overrides the choice, which is how the bench measures both with one binary.
+//!
+//! With glibc's allocator, [`tune_glibc`] keeps freed memory in the heap for the next step's
+//! temporaries instead of trimming it and faulting zeroed pages in again.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -87,6 +90,33 @@ fn is_training(cmdline: &[u8]) -> bool {
     }
 }
 
+/// glibc's allocator, set for a training loop, which frees and allocates the same large
+/// temporaries every step: blocks up to 32 MB come from the heap (not from `mmap`, unmapped
+/// again on free), the heap keeps up to 256 MB free at its top instead of giving it back, and
+/// grows 64 MB at a time. Each step then reuses the last step's pages; before, a LoRA step on
+/// the bench's mT5-small spent about 5% of its time in the kernel zeroing fresh pages.
+/// Measured: LoRA step 0.96-0.99 -> 0.91-1.00 s median (0.96 -> 0.92 s best), system time
+/// 1.0 -> 0.7 s per run, peak RSS unchanged (713-718 MiB).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_glibc() {
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_TOP_PAD: i32 = -2;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only sets parameters of glibc's allocator, which has not allocated yet;
+    // a value it rejects leaves that parameter as it was.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 256 << 20);
+        mallopt(M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_glibc() {}
+
 #[inline]
 fn choice() -> u8 {
     match CHOICE.load(Ordering::Relaxed) {
@@ -101,6 +131,9 @@ fn choice() -> u8 {
                 _ if training_command() => SYSTEM,
                 _ => MIMALLOC,
             };
+            if c == SYSTEM {
+                tune_glibc();
+            }
             CHOICE.store(c, Ordering::Relaxed);
             c
         }
