@@ -380,8 +380,36 @@ mod host {
     use burn::tensor::Shape;
     use burn::tensor::backend::Backend;
     use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+    use std::mem::MaybeUninit;
+
     use ndarray::{ArcArray, ArrayViewD, CowArray, IxDyn};
     use rayon::prelude::*;
+
+    /// A new vector's `n` elements, not yet written: the kernels below write every element of
+    /// their output (no zeroing pass first), then [`filled`] gives it back.
+    fn unwritten(n: usize) -> Vec<f32> {
+        Vec::with_capacity(n)
+    }
+
+    /// `out` once its first `n` elements (all of them) were written through
+    /// [`Vec::spare_capacity_mut`].
+    ///
+    /// # Safety
+    /// Every element of `out.spare_capacity_mut()[..n]` was written.
+    unsafe fn filled(mut out: Vec<f32>, n: usize) -> Vec<f32> {
+        // SAFETY: the caller's contract; `n` is within the capacity it wrote.
+        unsafe { out.set_len(n) };
+        out
+    }
+
+    /// The same slice, read as values once every element was written.
+    ///
+    /// # Safety
+    /// Every element of `o` was written.
+    unsafe fn written(o: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+        // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and every element is initialised.
+        unsafe { &mut *(o as *mut [MaybeUninit<f32>] as *mut [f32]) }
+    }
 
     type Nd = NdArray<f32>;
     type Ad = Autodiff<Nd>;
@@ -820,19 +848,23 @@ mod host {
         let shape = v.shape().to_vec();
         let v = standard(&v);
         let xs = v.as_slice()?;
-        let mut out = vec![0.0f32; xs.len()];
+        let n = xs.len();
+        let mut out = unwritten(n);
         match kind {
             Pointwise::GeluTanh => {
                 let c = gelu_c();
-                out.par_chunks_mut(CHUNK)
+                out.spare_capacity_mut()[..n]
+                    .par_chunks_mut(CHUNK)
                     .zip(xs.par_chunks(CHUNK))
                     .for_each(|(o, x)| {
                         // The operations of nn::gelu_tanh's composite, in its order, the
                         // exponentials eight at a time (the same values).
                         for (o, &x) in o.iter_mut().zip(x) {
                             let t = x * x * 0.044_715f32 + 1.0;
-                            *o = x * t * c;
+                            o.write(x * t * c);
                         }
+                        // SAFETY: the loop above wrote every element of the chunk.
+                        let o = unsafe { written(o) };
                         exp_in_place(o);
                         for (o, &x) in o.iter_mut().zip(x) {
                             *o = x / (*o + 1.0);
@@ -843,16 +875,21 @@ mod host {
                 let row = *shape.last()?;
                 if row == 0 {
                     return Some(NdArrayTensor::from(
-                        ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
+                        ArcArray::from_shape_vec(IxDyn(&shape), Vec::<f32>::new()).ok()?,
                     ));
                 }
                 let log = matches!(kind, Pointwise::LogSoftmax);
                 let rows = (CHUNK / row).max(1) * row;
-                out.par_chunks_mut(rows)
+                out.spare_capacity_mut()[..n]
+                    .par_chunks_mut(rows)
                     .zip(xs.par_chunks(rows))
                     .for_each(|(o, x)| {
                         for (o, x) in o.chunks_mut(row).zip(x.chunks(row)) {
-                            o.copy_from_slice(x);
+                            for (o, &x) in o.iter_mut().zip(x) {
+                                o.write(x);
+                            }
+                            // SAFETY: the loop above wrote every element of the row.
+                            let o = unsafe { written(o) };
                             if log {
                                 log_softmax_in_place(o);
                             } else {
@@ -862,6 +899,8 @@ mod host {
                     });
             }
         }
+        // SAFETY: both kinds wrote every element, chunk by chunk.
+        let out = unsafe { filled(out, n) };
         Some(NdArrayTensor::from(
             ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
         ))
@@ -887,11 +926,13 @@ mod host {
             y.as_slice().expect("standard"),
             g.as_slice().expect("standard"),
         );
-        let mut out = vec![0.0f32; gs.len()];
+        let n = gs.len();
+        let mut out = unwritten(n);
         match kind {
             Pointwise::GeluTanh => {
                 let c = gelu_c();
-                out.par_chunks_mut(CHUNK)
+                out.spare_capacity_mut()[..n]
+                    .par_chunks_mut(CHUNK)
                     .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
                     .for_each(|(o, (x, g))| {
                         for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
@@ -899,7 +940,7 @@ mod host {
                             // dy/dx = s + x s (1 - s) (-c) (1 + 3 a x^2).
                             let s = 1.0 / ((x * (x * x * 0.044_715f32 + 1.0) * c).exp() + 1.0);
                             let dz = -c * (1.0 + 3.0 * 0.044_715f32 * x * x);
-                            *o = g * (s + x * s * (1.0 - s) * dz);
+                            o.write(g * (s + x * s * (1.0 - s) * dz));
                         }
                     });
             }
@@ -910,7 +951,8 @@ mod host {
                 let row = *shape.last().expect("at least one axis");
                 if let Some(per_task) = CHUNK.checked_div(row) {
                     let rows = per_task.max(1) * row;
-                    out.par_chunks_mut(rows)
+                    out.spare_capacity_mut()[..n]
+                        .par_chunks_mut(rows)
                         .zip(ys.par_chunks(rows).zip(gs.par_chunks(rows)))
                         .for_each(|(o, (y, g))| {
                             for (o, (y, g)) in
@@ -919,12 +961,12 @@ mod host {
                                 if log {
                                     let total: f32 = g.iter().sum();
                                     for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                                        *o = g - y.exp() * total;
+                                        o.write(g - y.exp() * total);
                                     }
                                 } else {
                                     let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                                     for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                                        *o = y * (g - dot);
+                                        o.write(y * (g - dot));
                                     }
                                 }
                             }
@@ -932,6 +974,8 @@ mod host {
                 }
             }
         }
+        // SAFETY: every kind wrote every element (with an empty last axis there are none).
+        let out = unsafe { filled(out, n) };
         NdArrayTensor::from(
             ArcArray::from_shape_vec(IxDyn(&shape), out).expect("shape of the gradient"),
         )
@@ -951,9 +995,11 @@ mod host {
         let xs = sv.as_slice()?;
         let (b_strides, b_ptr) = (bv.strides().to_vec(), SharedPtr(bv.as_ptr()));
         let nd = shape.len();
-        let mut out = vec![0.0f32; xs.len()];
+        let n = xs.len();
+        let mut out = unwritten(n);
         let rows_per_task = (CHUNK / row).max(1);
-        out.par_chunks_mut(rows_per_task * row)
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(rows_per_task * row)
             .zip(xs.par_chunks(rows_per_task * row))
             .enumerate()
             .for_each(|(task, (o, x))| {
@@ -969,11 +1015,14 @@ mod host {
                     let last = b_strides[nd - 1];
                     for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
                         // SAFETY: the broadcast view covers every (row, j) at these offsets.
-                        *o = x + unsafe { *base.offset(offset + j as isize * last) };
+                        o.write(x + unsafe { *base.offset(offset + j as isize * last) });
                     }
-                    softmax_in_place(o);
+                    // SAFETY: the loop above wrote every element of the row.
+                    softmax_in_place(unsafe { written(o) });
                 }
             });
+        // SAFETY: the rows cover all `n` elements, each written above.
+        let out = unsafe { filled(out, n) };
         Some(NdArrayTensor::from(
             ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
         ))
@@ -1349,18 +1398,22 @@ mod host {
 
     /// `x[j] * (scale if bit j of bits is set, else 0)`, in chunks on rayon's threads.
     fn masked(xs: &[f32], bits: &[u64], scale: f32) -> Vec<f32> {
-        let mut out = vec![0.0f32; xs.len()];
-        out.par_chunks_mut(CHUNK)
+        let n = xs.len();
+        let mut out = unwritten(n);
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
             .zip(bits.par_chunks(CHUNK / 64))
             .for_each(|((o, x), b)| apply_mask(o, x, b, scale));
-        out
+        // SAFETY: apply_mask wrote every element of every chunk.
+        unsafe { filled(out, n) }
     }
 
-    fn apply_mask(out: &mut [f32], xs: &[f32], bits: &[u64], scale: f32) {
+    /// Writes every element of `out` (as long as `xs`, with a bit of `bits` per element).
+    fn apply_mask(out: &mut [MaybeUninit<f32>], xs: &[f32], bits: &[u64], scale: f32) {
         for ((o, x), &word) in out.chunks_mut(64).zip(xs.chunks(64)).zip(bits) {
             for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                *o = x * if word >> j & 1 == 1 { scale } else { 0.0 };
+                o.write(x * if word >> j & 1 == 1 { scale } else { 0.0 });
             }
         }
     }
@@ -1379,9 +1432,11 @@ mod host {
                 let shape = v.shape().to_vec();
                 let v = standard(&v);
                 let xs = v.as_slice()?;
-                let mut bits = vec![0u64; xs.len().div_ceil(64)];
-                let mut out = vec![0.0f32; xs.len()];
-                out.par_chunks_mut(CHUNK)
+                let n = xs.len();
+                let mut bits = vec![0u64; n.div_ceil(64)];
+                let mut out = unwritten(n);
+                out.spare_capacity_mut()[..n]
+                    .par_chunks_mut(CHUNK)
                     .zip(xs.par_chunks(CHUNK))
                     .zip(bits.par_chunks_mut(CHUNK / 64))
                     .enumerate()
@@ -1389,6 +1444,8 @@ mod host {
                         stream.fill(i * (CHUNK / 64), b);
                         apply_mask(o, x, b, scale);
                     });
+                // SAFETY: apply_mask wrote every element of every chunk.
+                let out = unsafe { filled(out, n) };
                 let y = NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?);
                 Some((y, bits))
             },
