@@ -1092,11 +1092,12 @@ mod host {
         }
         let (xv, wv) = (standard(&xv), standard(&wv));
         let (xs, ws) = (xv.as_slice()?, wv.as_slice()?);
-        let rows = xs.len() / d;
-        let mut out = vec![0.0f32; xs.len()];
+        let (n, rows) = (xs.len(), xs.len() / d);
+        let mut out = unwritten(n);
         let mut inv = vec![0.0f32; rows];
         let per_task = (CHUNK / d).max(1);
-        out.par_chunks_mut(per_task * d)
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(per_task * d)
             .zip(inv.par_chunks_mut(per_task))
             .zip(xs.par_chunks(per_task * d))
             .for_each(|((o, inv), x)| {
@@ -1104,10 +1105,12 @@ mod host {
                     let mean = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
                     *r = (mean + eps).sqrt().recip();
                     for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws) {
-                        *o = x * *r * w;
+                        o.write(x * *r * w);
                     }
                 }
             });
+        // SAFETY: the rows cover all `n` elements (`d` divides `n`), each written above.
+        let out = unsafe { filled(out, n) };
         Some((
             NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?),
             inv,
@@ -1144,8 +1147,10 @@ mod host {
                     let gv = view(&g).expect("f32 gradient");
                     let gv = standard(&gv);
                     let gs = gv.as_slice().expect("standard");
-                    let mut out = vec![0.0f32; gs.len()];
-                    out.par_chunks_mut(per_task * d)
+                    let n = gs.len();
+                    let mut out = unwritten(n);
+                    out.spare_capacity_mut()[..n]
+                        .par_chunks_mut(per_task * d)
                         .zip(gs.par_chunks(per_task * d).zip(xs.par_chunks(per_task * d)))
                         .zip(inv.par_chunks(per_task))
                         .for_each(|((o, (g, x)), inv)| {
@@ -1156,10 +1161,12 @@ mod host {
                                     g.iter().zip(ws).zip(x).map(|((g, w), x)| g * w * x).sum();
                                 let k = r * r * r * dot / d as f32;
                                 for (((o, &g), &w), &x) in o.iter_mut().zip(g).zip(ws).zip(x) {
-                                    *o = r * g * w - x * k;
+                                    o.write(r * g * w - x * k);
                                 }
                             }
                         });
+                    // SAFETY: the rows cover all `n` elements, each written above.
+                    let out = unsafe { filled(out, n) };
                     NdArrayTensor::from(
                         ArcArray::from_shape_vec(IxDyn(&shape), out).expect("input's shape"),
                     )
