@@ -9,7 +9,8 @@
 //! overrides the choice, which is how the bench measures both with one binary.
 //!
 //! With glibc's allocator, [`tune_glibc`] keeps freed memory in the heap for the next step's
-//! temporaries instead of trimming it and faulting zeroed pages in again.
+//! temporaries instead of trimming it and faulting zeroed pages in again; mimalloc is told
+//! the same by [`tune_mimalloc`].
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -117,6 +118,25 @@ fn tune_glibc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_glibc() {}
 
+/// mimalloc, set never to purge (decommit) freed memory, unless `MIMALLOC_PURGE_DELAY` says
+/// otherwise: by default it gives freed pages back after 10 ms, and the next forward pass's
+/// temporaries fault them in again, zeroed. Measured (3 alternated runs): infer-base
+/// 0.396-0.403 -> 0.365-0.388 s median, generation 0.457-0.466 -> 0.416-0.459 s, peak RSS
+/// unchanged (408 and 395 MiB).
+fn tune_mimalloc() {
+    unsafe extern "C" {
+        fn mi_option_set(option: i32, value: std::ffi::c_long);
+    }
+    /// `mi_option_purge_delay` in the mimalloc (v3) that libmimalloc-sys builds.
+    const MI_OPTION_PURGE_DELAY: i32 = 15;
+    // SAFETY: a NUL-terminated name, read before any other thread exists.
+    let asked = unsafe { getenv(c"MIMALLOC_PURGE_DELAY".as_ptr()) };
+    if asked.is_null() {
+        // SAFETY: sets one of mimalloc's options before it allocates; -1 is a valid value.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 #[inline]
 fn choice() -> u8 {
     match CHOICE.load(Ordering::Relaxed) {
@@ -133,6 +153,8 @@ fn choice() -> u8 {
             };
             if c == SYSTEM {
                 tune_glibc();
+            } else {
+                tune_mimalloc();
             }
             CHOICE.store(c, Ordering::Relaxed);
             c
