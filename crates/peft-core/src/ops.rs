@@ -657,27 +657,83 @@ mod host {
     /// Elements per rayon task of the element-wise kernels.
     const CHUNK: usize = 1 << 14;
 
-    /// The largest value of a row; NaN wins (`f32::max` would drop it).
+    /// The largest value of a row; NaN wins (`f32::max` would drop it): the last NaN of the
+    /// row, as a left-to-right scan returns it.
+    ///
+    /// Eight running maxima (one per lane, so the loop vectorises), then the lanes in order;
+    /// a row with a NaN is scanned again, one element at a time. Without NaN the value is the
+    /// scan's, except that of equal maxima `0.0` and `-0.0` either may come back, which
+    /// changes nothing downstream (`x - max` and `exp` do not see the sign of a zero `max`).
     fn row_max(row: &[f32]) -> f32 {
-        row.iter().copied().fold(
-            f32::NEG_INFINITY,
-            |m, v| {
-                if v > m || v.is_nan() { v } else { m }
-            },
-        )
+        let scan = |m: f32, v: f32| if v > m || v.is_nan() { v } else { m };
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut nan = false;
+        let chunks = row.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                nan |= v.is_nan();
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        if nan {
+            return row.iter().copied().fold(f32::NEG_INFINITY, scan);
+        }
+        let m = lanes.into_iter().fold(f32::NEG_INFINITY, scan);
+        rest.iter().copied().fold(m, scan)
+    }
+
+    /// The sum of a row in eight lanes (lane `i` adds the elements at `i`, `i + 8`, ...), the
+    /// lanes then added pairwise, then the last `len % 8` elements in order. Not the
+    /// left-to-right sum (burn's order), so the softmaxes agree with burn's to rounding; the
+    /// order is fixed by the row's length alone, so a row's sum does not depend on its batch.
+    pub(super) fn lane_sum(row: &[f32]) -> f32 {
+        lanes_then([0.0; 8], row)
     }
 
     /// The log-softmax of one row, in place: `(x - max) - ln(sum(exp(x - max)))`, as burn's
-    /// composite computes it. NaN wins the maximum, as in [`softmax_in_place`].
+    /// composite computes it (the sum in [`lane_sum`]'s order). NaN wins the maximum, as in
+    /// [`softmax_in_place`]. The exponentials go through [`exp_in_place`] (`f32::exp`'s
+    /// values) a block at a time, in a buffer on the stack.
     fn log_softmax_in_place(row: &mut [f32]) {
+        const BLOCK: usize = 512;
         let max = row_max(row);
-        let mut sum = 0.0f32;
-        for v in row.iter_mut() {
-            *v -= max;
-            sum += v.exp();
+        row.iter_mut().for_each(|v| *v -= max);
+        let mut buf = [0.0f32; BLOCK];
+        let mut lanes = [0.0f32; 8];
+        let mut tail = None;
+        for block in row.chunks(BLOCK) {
+            let e = &mut buf[..block.len()];
+            e.copy_from_slice(block);
+            exp_in_place(e);
+            if block.len() == BLOCK {
+                for c in e.chunks_exact(8) {
+                    for (s, &v) in lanes.iter_mut().zip(c) {
+                        *s += v;
+                    }
+                }
+            } else {
+                tail = Some(lanes_then(lanes, e));
+            }
         }
+        let sum = tail.unwrap_or_else(|| lanes_then(lanes, &[]));
         let lse = sum.ln();
         row.iter_mut().for_each(|v| *v -= lse);
+    }
+
+    /// [`lane_sum`] of a row whose first blocks (multiples of 8 long) are already summed into
+    /// `lanes`, and whose last part is `last`.
+    fn lanes_then(mut lanes: [f32; 8], last: &[f32]) -> f32 {
+        let chunks = last.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (s, &v) in lanes.iter_mut().zip(c) {
+                *s += v;
+            }
+        }
+        let [a, b, c, d, e, f, g, h] = lanes;
+        rest.iter()
+            .fold(((a + e) + (b + f)) + ((c + g) + (d + h)), |s, &v| s + v)
     }
 
     /// The softmax of one row, in place: `exp(x - max) / sum`, as burn's composite computes it.
@@ -688,12 +744,13 @@ mod host {
         row.iter_mut().for_each(|v| *v /= sum);
     }
 
-    /// `row[j] = exp(row[j] - max)` for every `j`, and the sum of the results (added in
-    /// order). The exponentials are [`exp_in_place`]'s, the values of `f32::exp`.
+    /// `row[j] = exp(row[j] - max)` for every `j`, and the sum of the results (in
+    /// [`lane_sum`]'s order). The exponentials are [`exp_in_place`]'s, the values of
+    /// `f32::exp`.
     pub(super) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
         row.iter_mut().for_each(|v| *v -= max);
         exp_in_place(row);
-        row.iter().sum()
+        lane_sum(row)
     }
 
     /// `x = exp(x)` for every element, with the values of `f32::exp`, bit for bit: with AVX2
@@ -991,9 +1048,17 @@ mod host {
                                 o.chunks_mut(row).zip(y.chunks(row).zip(g.chunks(row)))
                             {
                                 if log {
-                                    let total: f32 = g.iter().sum();
-                                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                                        o.write(g - y.exp() * total);
+                                    // exp(y) eight at a time (`f32::exp`'s values), then
+                                    // g - exp(y) * total.
+                                    let total = lane_sum(g);
+                                    for (o, &y) in o.iter_mut().zip(y) {
+                                        o.write(y);
+                                    }
+                                    // SAFETY: the loop above wrote every element of the row.
+                                    let o = unsafe { written(o) };
+                                    exp_in_place(o);
+                                    for (o, &g) in o.iter_mut().zip(g) {
+                                        *o = g - *o * total;
                                     }
                                 } else {
                                     let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
@@ -2040,7 +2105,7 @@ mod tests {
         for (y, x) in row.iter().zip(&copy) {
             assert_eq!(y.to_bits(), (x - 2.0).exp().to_bits());
         }
-        assert_eq!(sum, row.iter().sum::<f32>());
+        assert_eq!(sum, host::lane_sum(&row));
     }
 
     /// Every one of the 2,237,661,184 `f32` inputs below 88 in magnitude (the copy of glibc's
