@@ -688,7 +688,29 @@ mod host {
     /// left-to-right sum (burn's order), so the softmaxes agree with burn's to rounding; the
     /// order is fixed by the row's length alone, so a row's sum does not depend on its batch.
     pub(super) fn lane_sum(row: &[f32]) -> f32 {
-        lanes_then([0.0; 8], row)
+        let mut lanes = [0.0; 8];
+        let rest = add_lanes(&mut lanes, row);
+        close_lanes(lanes, rest)
+    }
+
+    /// Adds `xs` into eight lanes (lane `i` takes elements `i`, `i + 8`, ...) and returns its
+    /// last `len % 8` elements, not added.
+    fn add_lanes<'a>(lanes: &mut [f32; 8], xs: &'a [f32]) -> &'a [f32] {
+        let chunks = xs.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (s, &v) in lanes.iter_mut().zip(c) {
+                *s += v;
+            }
+        }
+        rest
+    }
+
+    /// The lanes added pairwise, then `rest` in order: the end of [`lane_sum`].
+    fn close_lanes(lanes: [f32; 8], rest: &[f32]) -> f32 {
+        let [a, b, c, d, e, f, g, h] = lanes;
+        rest.iter()
+            .fold(((a + e) + (b + f)) + ((c + g) + (d + h)), |s, &v| s + v)
     }
 
     /// The log-softmax of one row, in place: `(x - max) - ln(sum(exp(x - max)))`, as burn's
@@ -701,39 +723,19 @@ mod host {
         row.iter_mut().for_each(|v| *v -= max);
         let mut buf = [0.0f32; BLOCK];
         let mut lanes = [0.0f32; 8];
-        let mut tail = None;
-        for block in row.chunks(BLOCK) {
+        // Every block but the last is a multiple of 8 long, so the lanes run on unbroken.
+        let (blocks, mut sum) = (row.len().div_ceil(BLOCK), 0.0);
+        for (i, block) in row.chunks(BLOCK).enumerate() {
             let e = &mut buf[..block.len()];
             e.copy_from_slice(block);
             exp_in_place(e);
-            if block.len() == BLOCK {
-                for c in e.chunks_exact(8) {
-                    for (s, &v) in lanes.iter_mut().zip(c) {
-                        *s += v;
-                    }
-                }
-            } else {
-                tail = Some(lanes_then(lanes, e));
+            let rest = add_lanes(&mut lanes, e);
+            if i + 1 == blocks {
+                sum = close_lanes(lanes, rest);
             }
         }
-        let sum = tail.unwrap_or_else(|| lanes_then(lanes, &[]));
         let lse = sum.ln();
         row.iter_mut().for_each(|v| *v -= lse);
-    }
-
-    /// [`lane_sum`] of a row whose first blocks (multiples of 8 long) are already summed into
-    /// `lanes`, and whose last part is `last`.
-    fn lanes_then(mut lanes: [f32; 8], last: &[f32]) -> f32 {
-        let chunks = last.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for (s, &v) in lanes.iter_mut().zip(c) {
-                *s += v;
-            }
-        }
-        let [a, b, c, d, e, f, g, h] = lanes;
-        rest.iter()
-            .fold(((a + e) + (b + f)) + ((c + g) + (d + h)), |s, &v| s + v)
     }
 
     /// The softmax of one row, in place: `exp(x - max) / sum`, as burn's composite computes it.
@@ -1553,8 +1555,9 @@ mod host {
                     );
                 }
             }
-            for j in 8 * full..n {
-                o[j].write(x[j] * if word >> j & 1 == 1 { scale } else { 0.0 });
+            if 8 * full < n {
+                let j = 8 * full;
+                apply_mask_scalar(&mut o[j..n], &x[j..n], &[word >> j], scale);
             }
         }
     }
