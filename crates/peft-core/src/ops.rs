@@ -931,11 +931,7 @@ mod host {
                     .zip(xs.par_chunks(rows))
                     .for_each(|(o, x)| {
                         for (o, x) in o.chunks_mut(row).zip(x.chunks(row)) {
-                            for (o, &x) in o.iter_mut().zip(x) {
-                                o.write(x);
-                            }
-                            // SAFETY: the loop above wrote every element of the row.
-                            let o = unsafe { written(o) };
+                            let o = o.write_copy_of_slice(x);
                             if log {
                                 log_softmax_in_place(o);
                             } else {
@@ -1053,11 +1049,7 @@ mod host {
                                     // exp(y) eight at a time (`f32::exp`'s values), then
                                     // g - exp(y) * total.
                                     let total = lane_sum(g);
-                                    for (o, &y) in o.iter_mut().zip(y) {
-                                        o.write(y);
-                                    }
-                                    // SAFETY: the loop above wrote every element of the row.
-                                    let o = unsafe { written(o) };
+                                    let o = o.write_copy_of_slice(y);
                                     exp_in_place(o);
                                     for (o, &g) in o.iter_mut().zip(g) {
                                         *o = g - *o * total;
@@ -1358,7 +1350,7 @@ mod host {
     /// `f(x[j], y[j])` for every `j`, into a new vector, in chunks on rayon's threads.
     fn zip_map(xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
         let n = xs.len().min(ys.len());
-        let mut out = Vec::<f32>::with_capacity(n);
+        let mut out = unwritten(n);
         out.spare_capacity_mut()[..n]
             .par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
@@ -1368,13 +1360,12 @@ mod host {
                 }
             });
         // SAFETY: the chunks cover all `n` elements, and each was written above.
-        unsafe { out.set_len(n) };
-        out
+        unsafe { filled(out, n) }
     }
 
     /// `f(x[j])` for every `j`, into a new vector, in chunks on rayon's threads.
     fn map(xs: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-        let mut out = Vec::<f32>::with_capacity(xs.len());
+        let mut out = unwritten(xs.len());
         out.spare_capacity_mut()[..xs.len()]
             .par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
@@ -1384,8 +1375,7 @@ mod host {
                 }
             });
         // SAFETY: the chunks cover all `xs.len()` elements, and each was written above.
-        unsafe { out.set_len(xs.len()) };
-        out
+        unsafe { filled(out, xs.len()) }
     }
 
     /// `x op y` for two `f32` arrays of the same shape, in standard layout (copied into it

@@ -178,15 +178,7 @@ mod x86 {
         let full = count * WIDTH;
         // The first block, all at once: no earlier block requested it (unless it was this
         // thread's last one, whose lines are then already at hand).
-        let lines = (j1 - j0).div_ceil(16);
-        let mut first = Prefetch {
-            at: b.wrapping_add(j0),
-            b_rs,
-            per_row: lines,
-            left: k.min(KC) * lines,
-            row: 0,
-            line: 0,
-        };
+        let mut first = Prefetch::block(b, b_rs, 0, j0, k.min(KC), j1 - j0);
         while first.left > 0 {
             first.step();
         }
@@ -198,16 +190,8 @@ mod x86 {
             // the next columns (the next block of this thread, unless it is another's).
             let (next_k, next_j) = if ke < k { (ke, j0) } else { (0, j1) };
             let next_cols = n.saturating_sub(next_j).min(j1 - j0);
-            let mut next = Prefetch {
-                at: b
-                    .wrapping_offset(next_k as isize * b_rs)
-                    .wrapping_add(next_j),
-                b_rs,
-                per_row: next_cols.div_ceil(16),
-                left: (k - next_k).min(KC) * next_cols.div_ceil(16),
-                row: 0,
-                line: 0,
-            };
+            let mut next =
+                Prefetch::block(b, b_rs, next_k, next_j, (k - next_k).min(KC), next_cols);
             // SAFETY (the whole block): rows kb..ke of B and 0..m of C are valid at columns
             // j0..j1; ap holds k * MAX_M values.
             unsafe {
@@ -261,6 +245,26 @@ mod x86 {
     }
 
     impl Prefetch {
+        /// The lines of `rows` rows by `cols` columns of `B` from row `k0`, column `j`.
+        fn block(
+            b: *const f32,
+            b_rs: isize,
+            k0: usize,
+            j: usize,
+            rows: usize,
+            cols: usize,
+        ) -> Self {
+            let per_row = cols.div_ceil(16);
+            Prefetch {
+                at: b.wrapping_offset(k0 as isize * b_rs).wrapping_add(j),
+                b_rs,
+                per_row,
+                left: rows * per_row,
+                row: 0,
+                line: 0,
+            }
+        }
+
         /// Requests the next line for L2, if any is left.
         #[inline(always)]
         fn step(&mut self) {
