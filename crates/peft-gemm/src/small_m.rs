@@ -9,8 +9,10 @@
 //! of fused multiply-adds over `k` in order, whatever `m` is: a row computed alone equals the
 //! same row computed in a batch, bit for bit.
 //!
-//! AVX2 and FMA only, detected at run time; [`sgemm`] answers `false` where it does not apply
-//! and the caller takes the general path.
+//! AVX2 and FMA, detected at run time, with strips of 16 columns in AVX-512 registers where
+//! the CPU has AVX-512F (the same chain of fused multiply-adds per element, so the same
+//! values); [`sgemm`] answers `false` where it does not apply and the caller takes the
+//! general path.
 
 /// Rows of `A` this path takes.
 pub const MAX_M: usize = 8;
@@ -43,6 +45,39 @@ pub(crate) unsafe fn sgemm(
     c_rs: isize,
     c_cs: isize,
     threaded: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let wide = avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
+    // SAFETY: the caller's contract.
+    unsafe {
+        sgemm_with(
+            m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, c_cs, threaded, wide,
+        )
+    }
+}
+
+/// [`sgemm`], with the wide (AVX-512) strips on or off: `wide` only where AVX-512F is present.
+///
+/// # Safety
+/// As [`sgemm`]'s; `wide` only where the CPU has AVX-512F.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    c: *mut f32,
+    c_rs: isize,
+    c_cs: isize,
+    threaded: bool,
+    wide: bool,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -84,7 +119,7 @@ pub(crate) unsafe fn sgemm(
             let (j0, j1) = (blk * nc, ((blk + 1) * nc).min(n));
             // SAFETY: AVX2 and FMA were detected above; the block's columns lie inside B and
             // C (the caller's contract), and blocks write disjoint columns of C.
-            unsafe { x86::block(m, k, ap.as_ptr(), b, b_rs, c, c_rs, j0, j1, n) };
+            unsafe { x86::block(m, k, ap.as_ptr(), b, b_rs, c, c_rs, j0, j1, n, wide) };
         };
         if blocks > 1 && threads > 1 {
             use rayon::prelude::*;
@@ -97,7 +132,7 @@ pub(crate) unsafe fn sgemm(
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (
-            m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, c_cs, threaded,
+            m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, c_cs, threaded, wide,
         );
         false
     }
@@ -109,6 +144,17 @@ fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         !std::env::var("PEFT_GEMM_SMALL_M").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+    })
+}
+
+/// Whether the wide strips run: AVX-512F detected and not turned off with
+/// `PEFT_GEMM_AVX512=off` (for A/B runs); read once.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512f")
+            && !std::env::var("PEFT_GEMM_AVX512").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
     })
 }
 
@@ -143,9 +189,12 @@ mod x86 {
     /// `r` rows and `w` columns takes `r * w / 8` steps and the next block has at most
     /// `r * w / 16` lines.
     const STEPS_PER_LINE: usize = 2;
+    /// Columns per wide strip: one AVX-512 vector, a whole cache line of `B` per step, so a
+    /// line of the next block is requested at every step.
+    const WIDE: usize = 16;
 
     /// Columns `j0..j1` of `C := A B` (`n` columns in all), `A` packed (`ap`, see
-    /// [`super::sgemm`]).
+    /// [`super::sgemm`]); with `wide` (AVX-512F present), strips of [`WIDE`] columns first.
     ///
     /// Block by block of [`KC`] rows, each strip of [`WIDTH`] columns walks down `B` itself,
     /// loading each vector of `B` once for all `m` rows of `A`; the next block (the next rows
@@ -158,8 +207,8 @@ mod x86 {
     /// ms with the copy left out).
     ///
     /// # Safety
-    /// AVX2 and FMA present; `m <= MAX_M`; `ap` holds `k * MAX_M` values; rows `0..k` of `B`
-    /// and `0..m` of `C` are valid at columns `j0..j1`.
+    /// AVX2 and FMA present, and AVX-512F with `wide`; `m <= MAX_M`; `ap` holds `k * MAX_M`
+    /// values; rows `0..k` of `B` and `0..m` of `C` are valid at columns `j0..j1`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn block(
@@ -173,9 +222,12 @@ mod x86 {
         j0: usize,
         j1: usize,
         n: usize,
+        wide: bool,
     ) {
-        let count = (j1 - j0) / WIDTH;
-        let full = count * WIDTH;
+        let wide_count = if wide { (j1 - j0) / WIDE } else { 0 };
+        let narrow_from = j0 + wide_count * WIDE;
+        let count = (j1 - narrow_from) / WIDTH;
+        let full = narrow_from - j0 + count * WIDTH;
         // The first block, all at once: no earlier block requested it (unless it was this
         // thread's last one, whose lines are then already at hand).
         let mut first = Prefetch::block(b, b_rs, 0, j0, k.min(KC), j1 - j0);
@@ -204,8 +256,21 @@ mod x86 {
                     rows,
                     first: kb == 0,
                 };
+                for s in 0..wide_count {
+                    let j = j0 + s * WIDE;
+                    match m {
+                        1 => strip_wide::<1>(part, j, &mut next),
+                        2 => strip_wide::<2>(part, j, &mut next),
+                        3 => strip_wide::<3>(part, j, &mut next),
+                        4 => strip_wide::<4>(part, j, &mut next),
+                        5 => strip_wide::<5>(part, j, &mut next),
+                        6 => strip_wide::<6>(part, j, &mut next),
+                        7 => strip_wide::<7>(part, j, &mut next),
+                        _ => strip_wide::<MAX_M>(part, j, &mut next),
+                    }
+                }
                 for s in 0..count {
-                    let j = j0 + s * WIDTH;
+                    let j = narrow_from + s * WIDTH;
                     match m {
                         1 => strip::<1>(part, j, &mut next),
                         2 => strip::<2>(part, j, &mut next),
@@ -336,6 +401,38 @@ mod x86 {
             }
             for (i, row) in acc.iter().enumerate() {
                 _mm256_storeu_ps(part.c.offset(i as isize * part.c_rs).add(j), *row);
+            }
+        }
+    }
+
+    /// [`strip`] on [`WIDE`] columns in AVX-512 registers: the same fused multiply-adds in
+    /// the same order, so the same values.
+    ///
+    /// # Safety
+    /// As [`block`]'s with `wide`, for these columns.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn strip_wide<const M: usize>(part: Part, j: usize, next: &mut Prefetch) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); M];
+            if !part.first {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    *row = _mm512_loadu_ps(part.c.offset(i as isize * part.c_rs).add(j));
+                }
+            }
+            let mut p = part.b.add(j);
+            let mut a = part.ap;
+            for _ in 0..part.rows {
+                next.step();
+                let bv = _mm512_loadu_ps(p);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    *row = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(i)), bv, *row);
+                }
+                p = p.offset(part.b_rs);
+                a = a.add(MAX_M);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                _mm512_storeu_ps(part.c.offset(i as isize * part.c_rs).add(j), *row);
             }
         }
     }

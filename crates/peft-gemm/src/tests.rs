@@ -962,6 +962,60 @@ fn small_m_rows_do_not_depend_on_the_batch() {
     }
 }
 
+/// The wide strips (AVX-512) run the same chains as the AVX2 strips: the same bits, on
+/// shapes with a tail of 8 columns and of single columns, with one row of `A` and with 8.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn small_m_wide_strips_equal_the_narrow_ones() {
+    let wide = std::is_x86_feature_detected!("avx512f");
+    let narrow = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    if !(wide && narrow) {
+        return;
+    }
+    let mut rng = Rng(0x5eed_0019);
+    for (m, n, k) in [(8usize, 300usize, 300usize), (1, 1048, 200), (5, 384, 512)] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
+        let product = |wide: bool| {
+            let mut c = vec![f32::NAN; m * n];
+            // SAFETY: a holds m x k, b holds k x n, c holds m x n, row-major; AVX-512F was
+            // detected above.
+            let took = unsafe {
+                crate::small_m::sgemm_with(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    true,
+                    wide,
+                )
+            };
+            assert!(took, "{m}x{n}x{k} takes the small-M path");
+            c
+        };
+        let (narrow, wide) = (product(false), product(true));
+        assert!(
+            narrow.iter().all(|v| v.is_finite()),
+            "{m}x{n}x{k}: every element written"
+        );
+        assert!(
+            narrow
+                .iter()
+                .zip(&wide)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{m}x{n}x{k}: the wide strips differ from the narrow ones"
+        );
+    }
+}
+
 /// The decoding shapes above do take the small-M path on a CPU that has AVX2 and FMA (so the
 /// tests above check it, not `gemm`), and a small `B` does not.
 #[test]
