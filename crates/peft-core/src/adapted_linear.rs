@@ -415,9 +415,16 @@ impl<B: Backend> AdaptedLinear<B> {
                 continue;
             };
             let Some(m) = &a.magnitude else {
-                // y + B(A(dropout(x))) * scaling, the scaling and the sum in one pass.
-                let delta = a.unscaled(a.dropout.forward(x.clone()));
-                y = crate::ops::add_scaled(y, delta, a.scaling);
+                // y + B(A(dropout(x))) * scaling: in inference on burn-ndarray one pass over
+                // the rows; otherwise the two products, then the scaling and the sum in one pass.
+                y = crate::ops::lora_add(
+                    y,
+                    a.dropout.forward(x.clone()),
+                    a.lora_a.val(),
+                    a.lora_b.val(),
+                    a.lora_bias.as_ref().map(|b| b.val()),
+                    a.scaling,
+                );
                 continue;
             };
             // DoRA, as PEFT's `DoraLinearLayer.forward`: the norm of W + s B A is detached;

@@ -251,6 +251,53 @@ pub fn add_scaled<B: Backend, const D: usize>(
     lhs + rhs.mul_scalar(scale)
 }
 
+/// `y + B(A(x)) * scaling`, with `bias` added to `B`'s output before the scaling: an unmerged
+/// LoRA adapter's output on top of its base layer's (`a` is `[in, r]`, `b` is `[r, out]`).
+///
+/// On burn-ndarray without autodiff (inference and generation) this is one pass over the
+/// rows, each element computed in burn's order with burn's roundings (see the kernel's
+/// module); under autodiff and on other backends it is burn's operations
+/// ([`crate::nn::linear`] twice and [`add_scaled`]).
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+///
+/// let dev = Default::default();
+/// let y = Tensor::<NdArray, 2>::ones([2, 3], &dev);
+/// let x = Tensor::<NdArray, 2>::ones([2, 4], &dev);
+/// let a = Tensor::<NdArray, 2>::ones([4, 1], &dev);
+/// let b = Tensor::<NdArray, 2>::ones([1, 3], &dev);
+/// // 1 + (4 * 1) * 0.5 in every element.
+/// let out = peft_core::ops::lora_add(y, x, a, b, None, 0.5);
+/// assert_eq!(out.into_data().to_vec::<f32>().unwrap(), vec![3.0; 6]);
+/// ```
+pub fn lora_add<B: Backend, const D: usize>(
+    y: Tensor<B, D>,
+    x: Tensor<B, D>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    scaling: f64,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() {
+        let fused = host::lora_add::<B>(
+            y.clone().into_primitive().tensor(),
+            x.clone().into_primitive().tensor(),
+            a.clone().into_primitive().tensor(),
+            b.clone().into_primitive().tensor(),
+            bias.clone().map(|t| t.into_primitive().tensor()),
+            scaling as f32,
+        );
+        if let Some(out) = fused {
+            return float(out);
+        }
+    }
+    let delta = crate::nn::linear(crate::nn::linear(x, a, None), b, bias);
+    add_scaled(y, delta, scaling)
+}
+
 /// `lhs * rhs` element by element: burn's `*`, in one pass on rayon's threads on
 /// burn-ndarray when both have the same shape (the gated feed-forward's `act(x W0) * x W1`),
 /// with the same values and gradients. Broadcasting operands and other backends take
@@ -366,6 +413,9 @@ pub(crate) fn adamw_host<B: Backend, const D: usize>(
 fn float<B: Backend, const D: usize>(p: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
+
+#[cfg(feature = "ndarray")]
+mod lora_kernel;
 
 #[cfg(feature = "ndarray")]
 mod host {
@@ -1471,6 +1521,64 @@ mod host {
         )
     }
 
+    /// [`super::lora_add`] on plain NdArray `f32` (no autodiff): `None` elsewhere, or when the
+    /// kernel declines (no AVX2, shapes that disagree).
+    pub(super) fn lora_add<B: Backend>(
+        y: FloatTensor<B>,
+        x: FloatTensor<B>,
+        a: FloatTensor<B>,
+        b: FloatTensor<B>,
+        bias: Option<FloatTensor<B>>,
+        scale: f32,
+    ) -> Option<FloatTensor<B>> {
+        let [y, x, a, b] = cast::<_, [NdArrayTensor; 4]>([y, x, a, b]).ok()?;
+        let bias = match bias {
+            Some(t) => Some(cast::<_, NdArrayTensor>(t).ok()?),
+            None => None,
+        };
+        let (yv, xv, av, bv) = (view(&y)?, view(&x)?, view(&a)?, view(&b)?);
+        let (nd, ad) = (yv.ndim(), av.ndim());
+        if nd == 0 || xv.ndim() != nd || ad != 2 || bv.ndim() != 2 {
+            return None;
+        }
+        let (k, r, n) = (av.shape()[0], av.shape()[1], bv.shape()[1]);
+        if bv.shape()[0] != r
+            || xv.shape()[nd - 1] != k
+            || yv.shape()[nd - 1] != n
+            || xv.shape()[..nd - 1] != yv.shape()[..nd - 1]
+        {
+            return None;
+        }
+        let biasv = match &bias {
+            Some(t) => Some(view(t)?),
+            None => None,
+        };
+        let shape = yv.shape().to_vec();
+        let (yv, xv, av, bv) = (standard(&yv), standard(&xv), standard(&av), standard(&bv));
+        let biasv = biasv.as_ref().map(|v| standard(v));
+        let lora = super::lora_kernel::Lora {
+            x: xv.as_slice()?,
+            a: av.as_slice()?,
+            b: bv.as_slice()?,
+            bias: match &biasv {
+                Some(v) => Some(v.as_slice()?),
+                None => None,
+            },
+            k,
+            r,
+            n,
+            scale,
+        };
+        let ys = yv.as_slice()?;
+        let len = ys.len();
+        let mut out = unwritten(len);
+        super::lora_kernel::lora_add(ys, &lora, &mut out.spare_capacity_mut()[..len])?;
+        // SAFETY: the kernel wrote every element of its output.
+        let out = unsafe { filled(out, len) };
+        let t = NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?);
+        Some(back::<B, _>(t))
+    }
+
     /// Dropout as an autodiff operation; its state is the keep bits and the scale.
     #[derive(Debug)]
     struct HostDropout;
@@ -1922,6 +2030,90 @@ mod tests {
         shape: [usize; D],
     ) -> Tensor<B, D> {
         Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), &Default::default())
+    }
+
+    /// The fused unmerged-LoRA pass equals burn's two products, bias, scaling and sum: on
+    /// ranks that fill one, one and a half and several vectors (the last past the stack
+    /// buffer), row counts that split into tasks with a tail, columns with a tail, with and
+    /// without a bias, and a transposed input. Compared with the tolerance of two sums taken
+    /// in `gemm`'s order; under autodiff it is burn's operations exactly.
+    #[test]
+    fn lora_add_equals_burns_operations() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 11);
+        let composite = |y: Tensor<Nd, 3>,
+                         x: Tensor<Nd, 3>,
+                         a: Tensor<Nd, 2>,
+                         b: Tensor<Nd, 2>,
+                         bias: Option<Tensor<Nd, 1>>| {
+            let h = x.matmul(a.unsqueeze::<3>());
+            let d = h.matmul(b.unsqueeze::<3>());
+            let d = match bias {
+                Some(bias) => d + bias.unsqueeze::<3>(),
+                None => d,
+            };
+            y + d.mul_scalar(0.375)
+        };
+        for &(batch, rows, k, r, n, with_bias) in &[
+            (2usize, 35usize, 64usize, 8usize, 37usize, false),
+            (1, 70, 33, 12, 16, true),
+            (3, 11, 40, 20, 9, true),
+            (1, 1, 512, 8, 384, false),
+            (1, 8, 17, 1, 5, true),
+        ] {
+            let y = random::<Nd, 3>([batch, rows, n]);
+            let x = random::<Nd, 3>([batch, rows, k]);
+            let a = random::<Nd, 2>([k, r]);
+            let b = random::<Nd, 2>([r, n]);
+            let bias = with_bias.then(|| random::<Nd, 1>([n]));
+            let want = composite(y.clone(), x.clone(), a.clone(), b.clone(), bias.clone());
+            let got = super::lora_add(
+                y.clone(),
+                x.clone(),
+                a.clone(),
+                b.clone(),
+                bias.clone(),
+                0.375,
+            );
+            let (g, w) = (got.into_data(), want.into_data());
+            assert!(
+                g.iter::<f32>().all(f32::is_finite),
+                "{batch}x{rows}x{k} r {r} -> {n}: every element written"
+            );
+            g.assert_approx_eq::<f32>(&w, Tolerance::rel_abs(1e-5, 1e-5));
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                let prim = |t: &Tensor<Nd, 3>| t.clone().into_primitive().tensor();
+                let fused = host::lora_add::<Nd>(
+                    prim(&y),
+                    prim(&x),
+                    a.clone().into_primitive().tensor(),
+                    b.clone().into_primitive().tensor(),
+                    bias.clone().map(|t| t.into_primitive().tensor()),
+                    0.375,
+                );
+                assert!(
+                    fused.is_some(),
+                    "the fused pass takes {batch}x{rows}x{k} r {r}"
+                );
+            }
+            // The input as a transposed view: read in standard layout first.
+            let xt = random::<Nd, 3>([batch, k, rows]).swap_dims(1, 2);
+            let want = composite(y.clone(), xt.clone(), a.clone(), b.clone(), bias.clone());
+            super::lora_add(y, xt, a, b, bias, 0.375)
+                .into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+        }
+        // Under autodiff: burn's operations, with their gradients.
+        let (y, x) = (random::<Ad, 3>([2, 5, 7]), random::<Ad, 3>([2, 5, 6]));
+        let (a, b) = (
+            random::<Ad, 2>([6, 4]).require_grad(),
+            random::<Ad, 2>([4, 7]),
+        );
+        let got = super::lora_add(y.clone(), x.clone(), a.clone(), b.clone(), None, 2.0);
+        let want = crate::nn::linear(crate::nn::linear(x, a.clone(), None), b, None);
+        let want = super::add_scaled(y, want, 2.0);
+        got.clone().into_data().assert_eq(&want.into_data(), true);
+        assert!(a.grad(&got.sum().backward()).is_some(), "A is trained");
     }
 
     /// Batched products of every operand layout the models make (contiguous, transposed,

@@ -1,0 +1,212 @@
+//! An unmerged LoRA adapter's output added to its base layer's, in one pass over the rows:
+//! `out = y + ((x A) B + bias) * scaling`, for inference on burn-ndarray.
+//!
+//! Through burn this is five passes over `[rows, out]`-sized memory: `x A` (a product whose
+//! `r` columns, 8 or 16, leave most of `gemm`'s kernel idle), `(x A) B`, the bias, the
+//! scaling and the sum, with a new tensor for each. Here each task takes a group of rows:
+//! their `x A` stays in registers and a small buffer, and each row of the output is written
+//! once, from the row of `y`, while `B` (`r x out`) stays in L1.
+//!
+//! Each element is computed as burn computes it, in the same order: `h = x A` one chain of
+//! fused multiply-adds over the input features, `d = h B` one chain over the rank, then
+//! `d + bias`, `* scaling`, `y +`, each rounded (no fused multiply-add across them). AVX2
+//! and FMA only, detected at run time; elsewhere [`lora_add`] declines and the caller takes
+//! burn's operations.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+/// Rows per task: a multiple of the row groups below, enough rows that a task's work
+/// (`rows x (in + out) x r` multiply-adds) outweighs handing it to a thread.
+const ROWS_PER_TASK: usize = 32;
+
+/// The adapter and its input: `x` is `rows x k` (row-major), `a` is `k x r`, `b` is `r x n`,
+/// `bias` has `n` values.
+pub(super) struct Lora<'a> {
+    pub x: &'a [f32],
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub k: usize,
+    pub r: usize,
+    pub n: usize,
+    pub scale: f32,
+}
+
+/// `out = y + ((x A) B + bias) * scale` for `y` and `out` of `rows x n` (row-major), rows on
+/// rayon's threads. `None`, with nothing written, when the CPU lacks AVX2 or FMA or the
+/// operands' lengths disagree.
+pub(super) fn lora_add(y: &[f32], lora: &Lora<'_>, out: &mut [MaybeUninit<f32>]) -> Option<()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (k, r, n) = (lora.k, lora.r, lora.n);
+        if k == 0 || r == 0 || n == 0 || !y.len().is_multiple_of(n) {
+            return None;
+        }
+        let rows = y.len() / n;
+        if lora.x.len() != rows.checked_mul(k)?
+            || lora.a.len() != k.checked_mul(r)?
+            || lora.b.len() != r.checked_mul(n)?
+            || lora.bias.is_some_and(|b| b.len() != n)
+            || out.len() != y.len()
+            || !std::is_x86_feature_detected!("avx2")
+            || !std::is_x86_feature_detected!("fma")
+        {
+            return None;
+        }
+        // A with its columns padded to whole vectors: `ap[l * rp + c] = A[l][c]`, zeros past r.
+        let rp = r.div_ceil(8) * 8;
+        let mut ap = vec![0.0f32; k * rp];
+        for (dst, src) in ap.chunks_exact_mut(rp).zip(lora.a.chunks_exact(r)) {
+            dst[..r].copy_from_slice(src);
+        }
+        let task = |(t, out): (usize, &mut [MaybeUninit<f32>])| {
+            let i0 = t * ROWS_PER_TASK;
+            let count = out.len() / n;
+            let x = &lora.x[i0 * k..(i0 + count) * k];
+            let y = &y[i0 * n..(i0 + count) * n];
+            // SAFETY: AVX2 and FMA were detected above; the slices have the lengths checked
+            // above for `count` rows.
+            unsafe { x86::rows(x, y, &ap, rp, lora, out) };
+        };
+        let chunks = out.par_chunks_mut(ROWS_PER_TASK * n).enumerate();
+        if rows > ROWS_PER_TASK {
+            chunks.for_each(task);
+        } else {
+            out.chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(task);
+        }
+        Some(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (y, lora, out);
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use super::Lora;
+
+    /// Rows of `x A` computed together: one accumulator per row and vector of `r`, so that
+    /// 8 chains of fused multiply-adds are in flight.
+    const GROUP: usize = 8;
+
+    /// The rows of one task: `x` holds `count x k`, `y` and `out` `count x n`, `ap` is `A`
+    /// padded to `rp` columns.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; the lengths as described, `count <= super::ROWS_PER_TASK`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows(
+        x: &[f32],
+        y: &[f32],
+        ap: &[f32],
+        rp: usize,
+        lora: &Lora<'_>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let (k, r, n) = (lora.k, lora.r, lora.n);
+        let count = y.len() / n;
+        // x A for these rows, `rp` values a row.
+        let mut h = [0.0f32; super::ROWS_PER_TASK * 16];
+        let mut hv = Vec::new();
+        let h: &mut [f32] = if count * rp <= h.len() {
+            &mut h[..count * rp]
+        } else {
+            hv.resize(count * rp, 0.0);
+            &mut hv
+        };
+        let mut i = 0;
+        while i < count {
+            let g = (count - i).min(GROUP);
+            for c in (0..rp).step_by(8) {
+                // SAFETY: rows i..i + g of x and h, columns c..c + 8 of ap and h.
+                unsafe {
+                    match g {
+                        GROUP => down::<GROUP>(x, i, k, ap, rp, c, h),
+                        _ => {
+                            for ii in i..i + g {
+                                down::<1>(x, ii, k, ap, rp, c, h);
+                            }
+                        }
+                    }
+                }
+            }
+            i += g;
+        }
+        let scale = _mm256_set1_ps(lora.scale);
+        let full = n / 8 * 8;
+        for i in 0..count {
+            let hr = &h[i * rp..i * rp + r];
+            let yr = &y[i * n..(i + 1) * n];
+            let or = &mut out[i * n..(i + 1) * n];
+            let mut j = 0;
+            while j < full {
+                // SAFETY: columns j..j + 8 of the rows of B, bias, y and out.
+                unsafe {
+                    let mut d = _mm256_setzero_ps();
+                    for (c, &hc) in hr.iter().enumerate() {
+                        let bv = _mm256_loadu_ps(lora.b.as_ptr().add(c * n + j));
+                        d = _mm256_fmadd_ps(_mm256_set1_ps(hc), bv, d);
+                    }
+                    if let Some(bias) = lora.bias {
+                        d = _mm256_add_ps(d, _mm256_loadu_ps(bias.as_ptr().add(j)));
+                    }
+                    let v =
+                        _mm256_add_ps(_mm256_loadu_ps(yr.as_ptr().add(j)), _mm256_mul_ps(d, scale));
+                    _mm256_storeu_ps(or.as_mut_ptr().add(j) as *mut f32, v);
+                }
+                j += 8;
+            }
+            for j in full..n {
+                let mut d = 0.0f32;
+                for (c, &hc) in hr.iter().enumerate() {
+                    d = hc.mul_add(lora.b[c * n + j], d);
+                }
+                if let Some(bias) = lora.bias {
+                    d += bias[j];
+                }
+                or[j].write(yr[j] + d * lora.scale);
+            }
+        }
+    }
+
+    /// `h[i + g][c..c + 8] = x[i + g] · ap[.., c..c + 8]` for `g < G`: each element one chain of
+    /// fused multiply-adds over `k`, in order, from zero.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; rows `i..i + G` of `x` (`k` values each) and of `h` (`rp` each),
+    /// columns `c..c + 8` within `rp`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn down<const G: usize>(
+        x: &[f32],
+        i: usize,
+        k: usize,
+        ap: &[f32],
+        rp: usize,
+        c: usize,
+        h: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); G];
+            let xp = x.as_ptr().add(i * k);
+            let mut a = ap.as_ptr().add(c);
+            for l in 0..k {
+                let av = _mm256_loadu_ps(a);
+                for (g, row) in acc.iter_mut().enumerate() {
+                    *row = _mm256_fmadd_ps(_mm256_set1_ps(*xp.add(g * k + l)), av, *row);
+                }
+                a = a.add(rp);
+            }
+            for (g, row) in acc.iter().enumerate() {
+                _mm256_storeu_ps(h.as_mut_ptr().add((i + g) * rp + c), *row);
+            }
+        }
+    }
+}
