@@ -281,19 +281,22 @@ pub fn lora_add<B: Backend, const D: usize>(
     scaling: f64,
 ) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
-    if host::is_host::<B>() {
+    let y = if host::is_host::<B>() {
         let fused = host::lora_add::<B>(
-            y.clone().into_primitive().tensor(),
+            y.into_primitive().tensor(),
             x.clone().into_primitive().tensor(),
             a.clone().into_primitive().tensor(),
             b.clone().into_primitive().tensor(),
             bias.clone().map(|t| t.into_primitive().tensor()),
             scaling as f32,
         );
-        if let Some(out) = fused {
-            return float(out);
+        match fused {
+            Ok(out) => return float(out),
+            Err(y) => float(y),
         }
-    }
+    } else {
+        y
+    };
     let delta = crate::nn::linear(crate::nn::linear(x, a, None), b, bias);
     add_scaled(y, delta, scaling)
 }
@@ -1521,8 +1524,9 @@ mod host {
         )
     }
 
-    /// [`super::lora_add`] on plain NdArray `f32` (no autodiff): `None` elsewhere, or when the
-    /// kernel declines (no AVX2, shapes that disagree).
+    /// [`super::lora_add`] on plain NdArray `f32` (no autodiff), into `y`'s buffer when no
+    /// other tensor shares it: `y` comes back unchanged elsewhere, or when the kernel
+    /// declines (no AVX2, shapes that disagree).
     pub(super) fn lora_add<B: Backend>(
         y: FloatTensor<B>,
         x: FloatTensor<B>,
@@ -1530,53 +1534,110 @@ mod host {
         b: FloatTensor<B>,
         bias: Option<FloatTensor<B>>,
         scale: f32,
-    ) -> Option<FloatTensor<B>> {
-        let [y, x, a, b] = cast::<_, [NdArrayTensor; 4]>([y, x, a, b]).ok()?;
-        let bias = match bias {
-            Some(t) => Some(cast::<_, NdArrayTensor>(t).ok()?),
-            None => None,
+    ) -> Result<FloatTensor<B>, FloatTensor<B>> {
+        let y = cast::<_, NdArrayTensor>(y)?;
+        let Some(lora) = LoraOperands::new::<B>(x, a, b, bias) else {
+            return Err(back::<B, _>(y));
         };
-        let (yv, xv, av, bv) = (view(&y)?, view(&x)?, view(&a)?, view(&b)?);
-        let (nd, ad) = (yv.ndim(), av.ndim());
-        if nd == 0 || xv.ndim() != nd || ad != 2 || bv.ndim() != 2 {
-            return None;
-        }
-        let (k, r, n) = (av.shape()[0], av.shape()[1], bv.shape()[1]);
-        if bv.shape()[0] != r
-            || xv.shape()[nd - 1] != k
-            || yv.shape()[nd - 1] != n
-            || xv.shape()[..nd - 1] != yv.shape()[..nd - 1]
-        {
-            return None;
-        }
-        let biasv = match &bias {
-            Some(t) => Some(view(t)?),
-            None => None,
+        let shape_ok = view(&y).is_some_and(|v| {
+            v.ndim() == lora.x_shape.len()
+                && v.shape()[..v.ndim() - 1] == lora.x_shape[..v.ndim() - 1]
+                && v.shape()[v.ndim() - 1] == lora.n
+        });
+        let NdArrayTensor::F32(storage) = y else {
+            return Err(back::<B, _>(y));
         };
-        let shape = yv.shape().to_vec();
-        let (yv, xv, av, bv) = (standard(&yv), standard(&xv), standard(&av), standard(&bv));
-        let biasv = biasv.as_ref().map(|v| standard(v));
-        let lora = super::lora_kernel::Lora {
-            x: xv.as_slice()?,
-            a: av.as_slice()?,
-            b: bv.as_slice()?,
-            bias: match &biasv {
-                Some(v) => Some(v.as_slice()?),
+        if !shape_ok {
+            return Err(back::<B, _>(NdArrayTensor::F32(storage)));
+        }
+        // Unique in standard layout (the base layer's fresh output): in place. Otherwise a
+        // standard-layout copy of it.
+        let mut ya = storage.into_shared();
+        if !ya.is_standard_layout() {
+            ya = ya.as_standard_layout().into_owned().into_shared();
+        }
+        let (x, a, b) = (lora.x.view(), lora.a.view(), lora.b.view());
+        let (xv, av, bv) = (standard(&x), standard(&a), standard(&b));
+        let biasv = lora.bias.as_ref().map(|t| t.view());
+        let biasv = biasv.as_ref().map(standard);
+        let slices = (|| {
+            Some(super::lora_kernel::Lora {
+                x: xv.as_slice()?,
+                a: av.as_slice()?,
+                b: bv.as_slice()?,
+                bias: match &biasv {
+                    Some(v) => Some(v.as_slice()?),
+                    None => None,
+                },
+                k: lora.k,
+                r: lora.r,
+                n: lora.n,
+                scale,
+            })
+        })();
+        let done = match (slices, ya.as_slice_mut()) {
+            (Some(l), Some(ys)) => super::lora_kernel::lora_add(ys, &l).is_some(),
+            _ => false,
+        };
+        let y = NdArrayTensor::from(ya);
+        if done {
+            Ok(back::<B, _>(y))
+        } else {
+            Err(back::<B, _>(y))
+        }
+    }
+
+    /// The adapter's operands of [`lora_add`], checked: `x` `[.., k]`, `a` `[k, r]`, `b`
+    /// `[r, n]`, `bias` `[n]`, all `f32`.
+    struct LoraOperands {
+        x: ndarray::ArcArray<f32, IxDyn>,
+        x_shape: Vec<usize>,
+        a: ndarray::ArcArray<f32, IxDyn>,
+        b: ndarray::ArcArray<f32, IxDyn>,
+        bias: Option<ndarray::ArcArray<f32, IxDyn>>,
+        k: usize,
+        r: usize,
+        n: usize,
+    }
+
+    impl LoraOperands {
+        fn new<B: Backend>(
+            x: FloatTensor<B>,
+            a: FloatTensor<B>,
+            b: FloatTensor<B>,
+            bias: Option<FloatTensor<B>>,
+        ) -> Option<Self> {
+            let f32_array = |t: NdArrayTensor| match t {
+                NdArrayTensor::F32(s) => Some(s.into_shared()),
+                _ => None,
+            };
+            let [x, a, b] = cast::<_, [NdArrayTensor; 3]>([x, a, b]).ok()?;
+            let (x, a, b) = (f32_array(x)?, f32_array(a)?, f32_array(b)?);
+            let bias = match bias {
+                Some(t) => Some(f32_array(cast::<_, NdArrayTensor>(t).ok()?)?),
                 None => None,
-            },
-            k,
-            r,
-            n,
-            scale,
-        };
-        let ys = yv.as_slice()?;
-        let len = ys.len();
-        let mut out = unwritten(len);
-        super::lora_kernel::lora_add(ys, &lora, &mut out.spare_capacity_mut()[..len])?;
-        // SAFETY: the kernel wrote every element of its output.
-        let out = unsafe { filled(out, len) };
-        let t = NdArrayTensor::from(ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?);
-        Some(back::<B, _>(t))
+            };
+            if x.ndim() == 0 || a.ndim() != 2 || b.ndim() != 2 {
+                return None;
+            }
+            let (k, r, n) = (a.shape()[0], a.shape()[1], b.shape()[1]);
+            if b.shape()[0] != r
+                || x.shape()[x.ndim() - 1] != k
+                || bias.as_ref().is_some_and(|t| t.shape() != [n])
+            {
+                return None;
+            }
+            Some(LoraOperands {
+                x_shape: x.shape().to_vec(),
+                x,
+                a,
+                b,
+                bias,
+                k,
+                r,
+                n,
+            })
+        }
     }
 
     /// Dropout as an autodiff operation; its state is the keep bits and the scale.
@@ -2080,6 +2141,11 @@ mod tests {
                 "{batch}x{rows}x{k} r {r} -> {n}: every element written"
             );
             g.assert_approx_eq::<f32>(&w, Tolerance::rel_abs(1e-5, 1e-5));
+            // A `y` no other tensor shares is written in place: the same values.
+            let fresh = y.clone().mul_scalar(1.0);
+            super::lora_add(fresh, x.clone(), a.clone(), b.clone(), bias.clone(), 0.375)
+                .into_data()
+                .assert_eq(&g, true);
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 let prim = |t: &Tensor<Nd, 3>| t.clone().into_primitive().tensor();
@@ -2092,7 +2158,7 @@ mod tests {
                     0.375,
                 );
                 assert!(
-                    fused.is_some(),
+                    fused.is_ok(),
                     "the fused pass takes {batch}x{rows}x{k} r {r}"
                 );
             }

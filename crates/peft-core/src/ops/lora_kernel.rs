@@ -13,8 +13,6 @@
 //! and FMA only, detected at run time; elsewhere [`lora_add`] declines and the caller takes
 //! burn's operations.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 /// Rows per task: a multiple of the row groups below, enough rows that a task's work
@@ -34,10 +32,10 @@ pub(super) struct Lora<'a> {
     pub scale: f32,
 }
 
-/// `out = y + ((x A) B + bias) * scale` for `y` and `out` of `rows x n` (row-major), rows on
-/// rayon's threads. `None`, with nothing written, when the CPU lacks AVX2 or FMA or the
-/// operands' lengths disagree.
-pub(super) fn lora_add(y: &[f32], lora: &Lora<'_>, out: &mut [MaybeUninit<f32>]) -> Option<()> {
+/// `y += ((x A) B + bias) * scale` (each element `y + d * scale`, rounded as written) for `y`
+/// of `rows x n` (row-major), in place, rows on rayon's threads. `None`, with nothing
+/// written, when the CPU lacks AVX2 or FMA or the operands' lengths disagree.
+pub(super) fn lora_add(y: &mut [f32], lora: &Lora<'_>) -> Option<()> {
     #[cfg(target_arch = "x86_64")]
     {
         let (k, r, n) = (lora.k, lora.r, lora.n);
@@ -49,7 +47,6 @@ pub(super) fn lora_add(y: &[f32], lora: &Lora<'_>, out: &mut [MaybeUninit<f32>])
             || lora.a.len() != k.checked_mul(r)?
             || lora.b.len() != r.checked_mul(n)?
             || lora.bias.is_some_and(|b| b.len() != n)
-            || out.len() != y.len()
             || !std::is_x86_feature_detected!("avx2")
             || !std::is_x86_feature_detected!("fma")
         {
@@ -61,26 +58,27 @@ pub(super) fn lora_add(y: &[f32], lora: &Lora<'_>, out: &mut [MaybeUninit<f32>])
         for (dst, src) in ap.chunks_exact_mut(rp).zip(lora.a.chunks_exact(r)) {
             dst[..r].copy_from_slice(src);
         }
-        let task = |(t, out): (usize, &mut [MaybeUninit<f32>])| {
+        let wide = std::is_x86_feature_detected!("avx512f");
+        let task = |(t, y): (usize, &mut [f32])| {
             let i0 = t * ROWS_PER_TASK;
-            let count = out.len() / n;
+            let count = y.len() / n;
             let x = &lora.x[i0 * k..(i0 + count) * k];
-            let y = &y[i0 * n..(i0 + count) * n];
-            // SAFETY: AVX2 and FMA were detected above; the slices have the lengths checked
-            // above for `count` rows.
-            unsafe { x86::rows(x, y, &ap, rp, lora, out) };
+            // SAFETY: AVX2 and FMA were detected above, AVX-512F where `wide`; the slices have
+            // the lengths checked above for `count` rows.
+            unsafe { x86::rows(x, y, &ap, rp, lora, wide) };
         };
-        let chunks = out.par_chunks_mut(ROWS_PER_TASK * n).enumerate();
         if rows > ROWS_PER_TASK {
-            chunks.for_each(task);
+            y.par_chunks_mut(ROWS_PER_TASK * n)
+                .enumerate()
+                .for_each(task);
         } else {
-            out.chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(task);
+            y.chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(task);
         }
         Some(())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (y, lora, out);
+        let _ = (y, lora);
         None
     }
 }
@@ -88,7 +86,6 @@ pub(super) fn lora_add(y: &[f32], lora: &Lora<'_>, out: &mut [MaybeUninit<f32>])
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-    use std::mem::MaybeUninit;
 
     use super::Lora;
 
@@ -96,19 +93,19 @@ mod x86 {
     /// 8 chains of fused multiply-adds are in flight.
     const GROUP: usize = 8;
 
-    /// The rows of one task: `x` holds `count x k`, `y` and `out` `count x n`, `ap` is `A`
-    /// padded to `rp` columns.
+    /// The rows of one task: `x` holds `count x k`, `y` `count x n`, `ap` is `A` padded to
+    /// `rp` columns; with `wide`, the output's columns 16 at a time in AVX-512 registers.
     ///
     /// # Safety
-    /// AVX2 and FMA present; the lengths as described, `count <= super::ROWS_PER_TASK`.
+    /// AVX2 and FMA present, AVX-512F with `wide`; the lengths as described.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn rows(
         x: &[f32],
-        y: &[f32],
+        y: &mut [f32],
         ap: &[f32],
         rp: usize,
         lora: &Lora<'_>,
-        out: &mut [MaybeUninit<f32>],
+        wide: bool,
     ) {
         let (k, r, n) = (lora.k, lora.r, lora.n);
         let count = y.len() / n;
@@ -139,41 +136,91 @@ mod x86 {
             }
             i += g;
         }
-        let scale = _mm256_set1_ps(lora.scale);
-        let full = n / 8 * 8;
         for i in 0..count {
             let hr = &h[i * rp..i * rp + r];
-            let yr = &y[i * n..(i + 1) * n];
-            let or = &mut out[i * n..(i + 1) * n];
-            let mut j = 0;
-            while j < full {
-                // SAFETY: columns j..j + 8 of the rows of B, bias, y and out.
-                unsafe {
-                    let mut d = _mm256_setzero_ps();
-                    for (c, &hc) in hr.iter().enumerate() {
-                        let bv = _mm256_loadu_ps(lora.b.as_ptr().add(c * n + j));
-                        d = _mm256_fmadd_ps(_mm256_set1_ps(hc), bv, d);
-                    }
-                    if let Some(bias) = lora.bias {
-                        d = _mm256_add_ps(d, _mm256_loadu_ps(bias.as_ptr().add(j)));
-                    }
-                    let v =
-                        _mm256_add_ps(_mm256_loadu_ps(yr.as_ptr().add(j)), _mm256_mul_ps(d, scale));
-                    _mm256_storeu_ps(or.as_mut_ptr().add(j) as *mut f32, v);
-                }
-                j += 8;
-            }
-            for j in full..n {
-                let mut d = 0.0f32;
-                for (c, &hc) in hr.iter().enumerate() {
-                    d = hc.mul_add(lora.b[c * n + j], d);
+            let yr = &mut y[i * n..(i + 1) * n];
+            // SAFETY: AVX-512F with `wide` (the caller's contract); hr has r values, yr n.
+            let from = if wide {
+                unsafe { up_wide(hr, yr, lora) }
+            } else {
+                0
+            };
+            // SAFETY: AVX2 and FMA (the caller's contract).
+            unsafe { up(hr, yr, lora, from) };
+        }
+    }
+
+    /// One row's `y[j] += (h B + bias)[j] * scale` for columns `from..`, 8 at a time, then
+    /// one at a time: each `d[j]` one chain of fused multiply-adds over the rank from zero.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `h` has `r` values, `y` has `n`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn up(h: &[f32], y: &mut [f32], lora: &Lora<'_>, from: usize) {
+        let n = lora.n;
+        let scale = _mm256_set1_ps(lora.scale);
+        let mut j = from;
+        while j + 8 <= n {
+            // SAFETY: columns j..j + 8 of the rows of B, the bias and y.
+            unsafe {
+                let mut d = _mm256_setzero_ps();
+                for (c, &hc) in h.iter().enumerate() {
+                    let bv = _mm256_loadu_ps(lora.b.as_ptr().add(c * n + j));
+                    d = _mm256_fmadd_ps(_mm256_set1_ps(hc), bv, d);
                 }
                 if let Some(bias) = lora.bias {
-                    d += bias[j];
+                    d = _mm256_add_ps(d, _mm256_loadu_ps(bias.as_ptr().add(j)));
                 }
-                or[j].write(yr[j] + d * lora.scale);
+                let at = y.as_mut_ptr().add(j);
+                _mm256_storeu_ps(
+                    at,
+                    _mm256_add_ps(_mm256_loadu_ps(at), _mm256_mul_ps(d, scale)),
+                );
             }
+            j += 8;
         }
+        for j in j..n {
+            let mut d = 0.0f32;
+            for (c, &hc) in h.iter().enumerate() {
+                d = hc.mul_add(lora.b[c * n + j], d);
+            }
+            if let Some(bias) = lora.bias {
+                d += bias[j];
+            }
+            y[j] += d * lora.scale;
+        }
+    }
+
+    /// [`up`]'s columns 16 at a time in AVX-512 registers (the same operations, so the same
+    /// values), as far as whole vectors go; returns the first column left.
+    ///
+    /// # Safety
+    /// AVX-512F present; `h` has `r` values, `y` has `n`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn up_wide(h: &[f32], y: &mut [f32], lora: &Lora<'_>) -> usize {
+        let n = lora.n;
+        let scale = _mm512_set1_ps(lora.scale);
+        let mut j = 0;
+        while j + 16 <= n {
+            // SAFETY: columns j..j + 16 of the rows of B, the bias and y.
+            unsafe {
+                let mut d = _mm512_setzero_ps();
+                for (c, &hc) in h.iter().enumerate() {
+                    let bv = _mm512_loadu_ps(lora.b.as_ptr().add(c * n + j));
+                    d = _mm512_fmadd_ps(_mm512_set1_ps(hc), bv, d);
+                }
+                if let Some(bias) = lora.bias {
+                    d = _mm512_add_ps(d, _mm512_loadu_ps(bias.as_ptr().add(j)));
+                }
+                let at = y.as_mut_ptr().add(j);
+                _mm512_storeu_ps(
+                    at,
+                    _mm512_add_ps(_mm512_loadu_ps(at), _mm512_mul_ps(d, scale)),
+                );
+            }
+            j += 16;
+        }
+        j
     }
 
     /// `h[i + g][c..c + 8] = x[i + g] · ap[.., c..c + 8]` for `g < G`: each element one chain of
