@@ -368,7 +368,20 @@ impl<B: Backend> AdaptedLinear<B> {
                 continue;
             };
             let idx = row_index::<B>(&g.rows, &device);
-            let delta = a.forward(x.clone().select(0, idx.clone()));
+            // B(A(dropout(x))) * scaling for the group's rows, through the pass a row alone
+            // takes (`ops::lora_add`, here onto zeros), so that each row's sum is the same as
+            // when it runs alone.
+            let xs = a.dropout.forward(x.clone().select(0, idx.clone()));
+            let mut dims = xs.dims();
+            dims[D - 1] = self.d_output();
+            let delta = crate::ops::lora_add(
+                Tensor::zeros(dims, &device),
+                xs,
+                a.lora_a.val(),
+                a.lora_b.val(),
+                a.lora_bias.as_ref().map(|b| b.val()),
+                a.scaling,
+            );
             y = y.select_assign(0, idx, delta, burn::tensor::IndexingUpdateOp::Add);
         }
         y

@@ -9,11 +9,19 @@
 //!
 //! Each element is computed as burn computes it, in the same order: `h = x A` one chain of
 //! fused multiply-adds over the input features, `d = h B` one chain over the rank, then
-//! `d + bias`, `* scaling`, `y +`, each rounded (no fused multiply-add across them). AVX2
-//! and FMA only, detected at run time; elsewhere [`lora_add`] declines and the caller takes
-//! burn's operations.
+//! `d + bias`, `* scaling`, `y +`, each rounded (no fused multiply-add across them). With
+//! more than [`DECODE_ROWS`] rows that is what `gemm`'s kernel computes for burn's two
+//! products, so the values are burn's bit for bit (tested). Products of fewer rows (a
+//! decoding step, a short request) go elsewhere through other paths that sum in other orders
+//! (`gemm`'s small-product paths), so there [`lora_add`] declines and the caller takes burn's
+//! operations: a row gets the same values whichever way it runs. AVX2 and FMA only, detected
+//! at run time; elsewhere [`lora_add`] declines as well.
 
 use rayon::prelude::*;
+
+/// Row counts up to this (a decoding step's products, peft-gemm's small-M path) are left to
+/// burn's operations: see the module's documentation.
+pub(super) const DECODE_ROWS: usize = 8;
 
 /// Rows per task: a multiple of the row groups below, enough rows that a task's work
 /// (`rows x (in + out) x r` multiply-adds) outweighs handing it to a thread.
@@ -34,7 +42,8 @@ pub(super) struct Lora<'a> {
 
 /// `y += ((x A) B + bias) * scale` (each element `y + d * scale`, rounded as written) for `y`
 /// of `rows x n` (row-major), in place, rows on rayon's threads. `None`, with nothing
-/// written, when the CPU lacks AVX2 or FMA or the operands' lengths disagree.
+/// written, when the CPU lacks AVX2 or FMA, there are at most [`DECODE_ROWS`] rows, or the
+/// operands' lengths disagree.
 pub(super) fn lora_add(y: &mut [f32], lora: &Lora<'_>) -> Option<()> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -43,7 +52,8 @@ pub(super) fn lora_add(y: &mut [f32], lora: &Lora<'_>) -> Option<()> {
             return None;
         }
         let rows = y.len() / n;
-        if lora.x.len() != rows.checked_mul(k)?
+        if rows <= DECODE_ROWS
+            || lora.x.len() != rows.checked_mul(k)?
             || lora.a.len() != k.checked_mul(r)?
             || lora.b.len() != r.checked_mul(n)?
             || lora.bias.is_some_and(|b| b.len() != n)
