@@ -489,7 +489,20 @@ pub unsafe fn sgemm_strided(
     if m <= small_m::MAX_M
         && unsafe {
             small_m::sgemm(
-                m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, c_cs, threaded,
+                m,
+                n,
+                k,
+                a,
+                a_rs,
+                a_cs,
+                b,
+                b_rs,
+                b_cs,
+                c,
+                c_rs,
+                c_cs,
+                threaded,
+                small_m::wide(),
             )
         }
     {

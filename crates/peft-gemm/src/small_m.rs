@@ -25,45 +25,14 @@ const KC: usize = 128;
 const NC: usize = 256;
 
 /// `C := A B` for `m <= MAX_M`, `B` with contiguous rows (`b_cs == 1`) and `C` likewise
-/// (`c_cs == 1`), when the CPU has AVX2 and FMA. Returns `false`, touching nothing, when it
-/// does not apply.
+/// (`c_cs == 1`), when the CPU has AVX2 and FMA; with `wide` (from [`wide`]: the CPU has
+/// AVX-512F), in strips of 16 columns in AVX-512 registers first. Returns `false`, touching
+/// nothing, when it does not apply.
 ///
 /// # Safety
-/// As [`crate::sgemm_strided`]'s.
+/// As [`crate::sgemm_strided`]'s; `wide` only where the CPU has AVX-512F.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    b: *const f32,
-    b_rs: isize,
-    b_cs: isize,
-    c: *mut f32,
-    c_rs: isize,
-    c_cs: isize,
-    threaded: bool,
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    let wide = avx512();
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
-    // SAFETY: the caller's contract.
-    unsafe {
-        sgemm_with(
-            m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, c_cs, threaded, wide,
-        )
-    }
-}
-
-/// [`sgemm`], with the wide (AVX-512) strips on or off: `wide` only where AVX-512F is present.
-///
-/// # Safety
-/// As [`sgemm`]'s; `wide` only where the CPU has AVX-512F.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn sgemm_with(
     m: usize,
     n: usize,
     k: usize,
@@ -149,12 +118,14 @@ fn enabled() -> bool {
 
 /// Whether the wide strips run: AVX-512F detected and not turned off with
 /// `PEFT_GEMM_AVX512=off` (for A/B runs); read once.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn avx512() -> bool {
+pub(crate) fn wide() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        std::is_x86_feature_detected!("avx512f")
-            && !std::env::var("PEFT_GEMM_AVX512").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+        #[cfg(target_arch = "x86_64")]
+        let detected = std::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let detected = false;
+        detected && !std::env::var("PEFT_GEMM_AVX512").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
     })
 }
 

@@ -962,6 +962,39 @@ fn small_m_rows_do_not_depend_on_the_batch() {
     }
 }
 
+/// The decoding kernel on row-major `a` (`m x k`), `b` (`k x n`) and `c` (`m x n`, its first
+/// `m * n` values), threaded, with the wide strips or not: whether it took the product.
+#[cfg(target_arch = "x86_64")]
+fn small_m_row_major(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    wide: bool,
+) -> bool {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    // SAFETY: a, b and c hold the row-major matrices (checked above); the callers pass `wide`
+    // only where the CPU has AVX-512F.
+    unsafe {
+        crate::small_m::sgemm(
+            m,
+            n,
+            k,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+            true,
+            wide,
+        )
+    }
+}
+
 /// The wide strips (AVX-512) run the same chains as the AVX2 strips: the same bits, on
 /// shapes with a tail of 8 columns and of single columns, with one row of `A` and with 8.
 #[test]
@@ -978,26 +1011,7 @@ fn small_m_wide_strips_equal_the_narrow_ones() {
         let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
         let product = |wide: bool| {
             let mut c = vec![f32::NAN; m * n];
-            // SAFETY: a holds m x k, b holds k x n, c holds m x n, row-major; AVX-512F was
-            // detected above.
-            let took = unsafe {
-                crate::small_m::sgemm_with(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k as isize,
-                    1,
-                    b.as_ptr(),
-                    n as isize,
-                    1,
-                    c.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    true,
-                    wide,
-                )
-            };
+            let took = small_m_row_major((m, n, k), &a, &b, &mut c, wide);
             assert!(took, "{m}x{n}x{k} takes the small-M path");
             c
         };
@@ -1030,27 +1044,14 @@ fn small_m_path_takes_decoding_shapes() {
     let a = vec![1.0f32; m * k];
     let b = vec![1.0f32; k * n];
     let mut c = vec![f32::NAN; m * n];
-    let take = |n: usize, k: usize, c: &mut [f32]| {
-        // SAFETY: a holds m x k, b holds k x n, c holds m x n, row-major (n, k at most the above).
-        unsafe {
-            crate::small_m::sgemm(
-                m,
-                n,
-                k,
-                a.as_ptr(),
-                k as isize,
-                1,
-                b.as_ptr(),
-                n as isize,
-                1,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-                true,
-            )
-        }
-    };
-    assert!(take(n, k, &mut c), "8 x 512 x 384 takes the small-M path");
+    let wide = crate::small_m::wide();
+    assert!(
+        small_m_row_major((m, n, k), &a, &b, &mut c, wide),
+        "8 x 512 x 384 takes the small-M path"
+    );
     assert!(c.iter().all(|&v| v == k as f32));
-    assert!(!take(32, 32, &mut c), "a 32 x 32 B stays with gemm");
+    assert!(
+        !small_m_row_major((m, 32, 32), &a, &b, &mut c, wide),
+        "a 32 x 32 B stays with gemm"
+    );
 }
