@@ -12,10 +12,9 @@
 //! `d + bias`, `* scaling`, `y +`, each rounded (no fused multiply-add across them). With
 //! more than [`DECODE_ROWS`] rows that is what `gemm`'s kernel computes for burn's two
 //! products, so the values are burn's bit for bit (tested). Products of fewer rows (a
-//! decoding step, a short request) go elsewhere through other paths that sum in other orders
-//! (`gemm`'s small-product paths), so there [`lora_add`] declines and the caller takes burn's
-//! operations: a row gets the same values whichever way it runs. AVX2 and FMA only, detected
-//! at run time; elsewhere [`lora_add`] declines as well.
+//! decoding step, a short request) take `gemm`'s small-product paths, which sum in other
+//! orders, so there [`lora_add`] declines and the caller takes burn's operations, as before.
+//! AVX2 and FMA only, detected at run time; elsewhere [`lora_add`] declines as well.
 
 use rayon::prelude::*;
 
