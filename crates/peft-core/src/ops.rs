@@ -1539,10 +1539,13 @@ mod host {
         let Some(lora) = LoraOperands::new::<B>(x, a, b, bias) else {
             return Err(back::<B, _>(y));
         };
+        // The shapes agree, and there are rows enough for the pass (checked before `y` is
+        // touched, so that a declined call copies nothing).
         let shape_ok = view(&y).is_some_and(|v| {
             v.ndim() == lora.x_shape.len()
                 && v.shape()[..v.ndim() - 1] == lora.x_shape[..v.ndim() - 1]
                 && v.shape()[v.ndim() - 1] == lora.n
+                && v.len() / lora.n.max(1) > super::lora_kernel::DECODE_ROWS
         });
         let NdArrayTensor::F32(storage) = y else {
             return Err(back::<B, _>(y));
