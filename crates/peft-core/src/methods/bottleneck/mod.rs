@@ -4,7 +4,8 @@
 //! A bottleneck adapter sits on a sub-layer's output, where the transformer adds the residual
 //! (and, in BERT, applies the post-LayerNorm). The model hands its sub-layer output `h`, the
 //! residual input `r` and its LayerNorm (if the sub-layer has one there) to
-//! [`SublayerAdapters::forward`], which computes, for the active adapter:
+//! [`SublayerAdapters::forward`](crate::SublayerAdapters::forward), which computes, for the
+//! active adapter:
 //!
 //! ```text
 //! pre:   residual = h                      (residual_before_ln = true)
