@@ -164,6 +164,23 @@ mod x86 {
     /// line of the next block is requested at every step.
     const WIDE: usize = 16;
 
+    /// `$strip::<M>(args)` with `M` the number of rows of `A` (1 to [`MAX_M`]), so that each
+    /// strip keeps exactly `M` accumulators.
+    macro_rules! by_rows {
+        ($strip:ident, $m:expr, $($arg:expr),*) => {
+            match $m {
+                1 => $strip::<1>($($arg),*),
+                2 => $strip::<2>($($arg),*),
+                3 => $strip::<3>($($arg),*),
+                4 => $strip::<4>($($arg),*),
+                5 => $strip::<5>($($arg),*),
+                6 => $strip::<6>($($arg),*),
+                7 => $strip::<7>($($arg),*),
+                _ => $strip::<MAX_M>($($arg),*),
+            }
+        };
+    }
+
     /// Columns `j0..j1` of `C := A B` (`n` columns in all), `A` packed (`ap`, see
     /// [`super::sgemm`]); with `wide` (AVX-512F present), strips of [`WIDE`] columns first.
     ///
@@ -229,29 +246,11 @@ mod x86 {
                 };
                 for s in 0..wide_count {
                     let j = j0 + s * WIDE;
-                    match m {
-                        1 => strip_wide::<1>(part, j, &mut next),
-                        2 => strip_wide::<2>(part, j, &mut next),
-                        3 => strip_wide::<3>(part, j, &mut next),
-                        4 => strip_wide::<4>(part, j, &mut next),
-                        5 => strip_wide::<5>(part, j, &mut next),
-                        6 => strip_wide::<6>(part, j, &mut next),
-                        7 => strip_wide::<7>(part, j, &mut next),
-                        _ => strip_wide::<MAX_M>(part, j, &mut next),
-                    }
+                    by_rows!(strip_wide, m, part, j, &mut next);
                 }
                 for s in 0..count {
                     let j = narrow_from + s * WIDTH;
-                    match m {
-                        1 => strip::<1>(part, j, &mut next),
-                        2 => strip::<2>(part, j, &mut next),
-                        3 => strip::<3>(part, j, &mut next),
-                        4 => strip::<4>(part, j, &mut next),
-                        5 => strip::<5>(part, j, &mut next),
-                        6 => strip::<6>(part, j, &mut next),
-                        7 => strip::<7>(part, j, &mut next),
-                        _ => strip::<MAX_M>(part, j, &mut next),
-                    }
+                    by_rows!(strip, m, part, j, &mut next);
                 }
                 // The last columns, one at a time: the same chain of fused multiply-adds.
                 for jj in j0 + full..j1 {
