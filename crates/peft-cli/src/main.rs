@@ -1030,8 +1030,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         });
     }
-    // The compute commands run on rayon's pool (`peft_core::ops::on_pool`); `serve` above does
-    // not, since its handlers call the model from their own threads.
+    // The compute commands run on rayon's pool (`peft_core::ops::on_pool`); `serve` above runs
+    // each batch there from its model thread, which waits for requests outside the pool.
     on_backend!(cli.device, |Bk| peft_core::ops::on_pool(|| run::<Bk>(
         cli.cmd,
         &Default::default()

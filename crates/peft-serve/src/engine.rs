@@ -385,7 +385,7 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+    fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
         // Commands that arrived while a continuous generation ran, in arrival order.
         let mut deferred: std::collections::VecDeque<Command> = Default::default();
         loop {
@@ -434,11 +434,19 @@ impl<B: Backend> Worker<B> {
             let (greedy, rest): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| {
                 continuous && matches!(j.request.task, Task::Generate { num_beams: 1, .. })
             });
+            // The model runs on a worker of rayon's pool, with the pool's other workers kept
+            // awake while it computes (`peft_core::ops::on_pool`); between batches this
+            // thread waits for requests without holding a worker.
             if !rest.is_empty() {
-                self.run_jobs(rest);
+                let this = &mut *self;
+                peft_core::ops::on_pool(move || this.run_jobs(rest));
             }
             if !greedy.is_empty() {
-                self.generate_continuous(greedy, &rx, &mut deferred);
+                let (this, waiting, commands) = (&mut *self, &mut deferred, rx);
+                rx = peft_core::ops::on_pool(move || {
+                    this.generate_continuous(greedy, &commands, waiting);
+                    commands
+                });
             }
         }
     }
