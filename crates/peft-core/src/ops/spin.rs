@@ -98,6 +98,7 @@ pub(super) fn run<R>(f: impl FnOnce() -> R) -> R {
 /// Starts the helpers of the closure this thread runs again if they all returned (called
 /// by the host kernels before they split work between threads; a thread-local read
 /// otherwise).
+#[cfg_attr(not(feature = "ndarray"), allow(dead_code))]
 pub(super) fn rearm() {
     if ROLE.with(Cell::get) != Role::Closure {
         return;
@@ -164,7 +165,7 @@ fn help(spin: &Spin) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
