@@ -819,7 +819,7 @@ fn sgemm_strided_matches_reference_on_all_layouts() {
     shapes.extend([(1, 300, 64), (33, 17, 65), (130, 140, 150)]);
     // The small-M path (decoding; B of at least 32K elements): every row count it takes,
     // with and without a column tail, with one block of B's rows and several (k > 128).
-    for m in 1..=8 {
+    for m in 1..=16 {
         shapes.extend([
             (m, 16, 2048),
             (m, 300 + 37 * m, 129 + 60 * m),
@@ -914,14 +914,20 @@ fn sgemm_strided_matches_reference_on_all_layouts() {
     }
 }
 
-/// Decoding products (at most 8 rows) sum each element in one chain over `k` whatever the
-/// number of rows: a row computed alone equals the same row computed in a batch, bit for bit,
-/// threaded or not (a request joining a running batch gets the tokens it would get alone).
+/// Decoding products (at most 16 rows) sum each element in one chain over `k` whatever the
+/// number of rows: a row computed alone equals the same row computed in a batch of 8 or 16,
+/// bit for bit, threaded or not (a request joining a running batch gets the tokens it would
+/// get alone).
 #[test]
 fn small_m_rows_do_not_depend_on_the_batch() {
     let mut rng = Rng(0x5eed_0018);
-    for (n, k) in [(300usize, 300usize), (32128, 64), (1024, 512)] {
-        let m = 8;
+    for (m, n, k) in [
+        (8usize, 300usize, 300usize),
+        (8, 32128, 64),
+        (8, 1024, 512),
+        (16, 300, 300),
+        (13, 1024, 512),
+    ] {
         let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
         let product = |rows: usize, a: &[f32], threaded: bool| {
@@ -1006,7 +1012,13 @@ fn small_m_wide_strips_equal_the_narrow_ones() {
         return;
     }
     let mut rng = Rng(0x5eed_0019);
-    for (m, n, k) in [(8usize, 300usize, 300usize), (1, 1048, 200), (5, 384, 512)] {
+    for (m, n, k) in [
+        (8usize, 300usize, 300usize),
+        (1, 1048, 200),
+        (5, 384, 512),
+        (16, 300, 300),
+        (11, 1048, 200),
+    ] {
         let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
         let product = |wide: bool| {
@@ -1040,16 +1052,21 @@ fn small_m_path_takes_decoding_shapes() {
     {
         return;
     }
-    let (m, n, k) = (8, 384, 512);
-    let a = vec![1.0f32; m * k];
+    let (m, n, k) = (16, 384, 512);
+    // Room for 17 rows, for the call that must decline.
+    let a = vec![1.0f32; (m + 1) * k];
     let b = vec![1.0f32; k * n];
-    let mut c = vec![f32::NAN; m * n];
+    let mut c = vec![f32::NAN; (m + 1) * n];
     let wide = crate::small_m::wide();
     assert!(
         small_m_row_major((m, n, k), &a, &b, &mut c, wide),
-        "8 x 512 x 384 takes the small-M path"
+        "16 x 512 x 384 takes the small-M path"
     );
-    assert!(c.iter().all(|&v| v == k as f32));
+    assert!(c[..m * n].iter().all(|&v| v == k as f32));
+    assert!(
+        !small_m_row_major((m + 1, n, k), &a, &b, &mut c, wide),
+        "17 rows stay with gemm"
+    );
     assert!(
         !small_m_row_major((m, 32, 32), &a, &b, &mut c, wide),
         "a 32 x 32 B stays with gemm"
