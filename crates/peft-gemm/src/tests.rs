@@ -1002,7 +1002,8 @@ fn small_m_row_major(
 }
 
 /// The wide strips (AVX-512) run the same chains as the AVX2 strips: the same bits, on
-/// shapes with a tail of 8 columns and of single columns, with one row of `A` and with 8.
+/// shapes with a tail of 8 columns and of single columns, with 1, 5 and 8 rows of `A`, and
+/// with 11 and 16 (which the AVX2 strips take 8 rows at a time).
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn small_m_wide_strips_equal_the_narrow_ones() {
