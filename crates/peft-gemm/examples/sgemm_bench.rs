@@ -8,7 +8,10 @@
 //! cargo run --release --example sgemm_bench -p peft-gemm -- threshold
 //! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm -- layouts
 //! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm -- decode
+//! RAYON_NUM_THREADS=2 cargo run --release --example sgemm_bench -p peft-gemm -- 1024 512 384
 //! ```
+//!
+//! With numbers, times each `m k n` triple given.
 //!
 //! `decode` times the products of one greedy decoding step (8 rows by every weight of the
 //! bench's mT5-small, 154 MB) against the memory bandwidth, and each decoder shape alone;
@@ -203,7 +206,9 @@ fn row_major(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) 
 /// weight its own matrix (8 decoder blocks: self-attention q, k, v, o, cross-attention q, o,
 /// feed-forward wi_0, wi_1, wo; then the 32,128-row LM head), 154 MB in all, so that each
 /// sweep streams the weights from memory as decoding does. Milliseconds per sweep and the
-/// weights' GB/s, against a threaded sum over the same bytes.
+/// weights' GB/s, in place and packed (`peft_gemm::PackedB`), against a threaded sum over
+/// the same bytes. The calls come from outside rayon's pool, so each small product also
+/// wakes a worker; `peft` calls from inside it, with the workers awake.
 fn decode() {
     let m = 8;
     let mut shapes = Vec::new();
@@ -247,6 +252,54 @@ fn decode() {
         med * 1e3,
         best * 1e3,
         gb / best
+    );
+    let packed: Vec<peft_gemm::PackedB> = weights
+        .iter()
+        .zip(&shapes)
+        .map(|(w, &(k, n))| {
+            // SAFETY: w is a tight row-major k x n matrix.
+            unsafe { peft_gemm::PackedB::pack(k, n, w.as_ptr(), n as isize, 1) }.expect("memory")
+        })
+        .collect();
+    let (med, best) = time(&mut || {
+        for p in &packed {
+            // SAFETY: a holds m x k, c m x n, both tight row-major.
+            let took = unsafe {
+                peft_gemm::sgemm_packed(
+                    m,
+                    a.as_ptr(),
+                    p.k() as isize,
+                    1,
+                    p,
+                    c.as_mut_ptr(),
+                    p.n() as isize,
+                    1,
+                    true,
+                )
+            };
+            assert!(took, "the packed path applies");
+        }
+        black_box(&mut c);
+    });
+    println!(
+        "the same products with the weights packed in panels: {:.2} ms median, {:.2} ms best ({:.1} GB/s)",
+        med * 1e3,
+        best * 1e3,
+        gb / best
+    );
+    let head = packed.last().expect("the LM head");
+    let (med, best) = time(&mut || {
+        // SAFETY: as above.
+        unsafe {
+            peft_gemm::sgemm_packed(m, a.as_ptr(), 512, 1, head, c.as_mut_ptr(), 32128, 1, true)
+        };
+        black_box(&mut c);
+    });
+    println!(
+        "  the LM head alone, packed: {:.2} ms median, {:.2} ms best ({:.1} GB/s)",
+        med * 1e3,
+        best * 1e3,
+        head.bytes() as f64 / 1e9 / best
     );
     for (k, n) in [
         (128usize, 256usize),
@@ -318,6 +371,21 @@ fn main() {
     }
     if std::env::args().nth(1).as_deref() == Some("layouts") {
         layouts();
+        return;
+    }
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if !args.is_empty() {
+        // `m k n` triples given on the command line.
+        for t in args.chunks_exact(3) {
+            let (median, best) = sgemm(t[0], t[1], t[2]);
+            println!(
+                "{:>5} x {:>4} x {:<6} {median:6.1} / {best:6.1}",
+                t[0], t[1], t[2]
+            );
+        }
         return;
     }
     println!(

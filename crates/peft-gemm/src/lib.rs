@@ -148,7 +148,11 @@ pub const PARALLEL_THRESHOLD: u64 = 128 * 128 * 128;
 /// `m`, `n`, `k` is larger than this, and matrixmultiply otherwise.
 pub const NDARRAY_BLAS_CUTOFF: usize = 7;
 
+mod packed;
 mod small_m;
+
+pub use packed::{PANEL, PackedB, packed_supported, sgemm_packed};
+pub use small_m::MAX_M as SMALL_M;
 
 #[cfg(feature = "call-counter")]
 mod counter {
@@ -427,6 +431,17 @@ unsafe fn gemm_impl<T: Scalar>(
             parallelism(m, n, k),
         );
     }
+}
+
+/// Whether [`sgemm_strided`] multiplies an `m x k · k x n` product whose `B` has column
+/// stride `b_cs` (and a `C` with contiguous rows) with the decoding kernel, whose values
+/// [`sgemm_packed`] reproduces bit for bit: at most [`SMALL_M`] rows, a row-major `B` of at
+/// least 16 columns and 32768 elements (smaller ones stay in cache, and go to `gemm`), an
+/// x86-64 CPU with AVX2 and FMA, and neither `PEFT_GEMM_SMALL_M=off` nor
+/// `PEFT_GEMM_KERNEL=matrixmultiply`. These are the products worth packing `B` for.
+pub fn packed_matches_in_place(m: usize, n: usize, k: usize, b_cs: isize) -> bool {
+    // `takes` asks for 16 columns or more, so matrixmultiply's tiny products never apply.
+    !reference_kernel() && small_m::takes(m, n, k, b_cs)
 }
 
 /// `C := A B` in f32, for matrices given by a pointer to their element `(0, 0)` and the

@@ -58,17 +58,7 @@ pub(crate) unsafe fn sgemm(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if m == 0
-            || m > MAX_M
-            || !enabled()
-            || k == 0
-            || n < 16
-            || k.saturating_mul(n) < MIN_B
-            || b_cs != 1
-            || c_cs != 1
-            || !std::is_x86_feature_detected!("avx2")
-            || !std::is_x86_feature_detected!("fma")
-        {
+        if !takes(m, n, k, b_cs) || c_cs != 1 {
             return false;
         }
         // A packed as `ap[l * MAX_M + i] = A[i][l]`: the `m` values a row of `B` meets.
@@ -113,6 +103,21 @@ pub(crate) unsafe fn sgemm(
         );
         false
     }
+}
+
+/// Whether [`sgemm`] takes an `m x k · k x n` product whose `B` has column stride `b_cs`
+/// (given a `C` with contiguous rows): at most [`MAX_M`] rows, at least 16 columns, a `B`
+/// of at least [`MIN_B`] elements read row by row, AVX2 and FMA, the path not turned off.
+pub(crate) fn takes(m: usize, n: usize, k: usize, b_cs: isize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && m > 0
+        && m <= MAX_M
+        && enabled()
+        && k > 0
+        && n >= 16
+        && k.saturating_mul(n) >= MIN_B
+        && b_cs == 1
+        && crate::packed::packed_supported()
 }
 
 /// Whether this path is on: `PEFT_GEMM_SMALL_M=off` sends these products to `gemm` as well,

@@ -1073,3 +1073,148 @@ fn small_m_path_takes_decoding_shapes() {
         "a 32 x 32 B stays with gemm"
     );
 }
+
+/// A product through a packed `B` equals the in-place decoding kernel's bit for bit (the same
+/// chain per element), with the AVX-512 panels and the AVX2 ones: 1 to 16 rows, a last panel
+/// of 1, 5 and 8 columns, `k` past the in-place kernel's 128-row blocks, a transposed `B`,
+/// and a `C` wider than `n` whose other columns stay untouched.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn packed_products_equal_the_in_place_kernel() {
+    use crate::packed::{PackedB, sgemm_packed_with};
+    if !crate::packed::packed_supported() {
+        return;
+    }
+    let avx512 = std::is_x86_feature_detected!("avx512f");
+    let mut rng = Rng(0x5eed_0020);
+    for (m, n, k) in [
+        (1usize, 384usize, 512usize),
+        (8, 1024, 512),
+        (8, 37, 300),
+        (3, 21, 130),
+        (16, 392, 200),
+        (11, 24, 1),
+        (13, 1, 64),
+    ] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
+        // The same B stored column-major, read through transposed strides.
+        let mut bt = vec![0.0f32; k * n];
+        for l in 0..k {
+            for j in 0..n {
+                bt[j * k + l] = b[l * n + j];
+            }
+        }
+        // One chain of fused multiply-adds over k per element, as the in-place kernel sums.
+        let mut want = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).fold(0.0f32, |s, l| a[i * k + l].mul_add(b[l * n + j], s));
+            }
+        }
+        if crate::packed_matches_in_place(m, n, k, 1) {
+            let mut in_place = vec![f32::NAN; m * n];
+            // SAFETY: row-major m x k, k x n and m x n.
+            unsafe {
+                sgemm_strided(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    in_place.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    true,
+                );
+            }
+            assert!(
+                in_place
+                    .iter()
+                    .zip(&want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{n}x{k}: the in-place kernel sums one chain per element"
+            );
+        }
+        // SAFETY: b is k x n row-major, bt the same column-major.
+        let packs = unsafe {
+            [
+                PackedB::pack(k, n, b.as_ptr(), n as isize, 1).expect("memory"),
+                PackedB::pack(k, n, bt.as_ptr(), 1, k as isize).expect("memory"),
+            ]
+        };
+        for (which, p) in packs.iter().enumerate() {
+            assert_eq!((p.k(), p.n()), (k, n));
+            assert_eq!(p.bytes(), n.div_ceil(16) * 16 * k * 4);
+            for wide in [false, true] {
+                if wide && !avx512 {
+                    continue;
+                }
+                for threaded in [false, true] {
+                    // C is m x (n + 3): the 3 columns past n must stay NaN.
+                    let ld = n + 3;
+                    let mut c = vec![f32::NAN; m * ld];
+                    // SAFETY: a is m x k row-major; c has m rows of ld >= n columns.
+                    let took = unsafe {
+                        sgemm_packed_with(
+                            m,
+                            a.as_ptr(),
+                            k as isize,
+                            1,
+                            p,
+                            c.as_mut_ptr(),
+                            ld as isize,
+                            1,
+                            threaded,
+                            wide,
+                        )
+                    };
+                    assert!(took, "{m}x{n}x{k} takes the packed path");
+                    for i in 0..m {
+                        for j in 0..ld {
+                            let got = c[i * ld + j];
+                            if j < n {
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want[i * n + j].to_bits(),
+                                    "{m}x{n}x{k} B{which} wide {wide} threaded {threaded} at ({i}, {j})"
+                                );
+                            } else {
+                                assert!(got.is_nan(), "{m}x{n}x{k}: column {j} past n written");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // More than 16 rows, or C's columns apart, decline without writing.
+    let p = unsafe { PackedB::pack(2, 16, [1.0f32; 32].as_ptr(), 16, 1) }.expect("memory");
+    let a = [1.0f32; 34];
+    let mut c = [f32::NAN; 17 * 16];
+    assert!(!unsafe { sgemm_packed(17, a.as_ptr(), 2, 1, &p, c.as_mut_ptr(), 16, 1, true) });
+    assert!(!unsafe { sgemm_packed(1, a.as_ptr(), 2, 1, &p, c.as_mut_ptr(), 1, 16, true) });
+    assert!(c.iter().all(|v| v.is_nan()));
+    assert_eq!(PackedB::bytes_for(usize::MAX, 16), None);
+    // The shapes the in-place kernel takes, and so the ones worth packing.
+    if std::env::var_os("PEFT_GEMM_SMALL_M").is_none()
+        && std::env::var_os("PEFT_GEMM_KERNEL").is_none()
+    {
+        assert!(crate::packed_matches_in_place(8, 384, 512, 1));
+        assert!(crate::packed_matches_in_place(16, 32128, 512, 1));
+        assert!(!crate::packed_matches_in_place(17, 384, 512, 1), "17 rows");
+        assert!(!crate::packed_matches_in_place(8, 8, 4096, 1), "8 columns");
+        assert!(
+            !crate::packed_matches_in_place(8, 64, 64, 1),
+            "a B in cache"
+        );
+        assert!(
+            !crate::packed_matches_in_place(8, 384, 512, 384),
+            "a transposed B"
+        );
+    }
+}
