@@ -11,7 +11,8 @@ use crate::methods::loha::LohaAdapter;
 use crate::methods::lokr::LokrAdapter;
 use crate::methods::lora::LoraAdapter;
 use crate::mixed::{BatchAdapters, RowGroup, per_group, row_index};
-use crate::nn::linear;
+use crate::nn::{linear, linear_packed};
+use crate::ops::DecodePack;
 use crate::params::{AdapterParams, FileLayout, NamedParam, ParamMut, ParamRef};
 
 /// A trainable copy of a linear layer for one adapter (PEFT's `modules_to_save`).
@@ -67,6 +68,9 @@ pub struct AdaptedLinear<B: Backend> {
     /// The per-row adapters of a mixed batch while one runs (see [`crate::mixed`]).
     #[module(skip)]
     pub batch_adapters: BatchAdapters,
+    /// The base weight packed for decoding products (see [`crate::ops::DecodePack`]).
+    #[module(skip)]
+    pub decode_pack: DecodePack,
 }
 
 impl<B: Backend> AdaptedLinear<B> {
@@ -104,6 +108,7 @@ impl<B: Backend> AdaptedLinear<B> {
             merged: Vec::new(),
             disabled: false,
             batch_adapters: BatchAdapters::none(),
+            decode_pack: DecodePack::default(),
         }
     }
 
@@ -358,11 +363,7 @@ impl<B: Backend> AdaptedLinear<B> {
             );
         }
         let device = x.device();
-        let mut y = linear(
-            x.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let mut y = self.base(x.clone(), self.bias.as_ref().map(|b| b.val()));
         for g in groups {
             let Some(a) = g.adapter.as_deref().and_then(|n| self.adapter(n)) else {
                 continue;
@@ -388,6 +389,12 @@ impl<B: Backend> AdaptedLinear<B> {
     }
 
     /// The output with `active` as the active adapters.
+    /// `x W + b` with the base weight (packed for decoding products, see
+    /// [`crate::ops::DecodePack`]).
+    fn base<const D: usize>(&self, x: Tensor<B, D>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+        linear_packed(x, self.weight.val(), bias, &self.decode_pack)
+    }
+
     fn forward_with<const D: usize>(&self, x: Tensor<B, D>, active: &[String]) -> Tensor<B, D> {
         if !self.disabled {
             // modules_to_save: the first active adapter with a copy replaces the base layer.
@@ -397,7 +404,7 @@ impl<B: Backend> AdaptedLinear<B> {
         }
         let bias = self.bias.as_ref().map(|b| b.val());
         if self.disabled || !self.merged.is_empty() {
-            return linear(x, self.weight.val(), bias);
+            return self.base(x, bias);
         }
         // IA3: the product of the active vectors scales the input (feed-forward targets) or
         // the output (others), as PEFT's `IA3Layer.forward`.
@@ -417,8 +424,8 @@ impl<B: Backend> AdaptedLinear<B> {
             }
         }
         let mut y = match scale_in {
-            Some(s) => linear(x.clone() * s.unsqueeze(), self.weight.val(), bias),
-            None => linear(x.clone(), self.weight.val(), bias),
+            Some(s) => self.base(x.clone() * s.unsqueeze(), bias),
+            None => self.base(x.clone(), bias),
         };
         if let Some(s) = scale_out {
             y = y * s.unsqueeze();

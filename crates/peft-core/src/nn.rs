@@ -30,6 +30,28 @@ pub fn linear<B: Backend, const D: usize>(
     ops::reshape(y, out)
 }
 
+/// [`linear`], with the product through [`ops::matmul_packed`]: when `x` has at most
+/// [`peft_gemm::SMALL_M`] rows in all (a decoding step) on burn-ndarray, the weight is read
+/// from its packed copy in `pack` (see [`ops::DecodePack`]). The same values as [`linear`].
+pub fn linear_packed<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    pack: &ops::DecodePack,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = ops::matmul_packed(ops::reshape(x, [rows, d_in]), weight, pack);
+    let y = match bias {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
+    };
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    ops::reshape(y, out)
+}
+
 /// burn's `[in, out]` weight from PyTorch's `[out, in]` values (`rows = out`, `cols = in`):
 /// the `[cols, rows]` transpose of `values`, stored in standard (row-major) layout rather than
 /// as the strided view `Tensor::transpose` gives. Products read such a weight in place row by

@@ -94,6 +94,48 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
     lhs.matmul(rhs)
 }
 
+/// `x · weight` for `x` `[rows, in]`: [`matmul`], except that on burn-ndarray (without
+/// autodiff) a product with at most [`peft_gemm::SMALL_M`] rows reads `weight`'s packed copy
+/// from `pack`, made at the second such product with the same weight ([`DecodePack`]). The
+/// values are the same either way. The decoding steps of generation take it through
+/// [`crate::AdaptedLinear`].
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use peft_core::ops::{DecodePack, matmul, matmul_packed};
+///
+/// let device = Default::default();
+/// let w = Tensor::<NdArray, 2>::random([256, 384], Distribution::Default, &device);
+/// let x = Tensor::<NdArray, 2>::random([3, 256], Distribution::Default, &device);
+/// let pack = DecodePack::default();
+/// let first = matmul_packed(x.clone(), w.clone(), &pack); // in place; the weight is noted
+/// let second = matmul_packed(x.clone(), w.clone(), &pack); // packs it, reads the copy
+/// // Packed where the CPU has AVX2 and FMA (x86-64), unless PEFT_DECODE_PACK=off.
+/// println!("packed: {} bytes", pack.bytes());
+/// first.to_data().assert_eq(&matmul(x, w).into_data(), true);
+/// second.into_data().assert_eq(&first.into_data(), true);
+/// ```
+pub fn matmul_packed<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    pack: &DecodePack,
+) -> Tensor<B, 2> {
+    #[cfg(feature = "ndarray")]
+    if host::is_host::<B>() && x.dims()[0] <= peft_gemm::SMALL_M {
+        let (l, r) = (
+            x.into_primitive().tensor(),
+            weight.into_primitive().tensor(),
+        );
+        return match pack::host::matmul::<B>(l, r, pack) {
+            Ok(y) => float(y),
+            Err([l, r]) => matmul(float(l), float(r)),
+        };
+    }
+    let _ = pack;
+    matmul(x, weight)
+}
+
 /// burn's [`Tensor::reshape`] to a fully given shape, a view of the same buffer on burn-ndarray
 /// when the input is in standard layout (see the [module docs](self)).
 ///
@@ -146,6 +188,80 @@ pub fn narrow<B: Backend, const D: usize>(
         };
     }
     x.narrow(dim, start, len)
+}
+
+/// For every row of the last dimension, the index of its largest value (the first one on a
+/// tie): burn's `x.argmax(D - 1)` read into a `Vec`, row after row, with the same answers (a
+/// NaN is never picked unless it comes first). Greedy decoding picks each step's tokens with
+/// it. On burn-ndarray, one pass over each row where it lies: burn-ndarray's argmax walked
+/// the `8 x 32128` logits of a decoding step through an index iterator, 0.5 ms a step.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Tensor, TensorData};
+///
+/// let t = Tensor::<NdArray, 2>::from_data(TensorData::new(vec![1.0f32, 3.0, 3.0, 5.0, 4.0, 0.0], [2, 3]), &Default::default());
+/// assert_eq!(peft_core::ops::argmax_last(t), vec![1, 0]);
+/// ```
+pub fn argmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<usize> {
+    #[cfg(feature = "ndarray")]
+    let x = if host::is_host::<B>() {
+        match host::argmax_last::<B>(x.into_primitive().tensor()) {
+            Ok(ids) => return ids,
+            Err(x) => float::<B, D>(x),
+        }
+    } else {
+        x
+    };
+    let ids = x.argmax(D - 1).into_data().convert::<i64>();
+    ids.iter::<i64>().map(|i| i as usize).collect()
+}
+
+/// `x` with `value` written at positions `start..start + len` of dimension `dim` (`len` is
+/// `value`'s size there; the other dimensions equal `x`'s): burn's `slice_assign` over that
+/// range. On burn-ndarray it writes into `x`'s buffer when no other tensor shares it, with a
+/// plain loop: burn-ndarray's walked the `[8, 6, 1, 64]` keys of a decoding step through a
+/// dynamic-rank iterator, about 1 ms a step over a decoder's caches. A KV cache appends
+/// each step's keys and values through it. Elsewhere, burn's `slice_assign`.
+///
+/// # Panics
+/// As burn's `slice_assign`, when the shapes do not fit.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Tensor, TensorData};
+///
+/// let device = Default::default();
+/// let x = Tensor::<NdArray, 2>::zeros([2, 3], &device);
+/// let v = Tensor::<NdArray, 2>::from_data(TensorData::new(vec![1.0f32, 2.0], [2, 1]), &device);
+/// let y = peft_core::ops::assign_at(x, 1, 2, v);
+/// y.into_data().assert_eq(&TensorData::new(vec![0.0f32, 0.0, 1.0, 0.0, 0.0, 2.0], [2, 3]), true);
+/// ```
+pub fn assign_at<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dim: usize,
+    start: usize,
+    value: Tensor<B, D>,
+) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    let (x, value) = if host::is_host::<B>() {
+        let (a, v) = (x.into_primitive().tensor(), value.into_primitive().tensor());
+        match host::assign_at::<B>(a, dim, start, v) {
+            Ok(y) => return float(y),
+            Err([a, v]) => (float::<B, D>(a), float::<B, D>(v)),
+        }
+    } else {
+        (x, value)
+    };
+    let len = value.dims()[dim];
+    let ranges: [core::ops::Range<usize>; D] = core::array::from_fn(|d| {
+        if d == dim {
+            start..start + len
+        } else {
+            0..x.dims()[d]
+        }
+    });
+    x.slice_assign(ranges, value)
 }
 
 /// `x` stored in standard (row-major) layout. On burn-ndarray, a tensor that is a transposed
@@ -428,7 +544,10 @@ fn float<B: Backend, const D: usize>(p: burn::tensor::ops::FloatTensor<B>) -> Te
 
 #[cfg(feature = "ndarray")]
 mod lora_kernel;
+mod pack;
 mod spin;
+
+pub use pack::DecodePack;
 
 #[cfg(feature = "ndarray")]
 mod host {
@@ -490,7 +609,7 @@ mod host {
     }
 
     /// `t` as a `U`, when `T` and `U` are the same type.
-    fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+    pub(super) fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
         let mut slot = Some(t);
         match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
             Some(u) => Ok(u.take().expect("just filled")),
@@ -576,7 +695,7 @@ mod host {
     }
 
     /// A primitive of `B` (NdArray's or autodiff's) back as `B`'s.
-    fn back<B: Backend, T: 'static>(t: T) -> FloatTensor<B> {
+    pub(super) fn back<B: Backend, T: 'static>(t: T) -> FloatTensor<B> {
         cast(t).unwrap_or_else(|_| unreachable!("B's own primitive"))
     }
 
@@ -601,6 +720,146 @@ mod host {
             }
             other => Err(back::<B, _>(other)),
         }
+    }
+
+    /// [`super::assign_at`] on plain NdArray `f32` whose buffer no other tensor shares; the
+    /// inputs back otherwise (shared, another dtype, shapes that do not fit).
+    pub(super) fn assign_at<B: Backend>(
+        x: FloatTensor<B>,
+        dim: usize,
+        start: usize,
+        value: FloatTensor<B>,
+    ) -> Result<FloatTensor<B>, [FloatTensor<B>; 2]> {
+        let x = match cast::<_, NdArrayTensor>(x) {
+            Ok(x) => x,
+            Err(x) => return Err([x, value]),
+        };
+        let v = match cast::<_, NdArrayTensor>(value) {
+            Ok(v) => v,
+            Err(v) => return Err([back::<B, _>(x), v]),
+        };
+        let fits = |xs: &[usize], vs: &[usize]| {
+            xs.len() == vs.len()
+                && dim < xs.len()
+                && xs.iter().zip(vs).enumerate().all(|(d, (&a, &b))| {
+                    if d == dim {
+                        start.checked_add(b).is_some_and(|end| end <= a)
+                    } else {
+                        a == b
+                    }
+                })
+        };
+        match (x, v) {
+            (NdArrayTensor::F32(xs), NdArrayTensor::F32(vs))
+                if xs.is_unique() && fits(xs.shape(), vs.shape()) =>
+            {
+                let mut a = xs.into_shared();
+                let src = vs.view();
+                let len = src.shape()[dim];
+                let mut dst =
+                    a.slice_axis_mut(ndarray::Axis(dim), ndarray::Slice::from(start..start + len));
+                copy_strided(&mut dst, &src);
+                Ok(back::<B, _>(NdArrayTensor::from(a)))
+            }
+            (x, v) => Err([back::<B, _>(x), back::<B, _>(v)]),
+        }
+    }
+
+    /// `dst := src` (the same shape), element by element through both arrays' strides, the
+    /// last axis in the inner loop.
+    fn copy_strided(dst: &mut ndarray::ArrayViewMutD<'_, f32>, src: &ArrayViewD<'_, f32>) {
+        let shape = src.shape().to_vec();
+        if shape.contains(&0) {
+            return;
+        }
+        let (ds, ss) = (dst.strides().to_vec(), src.strides().to_vec());
+        let last = shape.len() - 1;
+        let (d_base, s_base) = (dst.as_mut_ptr(), src.as_ptr());
+        let mut index = vec![0usize; last];
+        loop {
+            let (mut d_off, mut s_off) = (0isize, 0isize);
+            for (axis, &i) in index.iter().enumerate() {
+                d_off += i as isize * ds[axis];
+                s_off += i as isize * ss[axis];
+            }
+            for j in 0..shape[last] as isize {
+                // SAFETY: the index is inside both arrays' (equal) shapes, so the offsets
+                // through their strides are inside their buffers; dst and src do not overlap
+                // (dst's buffer is unique to it).
+                unsafe {
+                    *d_base.offset(d_off + j * ds[last]) = *s_base.offset(s_off + j * ss[last])
+                };
+            }
+            // The next index over the outer axes (an odometer), or done.
+            let mut axis = last;
+            loop {
+                if axis == 0 {
+                    return;
+                }
+                axis -= 1;
+                index[axis] += 1;
+                if index[axis] < shape[axis] {
+                    break;
+                }
+                index[axis] = 0;
+            }
+        }
+    }
+
+    /// [`super::argmax_last`] on plain NdArray `f32`; the input back otherwise.
+    pub(super) fn argmax_last<B: Backend>(x: FloatTensor<B>) -> Result<Vec<usize>, FloatTensor<B>> {
+        match cast::<_, NdArrayTensor>(x)? {
+            NdArrayTensor::F32(storage) if storage.shape().last().is_some_and(|&n| n > 0) => {
+                let view = storage.view();
+                let axis = ndarray::Axis(view.ndim() - 1);
+                Ok(view
+                    .lanes(axis)
+                    .into_iter()
+                    .map(|lane| match lane.as_slice() {
+                        Some(row) => first_max_row(row),
+                        None => first_max(lane.iter()),
+                    })
+                    .collect())
+            }
+            other => Err(back::<B, _>(other)),
+        }
+    }
+
+    /// [`first_max`] on a contiguous row, in two passes the compiler vectorizes: the largest
+    /// value (each lane keeps `x` only when `x > best`, so a NaN never enters unless it comes
+    /// first, as in [`first_max`]), then the first position holding it.
+    fn first_max_row(row: &[f32]) -> usize {
+        const LANES: usize = 16;
+        let Some(&first) = row.first() else { return 0 };
+        if first.is_nan() {
+            return 0;
+        }
+        let mut best = [first; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (b, &x) in best.iter_mut().zip(chunk) {
+                *b = if x > *b { x } else { *b };
+            }
+        }
+        let max = best
+            .iter()
+            .chain(tail)
+            .fold(first, |m, &x| if x > m { x } else { m });
+        row.iter().position(|&x| x == max).unwrap_or(0)
+    }
+
+    /// The index of the first largest value (burn-ndarray's rule: a later value replaces the
+    /// best only when strictly greater, starting from the first).
+    fn first_max<'a>(mut xs: impl Iterator<Item = &'a f32>) -> usize {
+        let Some(&first) = xs.next() else { return 0 };
+        let (mut best, mut at) = (first, 0);
+        for (i, &x) in xs.enumerate() {
+            if x > best {
+                (best, at) = (x, i + 1);
+            }
+        }
+        at
     }
 
     /// `x` in standard layout on plain NdArray `f32` ([`standard`]); as it is otherwise.
@@ -1849,7 +2108,7 @@ mod host {
     }
 
     /// The `f32` view of a tensor, if it holds `f32`.
-    fn view(t: &NdArrayTensor) -> Option<ArrayViewD<'_, f32>> {
+    pub(super) fn view(t: &NdArrayTensor) -> Option<ArrayViewD<'_, f32>> {
         match t {
             NdArrayTensor::F32(storage) => Some(storage.view()),
             _ => None,
@@ -2576,5 +2835,154 @@ mod tests {
             .assert_eq(&a.clone().reshape([2, 3, 4]).into_data(), true);
         let t = reshape(a.clone().transpose(), [4, 6]);
         t.into_data().assert_eq(&a.transpose().into_data(), true);
+    }
+
+    /// `argmax_last` answers what burn's `argmax` over the last dimension does: the first
+    /// largest value, a NaN only when it comes first; on rows of 1 to 40 values (the
+    /// 16-lane pass and its tail), with ties, infinities, a transposed view and a 3-D input.
+    #[test]
+    fn argmax_last_equals_burns() {
+        use burn::tensor::TensorData;
+        let burns = |t: Tensor<Nd, 2>| -> Vec<usize> {
+            let ids = t.argmax(1).into_data().convert::<i64>();
+            ids.iter::<i64>().map(|i| i as usize).collect()
+        };
+        let device = Default::default();
+        for n in [1usize, 2, 15, 16, 17, 33, 40] {
+            let mut rows: Vec<Vec<f32>> = (0..6)
+                .map(|r| {
+                    (0..n)
+                        .map(|j| ((j * 7 + r * 3) % 11) as f32 - 5.0)
+                        .collect()
+                })
+                .collect();
+            rows[1] = vec![2.0; n];
+            rows[2][n - 1] = f32::INFINITY;
+            rows[3][0] = f32::NAN;
+            rows[4][n / 2] = f32::NAN;
+            rows[5] = vec![f32::NEG_INFINITY; n];
+            let flat: Vec<f32> = rows.concat();
+            let t = Tensor::<Nd, 2>::from_data(TensorData::new(flat, [6, n]), &device);
+            assert_eq!(
+                super::argmax_last(t.clone()),
+                burns(t.clone()),
+                "{n} columns"
+            );
+            let tt = t.transpose();
+            assert_eq!(
+                super::argmax_last(tt.clone()),
+                burns(tt),
+                "{n} rows, transposed"
+            );
+        }
+        let t = random::<Nd, 3>([3, 4, 50]);
+        let want: Vec<usize> = {
+            let ids = t.clone().argmax(2).into_data().convert::<i64>();
+            ids.iter::<i64>().map(|i| i as usize).collect()
+        };
+        assert_eq!(super::argmax_last(t), want);
+    }
+
+    /// `assign_at` equals burn's `slice_assign`, in place when the buffer is not shared (a
+    /// KV cache's append) and without touching another tensor that shares it; on a
+    /// transposed buffer (the keys' layout), along each dimension.
+    #[test]
+    fn assign_at_equals_slice_assign_and_writes_in_place_only_unshared() {
+        let address = |t: &Tensor<Nd, 4>| match t.clone().into_primitive().tensor() {
+            burn::backend::ndarray::NdArrayTensor::F32(s) => s.view().as_ptr() as usize,
+            _ => unreachable!("f32"),
+        };
+        for dim in 0..4 {
+            let mut shape = [3usize, 2, 5, 4];
+            let base = random::<Nd, 4>(shape).swap_dims(2, 3);
+            shape.swap(2, 3);
+            let mut vshape = shape;
+            vshape[dim] = 1;
+            let value = random::<Nd, 4>(vshape);
+            let start = shape[dim] - 1;
+            let ranges: [core::ops::Range<usize>; 4] = core::array::from_fn(|d| {
+                if d == dim {
+                    start..start + 1
+                } else {
+                    0..shape[d]
+                }
+            });
+            let want = base.clone().slice_assign(ranges, value.clone());
+            // Shared: the other holder keeps its values.
+            let kept = base.clone().into_data();
+            let shared = super::assign_at(base.clone(), dim, start, value.clone());
+            shared
+                .into_data()
+                .assert_eq(&want.clone().into_data(), true);
+            base.clone().into_data().assert_eq(&kept, true);
+            // Unshared: written in place.
+            let before = address(&base);
+            let unshared = super::assign_at(base, dim, start, value);
+            assert_eq!(
+                address(&unshared),
+                before,
+                "dimension {dim}: written in place"
+            );
+            unshared.into_data().assert_eq(&want.into_data(), true);
+        }
+    }
+
+    /// `matmul_packed` equals `matmul` bit for bit at every call: the first in place, the
+    /// second packing the weight, later ones reading the copy; a new weight drops the copy
+    /// (the stale one is not read) and is packed at its own second product; more than 16
+    /// rows and a small weight stay in place; clones share the slot; `clear` empties it.
+    #[test]
+    fn packed_products_equal_products_in_place() {
+        use super::{DecodePack, matmul_packed};
+        let packs = peft_gemm::packed_matches_in_place(8, 384, 256, 1)
+            && std::env::var_os("PEFT_DECODE_PACK").is_none();
+        let pack = DecodePack::default();
+        let w = random::<Nd, 2>([256, 384]);
+        let bytes = 384 * 256 * 4;
+        for (call, rows) in [3usize, 16, 1, 8].into_iter().enumerate() {
+            let x = random::<Nd, 2>([rows, 256]);
+            let y = matmul_packed(x.clone(), w.clone(), &pack);
+            y.into_data()
+                .assert_eq(&matmul(x, w.clone()).into_data(), true);
+            let want = if packs && call >= 1 { bytes } else { 0 };
+            assert_eq!(pack.bytes(), want, "after call {call}");
+        }
+        // 17 rows: in place, the copy kept.
+        let x = random::<Nd, 2>([17, 256]);
+        let y = matmul_packed(x.clone(), w.clone(), &pack);
+        y.into_data()
+            .assert_eq(&matmul(x, w.clone()).into_data(), true);
+        assert_eq!(pack.bytes(), if packs { bytes } else { 0 });
+        // A new weight (as after an optimizer step or a merge): the stale copy goes.
+        let w2 = w.clone().add_scalar(1.0);
+        for call in 0..3 {
+            let x = random::<Nd, 2>([4, 256]);
+            let y = matmul_packed(x.clone(), w2.clone(), &pack.clone());
+            y.into_data()
+                .assert_eq(&matmul(x, w2.clone()).into_data(), true);
+            let want = if packs && call >= 1 { bytes } else { 0 };
+            assert_eq!(pack.bytes(), want, "new weight, call {call}");
+        }
+        pack.clear();
+        assert_eq!(pack.bytes(), 0);
+        // A small weight (it stays in cache) is never packed.
+        let small = random::<Nd, 2>([64, 96]);
+        for _ in 0..3 {
+            let x = random::<Nd, 2>([2, 64]);
+            let y = matmul_packed(x.clone(), small.clone(), &pack);
+            y.into_data()
+                .assert_eq(&matmul(x, small.clone()).into_data(), true);
+        }
+        assert_eq!(pack.bytes(), 0);
+        // Under autodiff: burn's product, nothing packed.
+        let pack = DecodePack::default();
+        let wa = random::<Ad, 2>([256, 384]);
+        for _ in 0..3 {
+            let x = random::<Ad, 2>([2, 256]);
+            let y = matmul_packed(x.clone(), wa.clone(), &pack);
+            y.into_data()
+                .assert_eq(&matmul(x, wa.clone()).into_data(), true);
+        }
+        assert_eq!(pack.bytes(), 0);
     }
 }

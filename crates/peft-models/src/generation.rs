@@ -72,10 +72,9 @@ pub fn greedy<B: Backend, M: Seq2SeqGenerate<B>>(
     for _ in 0..max_new_tokens {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [b, 1]), &device);
         let logits = model.decode_step(ids, enc.clone(), attention_mask.clone(), &mut cache);
-        let best = logits.argmax(2).reshape([b]).into_data().convert::<i64>();
-        let best: Vec<i64> = best.to_vec().expect("argmax ids");
+        let best = peft_core::ops::argmax_last(logits);
         for i in 0..b {
-            let tok = if done[i] { pad } else { best[i] as usize };
+            let tok = if done[i] { pad } else { best[i] };
             out[i].push(tok);
             if Some(tok) == eos {
                 done[i] = true;

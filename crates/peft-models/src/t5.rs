@@ -483,11 +483,11 @@ impl<B: Backend> KvCache<B> {
             let (kept_k, kept_v) = (self.keys(), self.values());
             let keys = Tensor::<B, 4>::zeros([b, h, d, grown], &device).swap_dims(2, 3);
             let values = Tensor::<B, 4>::zeros([b, h, grown, d], &device);
-            self.k = keys.slice_assign([0..b, 0..h, 0..self.len, 0..d], kept_k);
-            self.v = values.slice_assign([0..b, 0..h, 0..self.len, 0..d], kept_v);
+            self.k = ops::assign_at(keys, 2, 0, kept_k);
+            self.v = ops::assign_at(values, 2, 0, kept_v);
         }
-        self.k = self.k.slice_assign([0..b, 0..h, self.len..end, 0..d], k);
-        self.v = self.v.slice_assign([0..b, 0..h, self.len..end, 0..d], v);
+        self.k = ops::assign_at(self.k, 2, self.len, k);
+        self.v = ops::assign_at(self.v, 2, self.len, v);
         self.len = end;
         self
     }
@@ -1415,5 +1415,95 @@ mod tests {
             .values()
             .into_data()
             .assert_eq(&values.select(0, rows).into_data(), true);
+    }
+
+    /// Decoding steps read the weights from their packed copies from the second step on
+    /// ([`peft_core::ops::DecodePack`]), and get the same logits, bit for bit, as steps whose
+    /// copies are dropped before each step (so that every product runs in place), for 1 and
+    /// 9 rows, with an unmerged LoRA adapter on `q` and `v`.
+    #[test]
+    fn decoding_with_packed_weights_equals_decoding_in_place() {
+        use peft_core::config::TargetModules;
+        use peft_core::{AdapterHost, InitLoraWeights, LoraConfig, PeftModel};
+
+        use crate::generation::Seq2SeqGenerate;
+
+        let device = Default::default();
+        // Weights large enough for the decoding kernel (at least 32768 elements).
+        let config = super::T5Config {
+            vocab_size: 300,
+            ..super::T5Config::preset_by_name("mt0-tiny").expect("preset")
+        };
+        let config = super::T5Config {
+            d_model: 256,
+            d_kv: 64,
+            ..config
+        };
+        let base = super::T5ForConditionalGeneration::<Nd>::new(&config, &device).expect("model");
+        let lora = LoraConfig {
+            init_lora_weights: InitLoraWeights::Random,
+            ..LoraConfig::new(8, 16.0, TargetModules::list(["q", "v"]))
+        };
+        let model = PeftModel::new(base, lora, "default")
+            .expect("adapter")
+            .base_model;
+        let packed_bytes = |m: &super::T5ForConditionalGeneration<Nd>| {
+            let mut bytes = 0;
+            m.visit_linears(&mut |_, l| bytes += l.decode_pack.bytes());
+            bytes
+        };
+        for rows in [1usize, 9] {
+            let ids: Vec<i64> = (0..rows * 7).map(|i| (i * 37 % 290 + 3) as i64).collect();
+            let ids = Tensor::<Nd, 2, Int>::from_data(TensorData::new(ids, [rows, 7]), &device);
+            let enc = model.encode_source(ids, None);
+            let run = |in_place: bool| {
+                let mut cache = Default::default();
+                let mut next = vec![0i64; rows];
+                let mut steps = Vec::new();
+                for _ in 0..4 {
+                    if in_place {
+                        model.visit_linears(&mut |_, l| l.decode_pack.clear());
+                    }
+                    let t = Tensor::<Nd, 2, Int>::from_data(
+                        TensorData::new(next.clone(), [rows, 1]),
+                        &device,
+                    );
+                    let logits = model.decode_step(t, enc.clone(), None, &mut cache);
+                    next = peft_core::ops::argmax_last(logits.clone())
+                        .into_iter()
+                        .map(|t| t as i64)
+                        .collect();
+                    steps.push(logits.into_data());
+                }
+                steps
+            };
+            let in_place = run(true);
+            assert_eq!(packed_bytes(&model), 0, "cleared before each step");
+            let packed = run(false);
+            if peft_gemm_packs() {
+                assert!(
+                    packed_bytes(&model) > 0,
+                    "the decoder's weights were packed"
+                );
+            }
+            for (step, (a, b)) in in_place.iter().zip(&packed).enumerate() {
+                a.assert_eq(b, true);
+                assert!(
+                    a.iter::<f32>().all(f32::is_finite),
+                    "{rows} rows, step {step}: finite logits"
+                );
+            }
+        }
+    }
+
+    /// Whether this machine packs decoding weights (x86-64 with AVX2 and FMA, not turned off).
+    fn peft_gemm_packs() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        let cpu = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
+        cpu && ["PEFT_DECODE_PACK", "PEFT_GEMM_SMALL_M", "PEFT_GEMM_KERNEL"]
+            .iter()
+            .all(|v| std::env::var_os(v).is_none())
     }
 }

@@ -762,13 +762,10 @@ impl<B: Backend> Worker<B> {
                         (enc, logits, cache)
                     })
                     .expect("names checked when admitted");
-                let first: Vec<i64> = first
-                    .argmax(2)
-                    .reshape([n])
-                    .into_data()
-                    .convert::<i64>()
-                    .to_vec()
-                    .expect("argmax ids");
+                let first: Vec<i64> = peft_core::ops::argmax_last(first)
+                    .into_iter()
+                    .map(|t| t as i64)
+                    .collect();
                 let dec_mask_new = |past: usize| {
                     let mut v = vec![0i64; n * past.max(1)];
                     for r in 0..n {
@@ -920,15 +917,9 @@ impl<B: Backend> Worker<B> {
                 })
                 .expect("names checked when admitted");
             *dmask = step_mask;
-            let best: Vec<i64> = logits
-                .argmax(2)
-                .reshape([b])
-                .into_data()
-                .convert::<i64>()
-                .to_vec()
-                .expect("argmax ids");
+            let best = peft_core::ops::argmax_last(logits);
             for (row, t) in rows.iter_mut().zip(best) {
-                row.tokens.push(t as usize);
+                row.tokens.push(t);
             }
         }
     }
