@@ -1075,8 +1075,8 @@ fn small_m_path_takes_decoding_shapes() {
 }
 
 /// A product through a packed `B` equals the in-place decoding kernel's bit for bit (the same
-/// chain per element), with the AVX-512 panels and the AVX2 ones: 1 to 16 rows, a last panel
-/// of 1, 5 and 8 columns, `k` past the in-place kernel's 128-row blocks, a transposed `B`,
+/// chain per element), with the AVX-512 panels (one or two at a time) and the AVX2 ones: 1 to
+/// 16 rows, a last panel of 1, 5 and 8 columns (alone and as the second of a pair), `k` past the in-place kernel's 128-row blocks, a transposed `B`,
 /// and a `C` wider than `n` whose other columns stay untouched.
 #[test]
 #[cfg(target_arch = "x86_64")]

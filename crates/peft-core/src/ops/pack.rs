@@ -159,6 +159,7 @@ pub(super) mod host {
             rs,
             cs,
         };
+        crate::ops::spin::rearm();
         let packed = {
             let mut state = pack.0.lock().ok()?;
             match &state.packed {
