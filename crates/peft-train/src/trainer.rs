@@ -570,6 +570,12 @@ impl<'a, T: Task> Trainer<'a, T> {
                 }
                 let mut grads = acc.grads();
                 let mut reduce = None;
+                // With workers, whether this step is the last one is what they voted in its
+                // reduce: a Ctrl-C that arrives on one worker after the reduce goes to the next
+                // step's vote, so that all stop after the same step (were it read again here,
+                // that worker would stop a step before the others, which would then find its
+                // connection closed).
+                let mut voted_stop = None;
                 if let Some(c) = self.collective.as_deref_mut() {
                     // One reduce: gradients, then the loss, the tokens and the stop votes.
                     let mut flat = Vec::new();
@@ -585,9 +591,11 @@ impl<'a, T: Task> Trainer<'a, T> {
                     grads = g;
                     loss_sum = sum[at] as f64;
                     tokens = sum[at + 1] as usize;
-                    if sum[at + 2] > 0.0 {
+                    let vote = sum[at + 2] > 0.0;
+                    if vote {
                         self.cancel.cancel();
                     }
+                    voted_stop = Some(vote);
                     if !loss_sum.is_finite() {
                         return Err(TrainError::NonFiniteLoss {
                             value: loss_sum,
@@ -630,7 +638,7 @@ impl<'a, T: Task> Trainer<'a, T> {
                 }
                 log(row)?;
                 stop |= self.emit(TrainerEvent::Step(&entry)) == Control::Stop;
-                interrupted = self.cancel.is_cancelled();
+                interrupted = voted_stop.unwrap_or_else(|| self.cancel.is_cancelled());
                 let periodic = args.save_steps.is_some_and(|n| step.is_multiple_of(n));
                 if (periodic || interrupted || stop) && writer {
                     let dir = checkpoint::save(&peft, &optim, &out, &state(step, epoch))?;
