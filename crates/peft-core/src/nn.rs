@@ -17,10 +17,20 @@ pub fn linear<B: Backend, const D: usize>(
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
+    flattened(x, bias, |x| ops::matmul(x, weight))
+}
+
+/// `product(x)` over `x`'s rows flattened to `[rows, in]`, plus `bias`, back in `x`'s
+/// leading shape.
+fn flattened<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    bias: Option<Tensor<B, 1>>,
+    product: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    let y = ops::matmul(ops::reshape(x, [rows, d_in]), weight);
+    let y = product(ops::reshape(x, [rows, d_in]));
     let y = match bias {
         Some(b) => y + b.unsqueeze(),
         None => y,
@@ -39,17 +49,7 @@ pub fn linear_packed<B: Backend, const D: usize>(
     bias: Option<Tensor<B, 1>>,
     pack: &ops::DecodePack,
 ) -> Tensor<B, D> {
-    let dims = x.dims();
-    let d_in = dims[D - 1];
-    let rows = dims[..D - 1].iter().product::<usize>();
-    let y = ops::matmul_packed(ops::reshape(x, [rows, d_in]), weight, pack);
-    let y = match bias {
-        Some(b) => y + b.unsqueeze(),
-        None => y,
-    };
-    let mut out = dims;
-    out[D - 1] = y.dims()[1];
-    ops::reshape(y, out)
+    flattened(x, bias, |x| ops::matmul_packed(x, weight, pack))
 }
 
 /// burn's `[in, out]` weight from PyTorch's `[out, in]` values (`rows = out`, `cols = in`):

@@ -148,6 +148,18 @@ pub const PARALLEL_THRESHOLD: u64 = 128 * 128 * 128;
 /// `m`, `n`, `k` is larger than this, and matrixmultiply otherwise.
 pub const NDARRAY_BLAS_CUTOFF: usize = 7;
 
+/// `$f::<N>(args)` for the `N` in the list that `$m` equals, `$f::<$last>(args)` otherwise
+/// (the arguments given in parentheses):
+/// a kernel with exactly as many accumulators as rows of `A` (the decoding kernels).
+macro_rules! by_rows {
+    ($f:ident, $m:expr, [$($n:literal),*], $last:expr, $args:tt) => {
+        match $m {
+            $($n => $f::<$n> $args,)*
+            _ => $f::<$last> $args,
+        }
+    };
+}
+
 mod packed;
 mod small_m;
 

@@ -329,30 +329,6 @@ mod x86 {
     /// Columns of an AVX2 half-panel: one 256-bit vector.
     const HALF: usize = 8;
 
-    /// `$f::<M>(args)` with `M` the number of rows (1 to 16).
-    macro_rules! by_rows {
-        ($f:ident, $m:expr, $($arg:expr),*) => {
-            match $m {
-                1 => $f::<1>($($arg),*),
-                2 => $f::<2>($($arg),*),
-                3 => $f::<3>($($arg),*),
-                4 => $f::<4>($($arg),*),
-                5 => $f::<5>($($arg),*),
-                6 => $f::<6>($($arg),*),
-                7 => $f::<7>($($arg),*),
-                8 => $f::<8>($($arg),*),
-                9 => $f::<9>($($arg),*),
-                10 => $f::<10>($($arg),*),
-                11 => $f::<11>($($arg),*),
-                12 => $f::<12>($($arg),*),
-                13 => $f::<13>($($arg),*),
-                14 => $f::<14>($($arg),*),
-                15 => $f::<15>($($arg),*),
-                _ => $f::<MAX_M>($($arg),*),
-            }
-        };
-    }
-
     /// One panel (`cols <= 16` valid columns) for the `m` rows of `A` in AVX-512 registers.
     ///
     /// # Safety
@@ -369,7 +345,15 @@ mod x86 {
         cols: usize,
     ) {
         // SAFETY: forwarded.
-        unsafe { by_rows!(panel_wide_m, m, k, ap, bp, c, c_rs, cols) }
+        unsafe {
+            by_rows!(
+                panel_wide_m,
+                m,
+                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+                MAX_M,
+                (k, ap, bp, c, c_rs, cols)
+            )
+        }
     }
 
     /// [`panel_wide`] with `M` accumulators.
@@ -431,20 +415,13 @@ mod x86 {
     ) {
         // SAFETY: forwarded.
         unsafe {
-            match m {
-                1 => pair_wide_m::<1>(k, ap, bp, c, c_rs, cols),
-                2 => pair_wide_m::<2>(k, ap, bp, c, c_rs, cols),
-                3 => pair_wide_m::<3>(k, ap, bp, c, c_rs, cols),
-                4 => pair_wide_m::<4>(k, ap, bp, c, c_rs, cols),
-                5 => pair_wide_m::<5>(k, ap, bp, c, c_rs, cols),
-                6 => pair_wide_m::<6>(k, ap, bp, c, c_rs, cols),
-                7 => pair_wide_m::<7>(k, ap, bp, c, c_rs, cols),
-                8 => pair_wide_m::<8>(k, ap, bp, c, c_rs, cols),
-                9 => pair_wide_m::<9>(k, ap, bp, c, c_rs, cols),
-                10 => pair_wide_m::<10>(k, ap, bp, c, c_rs, cols),
-                11 => pair_wide_m::<11>(k, ap, bp, c, c_rs, cols),
-                _ => pair_wide_m::<PAIR_M>(k, ap, bp, c, c_rs, cols),
-            }
+            by_rows!(
+                pair_wide_m,
+                m,
+                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+                PAIR_M,
+                (k, ap, bp, c, c_rs, cols)
+            )
         }
     }
 
@@ -518,16 +495,13 @@ mod x86 {
                 // SAFETY: forwarded; rows i0.. of A's packing and C, columns j.. of the panel.
                 unsafe {
                     let (a, b, c) = (ap.add(i0), bp.add(j), c.offset(i0 as isize * c_rs).add(j));
-                    match rows {
-                        1 => half_m::<1>(k, a, b, c, c_rs, w),
-                        2 => half_m::<2>(k, a, b, c, c_rs, w),
-                        3 => half_m::<3>(k, a, b, c, c_rs, w),
-                        4 => half_m::<4>(k, a, b, c, c_rs, w),
-                        5 => half_m::<5>(k, a, b, c, c_rs, w),
-                        6 => half_m::<6>(k, a, b, c, c_rs, w),
-                        7 => half_m::<7>(k, a, b, c, c_rs, w),
-                        _ => half_m::<NARROW_M>(k, a, b, c, c_rs, w),
-                    }
+                    by_rows!(
+                        half_m,
+                        rows,
+                        [1, 2, 3, 4, 5, 6, 7],
+                        NARROW_M,
+                        (k, a, b, c, c_rs, w)
+                    )
                 }
             }
         }

@@ -177,36 +177,6 @@ mod x86 {
     /// line of the next block is requested at every step.
     const WIDE: usize = 16;
 
-    /// `$strip::<M>(args)` with `M` the number of rows of `A` (1 to 8, or to [`MAX_M`] with
-    /// `wide`), so that each strip keeps exactly `M` accumulators.
-    macro_rules! by_rows {
-        ($strip:ident, $m:expr, $($arg:expr),*) => {
-            match $m {
-                1 => $strip::<1>($($arg),*),
-                2 => $strip::<2>($($arg),*),
-                3 => $strip::<3>($($arg),*),
-                4 => $strip::<4>($($arg),*),
-                5 => $strip::<5>($($arg),*),
-                6 => $strip::<6>($($arg),*),
-                7 => $strip::<7>($($arg),*),
-                _ => $strip::<8>($($arg),*),
-            }
-        };
-        (wide $strip:ident, $m:expr, $($arg:expr),*) => {
-            match $m {
-                1..=8 => by_rows!($strip, $m, $($arg),*),
-                9 => $strip::<9>($($arg),*),
-                10 => $strip::<10>($($arg),*),
-                11 => $strip::<11>($($arg),*),
-                12 => $strip::<12>($($arg),*),
-                13 => $strip::<13>($($arg),*),
-                14 => $strip::<14>($($arg),*),
-                15 => $strip::<15>($($arg),*),
-                _ => $strip::<MAX_M>($($arg),*),
-            }
-        };
-    }
-
     /// Columns `j0..j1` of `C := A B` (`n` columns in all), `A` packed (`ap`, see
     /// [`super::sgemm`]); with `wide` (AVX-512F present), strips of [`WIDE`] columns first.
     ///
@@ -272,7 +242,13 @@ mod x86 {
                 };
                 for s in 0..wide_count {
                     let j = j0 + s * WIDE;
-                    by_rows!(wide strip_wide, m, part, j, &mut next);
+                    by_rows!(
+                        strip_wide,
+                        m,
+                        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+                        MAX_M,
+                        (part, j, &mut next)
+                    );
                 }
                 for s in 0..count {
                     let j = narrow_from + s * WIDTH;
@@ -280,7 +256,13 @@ mod x86 {
                     // strip's lines of `B` again from L1.
                     for i0 in (0..m).step_by(NARROW_M) {
                         let rows = part.rows_from(i0);
-                        by_rows!(strip, (m - i0).min(NARROW_M), rows, j, &mut next);
+                        by_rows!(
+                            strip,
+                            (m - i0).min(NARROW_M),
+                            [1, 2, 3, 4, 5, 6, 7],
+                            NARROW_M,
+                            (rows, j, &mut next)
+                        );
                     }
                 }
                 // The last columns, one at a time: the same chain of fused multiply-adds.
