@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex};
 /// - **Memory.** A packed copy is as large as its weight (its last panel padded to 16
 ///   columns), kept as long as the layer, or until the weight changes. Generation with the
 ///   bench's mT5-small packs the decoder and the LM head: 154 MB. `PEFT_DECODE_PACK=off`
-///   (read once) never packs, for A/B runs or to save that memory.
+///   (read once) never packs, for A/B runs or to save that memory; [`DecodePack::off`] turns
+///   one slot off (a model's, through `visit_linears`).
 /// - **Values.** Each output is the same chain of fused multiply-adds as the in-place
 ///   product's, so results are the same bit for bit either way.
 ///
@@ -52,16 +53,51 @@ impl DecodePack {
         0
     }
 
-    /// Drops the packed copy, if any (it is made again at the second small product after).
+    /// Drops the packed copy, if any (it is made again at the second small product after,
+    /// unless the slot is [`off`](Self::off)).
     pub fn clear(&self) {
         if let Ok(mut state) = self.0.lock() {
-            *state = State::default();
+            let off = state.off;
+            *state = State {
+                off,
+                ..State::default()
+            };
+        }
+    }
+
+    /// A slot that never packs (and drops the copy it held): products read the weight in
+    /// place. Set on a model's layers to keep its memory at the weights' size, e.g.
+    /// `model.visit_linears(&mut |_, l| l.decode_pack.off())`.
+    ///
+    /// ```
+    /// use burn::backend::NdArray;
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use peft_core::ops::{DecodePack, matmul_packed};
+    ///
+    /// let device = Default::default();
+    /// let w = Tensor::<NdArray, 2>::random([256, 384], Distribution::Default, &device);
+    /// let pack = DecodePack::default();
+    /// pack.off();
+    /// for _ in 0..3 {
+    ///     let x = Tensor::<NdArray, 2>::random([2, 256], Distribution::Default, &device);
+    ///     matmul_packed(x, w.clone(), &pack);
+    /// }
+    /// assert_eq!(pack.bytes(), 0);
+    /// ```
+    pub fn off(&self) {
+        if let Ok(mut state) = self.0.lock() {
+            *state = State {
+                off: true,
+                ..State::default()
+            };
         }
     }
 }
 
 #[derive(Default)]
 struct State {
+    /// Never pack ([`DecodePack::off`]).
+    off: bool,
     /// The weight of the last small product, not packed yet.
     #[cfg(feature = "ndarray")]
     seen: Option<host::Key>,
@@ -162,6 +198,9 @@ pub(super) mod host {
         crate::ops::spin::rearm();
         let packed = {
             let mut state = pack.0.lock().ok()?;
+            if state.off {
+                return None;
+            }
             match &state.packed {
                 Some(e) if e.key == key => e.packed.clone(),
                 _ => {
