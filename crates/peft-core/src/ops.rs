@@ -2985,4 +2985,42 @@ mod tests {
         }
         assert_eq!(pack.bytes(), 0);
     }
+
+    /// Products with one slot from many of rayon's jobs at once (a thread waiting inside one
+    /// job's packing may take up another job's product with the same slot): they all finish,
+    /// under a watchdog, and each equals the product in place.
+    #[test]
+    fn packed_products_from_many_jobs_finish_and_agree() {
+        use rayon::prelude::*;
+        use std::time::Duration;
+
+        use super::{DecodePack, matmul_packed};
+        let w = random::<Nd, 2>([256, 384]);
+        let xs: Vec<Tensor<Nd, 2>> = (0..48).map(|_| random::<Nd, 2>([4, 256])).collect();
+        let want: Vec<_> = xs
+            .iter()
+            .map(|x| matmul(x.clone(), w.clone()).into_data())
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pack = DecodePack::default();
+            let mut all = Vec::new();
+            for _ in 0..3 {
+                let got: Vec<_> = xs
+                    .par_iter()
+                    .map(|x| matmul_packed(x.clone(), w.clone(), &pack).into_data())
+                    .collect();
+                all.push(got);
+            }
+            tx.send(all).ok();
+        });
+        let all = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("every product finished");
+        for got in all {
+            for (g, w) in got.iter().zip(&want) {
+                g.assert_eq(w, true);
+            }
+        }
+    }
 }

@@ -196,13 +196,13 @@ pub(super) mod host {
             cs,
         };
         crate::ops::spin::rearm();
-        let packed = {
+        let held = {
             let mut state = pack.0.lock().ok()?;
             if state.off {
                 return None;
             }
             match &state.packed {
-                Some(e) if e.key == key => e.packed.clone(),
+                Some(e) if e.key == key => Some(e.packed.clone()),
                 _ => {
                     // A stale copy goes now; the weight is packed at its second product.
                     state.packed = None;
@@ -211,15 +211,26 @@ pub(super) mod host {
                         return None;
                     }
                     state.seen = None;
-                    // SAFETY: the view covers `k x n` elements at these strides.
-                    let packed = Arc::new(unsafe { PackedB::pack(k, n, wv.as_ptr(), rs, cs) }?);
+                    None
+                }
+            }
+        };
+        let packed = match held {
+            Some(packed) => packed,
+            None => {
+                // Packed with the lock released: packing runs on rayon's threads, and a
+                // thread waiting there may take up another product with this slot.
+                // SAFETY: the view covers `k x n` elements at these strides.
+                let packed = Arc::new(unsafe { PackedB::pack(k, n, wv.as_ptr(), rs, cs) }?);
+                let mut state = pack.0.lock().ok()?;
+                if !state.off && state.packed.is_none() {
                     state.packed = Some(Entry {
                         key,
                         _weight: w.clone(),
                         packed: packed.clone(),
                     });
-                    packed
                 }
+                packed
             }
         };
         let len = m * n;
