@@ -16,7 +16,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
 use peft_core::optim::AdamWConfig;
 use peft_core::train::{SplitMix, masked_cross_entropy};
-use peft_core::{InitLoraWeights, LoraConfig, PeftModel, TargetModules, TaskType};
+use peft_core::{AdapterHost, InitLoraWeights, LoraConfig, PeftModel, TargetModules, TaskType};
 use peft_models::{T5Config, T5ForConditionalGeneration};
 use serde_json::{Value, json};
 
@@ -250,6 +250,12 @@ pub fn run<B: AutodiffBackend>(
             };
             params = peft_core::count_params::<I<B>, _>(&model);
             trainable = 0;
+            if w == "generate" {
+                // Repeated generation, as a server runs it: the decoder's weights packed
+                // after the first steps (`peft_core::ops::DecodePack`; a one-shot `peft
+                // generate` leaves them in place).
+                model.visit_linears(&mut |_, l| l.decode_pack.on());
+            }
             let x = int2::<I<B>>(input, [a.batch, a.src_len], &inner);
             let d = int2::<I<B>>(dec, [a.batch, a.tgt_len], &inner);
             for i in 0..a.warmup + a.steps {

@@ -96,7 +96,8 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
 
 /// `x · weight` for `x` `[rows, in]`: [`matmul`], except that on burn-ndarray (without
 /// autodiff) a product with at most [`peft_gemm::SMALL_M`] rows reads `weight`'s packed copy
-/// from `pack`, made at the second such product with the same weight ([`DecodePack`]). The
+/// from `pack` (when turned on), made at the second such product with the same weight
+/// ([`DecodePack`]). The
 /// values are the same either way. The decoding steps of generation take it through
 /// [`crate::AdaptedLinear`].
 ///
@@ -109,6 +110,7 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
 /// let w = Tensor::<NdArray, 2>::random([256, 384], Distribution::Default, &device);
 /// let x = Tensor::<NdArray, 2>::random([3, 256], Distribution::Default, &device);
 /// let pack = DecodePack::default();
+/// pack.on(); // a new slot does not pack
 /// let first = matmul_packed(x.clone(), w.clone(), &pack); // in place; the weight is noted
 /// let second = matmul_packed(x.clone(), w.clone(), &pack); // packs it, reads the copy
 /// // Packed where the CPU has AVX2 and FMA (x86-64), unless PEFT_DECODE_PACK=off.
@@ -2937,6 +2939,7 @@ mod tests {
         let packs = peft_gemm::packed_matches_in_place(8, 384, 256, 1)
             && std::env::var_os("PEFT_DECODE_PACK").is_none();
         let pack = DecodePack::default();
+        pack.on();
         let w = random::<Nd, 2>([256, 384]);
         let bytes = 384 * 256 * 4;
         for (call, rows) in [3usize, 16, 1, 8].into_iter().enumerate() {
@@ -2965,6 +2968,16 @@ mod tests {
         }
         pack.clear();
         assert_eq!(pack.bytes(), 0);
+        // Turned off: in place, nothing kept.
+        pack.off();
+        for _ in 0..3 {
+            let x = random::<Nd, 2>([4, 256]);
+            let y = matmul_packed(x.clone(), w2.clone(), &pack);
+            y.into_data()
+                .assert_eq(&matmul(x, w2.clone()).into_data(), true);
+        }
+        assert_eq!(pack.bytes(), 0);
+        pack.on();
         // A small weight (it stays in cache) is never packed.
         let small = random::<Nd, 2>([64, 96]);
         for _ in 0..3 {
@@ -2976,6 +2989,7 @@ mod tests {
         assert_eq!(pack.bytes(), 0);
         // Under autodiff: burn's product, nothing packed.
         let pack = DecodePack::default();
+        pack.on();
         let wa = random::<Ad, 2>([256, 384]);
         for _ in 0..3 {
             let x = random::<Ad, 2>([2, 256]);
@@ -3004,6 +3018,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let pack = DecodePack::default();
+            pack.on();
             let mut all = Vec::new();
             for _ in 0..3 {
                 let got: Vec<_> = xs

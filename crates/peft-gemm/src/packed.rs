@@ -76,25 +76,51 @@ impl PackedB {
     ) -> Option<Self> {
         use rayon::prelude::*;
         let len = Self::bytes_for(k, n)? / std::mem::size_of::<f32>();
-        let mut data = Vec::new();
+        let mut data: Vec<f32> = Vec::new();
         data.try_reserve_exact(len).ok()?;
-        data.resize(len, 0.0f32);
         let src = Src(b);
-        if k > 0 {
-            data.par_chunks_mut(PANEL * k)
+        // Each task packs a run of panels, `ROWS` rows of `B` at a time: it reads those rows'
+        // columns of its panels in order (a few sequential streams) and writes each panel's
+        // `ROWS x 16` values as one contiguous piece. Every element is written once, padding
+        // included, into memory not zeroed first (its pages are touched by the tasks, in
+        // parallel). Panel by panel, reading one line from each of `k` rows, it packed
+        // mt0-large's weights at 0.4 GB/s.
+        const PANELS_PER_TASK: usize = 64;
+        const ROWS: usize = 16;
+        let task = PANEL * k * PANELS_PER_TASK;
+        if len > 0 {
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(task)
                 .enumerate()
-                .for_each(|(p, panel)| {
+                .for_each(|(t, chunk)| {
                     let b = src.get();
-                    let j0 = p * PANEL;
-                    let cols = (n - j0).min(PANEL);
-                    for (l, row) in panel.chunks_exact_mut(PANEL).enumerate() {
-                        for (jj, out) in row[..cols].iter_mut().enumerate() {
-                            // SAFETY: l < k and j0 + jj < n: inside B (the caller's contract).
-                            *out =
-                                unsafe { *b.offset(l as isize * b_rs + (j0 + jj) as isize * b_cs) };
+                    let p0 = t * PANELS_PER_TASK;
+                    for l0 in (0..k).step_by(ROWS) {
+                        let l1 = (l0 + ROWS).min(k);
+                        for (pi, panel) in chunk.chunks_mut(PANEL * k).enumerate() {
+                            let j0 = (p0 + pi) * PANEL;
+                            let cols = (n - j0).min(PANEL);
+                            for l in l0..l1 {
+                                let row = &mut panel[l * PANEL..(l + 1) * PANEL];
+                                for (jj, out) in row.iter_mut().enumerate() {
+                                    let v = if jj < cols {
+                                        // SAFETY: l < k and j0 + jj < n: inside B (the
+                                        // caller's contract).
+                                        unsafe {
+                                            *b.offset(l as isize * b_rs + (j0 + jj) as isize * b_cs)
+                                        }
+                                    } else {
+                                        0.0
+                                    };
+                                    out.write(v);
+                                }
+                            }
                         }
                     }
                 });
+            // SAFETY: the tasks cover all `len` elements (every panel's `k` rows of 16), each
+            // written above.
+            unsafe { data.set_len(len) };
         }
         Some(PackedB { k, n, data })
     }

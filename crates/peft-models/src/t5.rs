@@ -1418,7 +1418,7 @@ mod tests {
     }
 
     /// Decoding steps read the weights from their packed copies from the second step on
-    /// ([`peft_core::ops::DecodePack`]), and get the same logits, bit for bit, as steps whose
+    /// ([`peft_core::ops::DecodePack`], turned on), and get the same logits, bit for bit, as steps whose
     /// copies are dropped before each step (so that every product runs in place), for 1 and
     /// 9 rows, with an unmerged LoRA adapter on `q` and `v`.
     #[test]
@@ -1447,6 +1447,7 @@ mod tests {
         let model = PeftModel::new(base, lora, "default")
             .expect("adapter")
             .base_model;
+        model.visit_linears(&mut |_, l| l.decode_pack.on());
         let packed_bytes = |m: &super::T5ForConditionalGeneration<Nd>| {
             let mut bytes = 0;
             m.visit_linears(&mut |_, l| bytes += l.decode_pack.bytes());

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::{BASE, PeftModel};
+use peft_core::{AdapterHost, BASE, PeftModel};
 use peft_io::{AutoModel, TextTokenizer};
 use peft_models::{BertForSequenceClassification, BertModel, T5ForConditionalGeneration};
 use serde::Serialize;
@@ -310,6 +310,9 @@ impl<B: Backend> Worker<B> {
             AutoModel::T5(m) => {
                 let pad = m.config.pad_token_id.unwrap_or(0) as u32;
                 let vocab = m.config.vocab_size;
+                // A server decodes many steps: its layers read their weights packed for
+                // decoding after the first steps (`peft_core::ops::DecodePack`).
+                m.visit_linears(&mut |_, l| l.decode_pack.on());
                 (
                     Served::T5(PeftModel::without_adapters(m)),
                     pad,

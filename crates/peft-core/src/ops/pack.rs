@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 /// as one sequential stream per thread: on the 2-core Xeon a decoding step's 73 products
 /// took 4.4-4.9 ms packed against 7.3-8.7 ms in place (`BENCHMARKS.md`).
 ///
-/// - **When.** The first small product with a weight runs in place and notes the weight;
-///   the second with the same weight packs it (one pass over it, on rayon's threads), and
-///   later ones read the packed copy. A single forward pass never packs; generation packs
-///   at its second step.
+/// - **When.** Only in a slot turned [`on`](DecodePack::on): `peft serve` and the bench's
+///   generation turn a model's on; a new slot is off, so a one-shot generation does not pay
+///   for packing. The first small product with a weight runs in place and notes it; the
+///   second with the same weight packs it (one pass over it, on rayon's threads), and later
+///   ones read the packed copy.
 /// - **Which weight.** The copy is used only while the layer's weight is the very tensor
 ///   it was made from: the same buffer, shape and strides. The slot keeps a reference to
 ///   that tensor, so its buffer is neither freed nor written in place (burn-ndarray copies
@@ -26,12 +27,11 @@ use std::sync::{Arc, Mutex};
 /// - **Memory.** A packed copy is as large as its weight (its last panel padded to 16
 ///   columns), kept as long as the layer, or until the weight changes. Generation with the
 ///   bench's mT5-small packs the decoder and the LM head: 154 MB. `PEFT_DECODE_PACK=off`
-///   (read once) never packs, for A/B runs or to save that memory; [`DecodePack::off`] turns
-///   one slot off (a model's, through `visit_linears`).
+///   (read once) never packs, even in slots turned on, for A/B runs.
 /// - **Values.** Each output is the same chain of fused multiply-adds as the in-place
 ///   product's, so results are the same bit for bit either way.
 ///
-/// Clones share the slot (a layer's clone shares its weight too). Default: empty.
+/// Clones share the slot (a layer's clone shares its weight too). Default: off, empty.
 #[derive(Clone, Default)]
 pub struct DecodePack(Arc<Mutex<State>>);
 
@@ -53,21 +53,24 @@ impl DecodePack {
         0
     }
 
-    /// Drops the packed copy, if any (it is made again at the second small product after,
-    /// unless the slot is [`off`](Self::off)).
+    /// Drops the packed copy, if any (made again at the second small product after, while
+    /// the slot is [`on`](Self::on)).
     pub fn clear(&self) {
         if let Ok(mut state) = self.0.lock() {
-            let off = state.off;
+            let on = state.on;
             *state = State {
-                off,
+                on,
                 ..State::default()
             };
         }
     }
 
-    /// A slot that never packs (and drops the copy it held): products read the weight in
-    /// place. Set on a model's layers to keep its memory at the weights' size, e.g.
-    /// `model.visit_linears(&mut |_, l| l.decode_pack.off())`.
+    /// Lets the slot pack its layer's weight (from the second small product on). A new slot
+    /// does not pack: packing writes a copy as large as the weight into fresh memory, which
+    /// costs more than a short generation gains (10 tokens of the bench's mT5-small took
+    /// 0.68-0.83 s with packing against 0.27 s without, the first time). Turn it on where a
+    /// model decodes many steps, as `peft serve` does:
+    /// `model.visit_linears(&mut |_, l| l.decode_pack.on())`.
     ///
     /// ```
     /// use burn::backend::NdArray;
@@ -77,27 +80,39 @@ impl DecodePack {
     /// let device = Default::default();
     /// let w = Tensor::<NdArray, 2>::random([256, 384], Distribution::Default, &device);
     /// let pack = DecodePack::default();
-    /// pack.off();
     /// for _ in 0..3 {
     ///     let x = Tensor::<NdArray, 2>::random([2, 256], Distribution::Default, &device);
     ///     matmul_packed(x, w.clone(), &pack);
     /// }
+    /// assert_eq!(pack.bytes(), 0, "a new slot does not pack");
+    /// pack.on();
+    /// for _ in 0..3 {
+    ///     let x = Tensor::<NdArray, 2>::random([2, 256], Distribution::Default, &device);
+    ///     matmul_packed(x, w.clone(), &pack);
+    /// }
+    /// // Packed where the CPU has AVX2 and FMA (x86-64), unless PEFT_DECODE_PACK=off.
+    /// println!("packed: {} bytes", pack.bytes());
+    /// pack.off();
     /// assert_eq!(pack.bytes(), 0);
     /// ```
+    pub fn on(&self) {
+        if let Ok(mut state) = self.0.lock() {
+            state.on = true;
+        }
+    }
+
+    /// Stops the slot packing and drops its copy: products read the weight in place.
     pub fn off(&self) {
         if let Ok(mut state) = self.0.lock() {
-            *state = State {
-                off: true,
-                ..State::default()
-            };
+            *state = State::default();
         }
     }
 }
 
 #[derive(Default)]
 struct State {
-    /// Never pack ([`DecodePack::off`]).
-    off: bool,
+    /// Pack ([`DecodePack::on`]); a new slot does not.
+    on: bool,
     /// The weight of the last small product, not packed yet.
     #[cfg(feature = "ndarray")]
     seen: Option<host::Key>,
@@ -198,7 +213,7 @@ pub(super) mod host {
         crate::ops::spin::rearm();
         let held = {
             let mut state = pack.0.lock().ok()?;
-            if state.off {
+            if !state.on {
                 return None;
             }
             match &state.packed {
@@ -223,7 +238,7 @@ pub(super) mod host {
                 // SAFETY: the view covers `k x n` elements at these strides.
                 let packed = Arc::new(unsafe { PackedB::pack(k, n, wv.as_ptr(), rs, cs) }?);
                 let mut state = pack.0.lock().ok()?;
-                if !state.off && state.packed.is_none() {
+                if state.on && state.packed.is_none() {
                     state.packed = Some(Entry {
                         key,
                         _weight: w.clone(),
