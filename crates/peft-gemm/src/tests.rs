@@ -1095,6 +1095,7 @@ fn packed_products_equal_the_in_place_kernel() {
         (16, 392, 200),
         (11, 24, 1),
         (13, 1, 64),
+        (5, 2100, 40),
     ] {
         let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
