@@ -169,11 +169,6 @@ impl Dst {
     }
 }
 
-thread_local! {
-    /// Each thread's buffer for `A` packed (`k * MAX_M` floats, grown as needed).
-    static AP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Whether [`sgemm_packed`] runs on this CPU (x86-64 with AVX2 and FMA): where it does not,
 /// packing would only cost memory.
 pub fn packed_supported() -> bool {
@@ -259,82 +254,61 @@ pub(crate) unsafe fn sgemm_packed_with(
             }
             return true;
         }
-        // A packed as `ap[l * MAX_M + i] = A[i][l]`, as `small_m` packs it, into this
-        // thread's buffer (a fresh one if a product on this thread is using it): a decoding
-        // step makes about 70 such products, and allocating and zeroing 32 KB for each
-        // showed in profiles. Only rows `0..m` of each `l` are written and read.
-        let mut own = Vec::new();
-        let mut kept = AP.with(|b| b.try_borrow_mut().ok().map(|mut b| std::mem::take(&mut *b)));
-        let buf = kept.as_mut().unwrap_or(&mut own);
-        if buf.len() < k * MAX_M {
-            buf.resize(k * MAX_M, 0.0);
-        }
-        for i in 0..m {
-            for l in 0..k {
-                // SAFETY: element (i, l) of A (the caller's contract).
-                buf[l * MAX_M + i] = unsafe { *a.offset(i as isize * a_rs + l as isize * a_cs) };
-            }
-        }
-        let ap = &buf[..k * MAX_M];
-        let panels = n.div_ceil(PANEL);
-        let threads = if threaded {
-            rayon::current_num_threads().clamp(1, panels)
-        } else {
-            1
-        };
-        let per = panels.div_ceil(threads);
-        let dst = Dst(c);
-        let data = &b.data;
-        let run = |t: usize| {
-            let c = dst.get();
-            let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
-            // The first lines of this run at once: the kernels request the lines `AHEAD`
-            // floats on from the one they read, so nothing before that would be requested.
-            let run_start = data.as_ptr().wrapping_add(p0 * PANEL * k);
-            let run_len = (p1.saturating_sub(p0) * PANEL * k).min(AHEAD);
-            for off in (0..run_len).step_by(PANEL) {
-                // SAFETY: a prefetch is a hint: it cannot fault and reads nothing.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-                    _mm_prefetch::<_MM_HINT_T1>(run_start.wrapping_add(off) as *const i8);
-                }
-            }
-            let mut p = p0;
-            while p < p1 {
-                let pair = wide && m <= x86::PAIR_M && p + 1 < p1;
-                let last = if pair { p + 1 } else { p };
-                let cols = (n - last * PANEL).min(PANEL);
-                // SAFETY: AVX2 and FMA (and AVX-512F with `wide`) were detected; panels `p`
-                // (and `p + 1` for a pair) hold `16 k` floats each of `data`; their columns
-                // of C are valid and this task's.
-                unsafe {
-                    let bp = data.as_ptr().add(p * PANEL * k);
-                    let cp = c.add(p * PANEL);
-                    if pair {
-                        x86::pair_wide(m, k, ap.as_ptr(), bp, cp, c_rs, cols);
-                    } else if wide {
-                        x86::panel_wide(m, k, ap.as_ptr(), bp, cp, c_rs, cols);
-                    } else {
-                        x86::panel(m, k, ap.as_ptr(), bp, cp, c_rs, cols);
+        let body = |ap: &[f32]| {
+            let panels = n.div_ceil(PANEL);
+            let threads = if threaded {
+                rayon::current_num_threads().clamp(1, panels)
+            } else {
+                1
+            };
+            let per = panels.div_ceil(threads);
+            let dst = Dst(c);
+            let data = &b.data;
+            let run = |t: usize| {
+                let c = dst.get();
+                let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
+                // The first lines of this run at once: the kernels request the lines `AHEAD`
+                // floats on from the one they read, so nothing before that would be requested.
+                let run_start = data.as_ptr().wrapping_add(p0 * PANEL * k);
+                let run_len = (p1.saturating_sub(p0) * PANEL * k).min(AHEAD);
+                for off in (0..run_len).step_by(PANEL) {
+                    // SAFETY: a prefetch is a hint: it cannot fault and reads nothing.
+                    unsafe {
+                        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+                        _mm_prefetch::<_MM_HINT_T1>(run_start.wrapping_add(off) as *const i8);
                     }
                 }
-                p = last + 1;
+                let mut p = p0;
+                while p < p1 {
+                    let pair = wide && m <= x86::PAIR_M && p + 1 < p1;
+                    let last = if pair { p + 1 } else { p };
+                    let cols = (n - last * PANEL).min(PANEL);
+                    // SAFETY: AVX2 and FMA (and AVX-512F with `wide`) were detected; panels `p`
+                    // (and `p + 1` for a pair) hold `16 k` floats each of `data`; their columns
+                    // of C are valid and this task's.
+                    unsafe {
+                        let bp = data.as_ptr().add(p * PANEL * k);
+                        let cp = c.add(p * PANEL);
+                        if pair {
+                            x86::pair_wide(m, k, ap.as_ptr(), bp, cp, c_rs, cols);
+                        } else if wide {
+                            x86::panel_wide(m, k, ap.as_ptr(), bp, cp, c_rs, cols);
+                        } else {
+                            x86::panel(m, k, ap.as_ptr(), bp, cp, c_rs, cols);
+                        }
+                    }
+                    p = last + 1;
+                }
+            };
+            if threads > 1 {
+                use rayon::prelude::*;
+                (0..threads).into_par_iter().for_each(run);
+            } else {
+                run(0);
             }
         };
-        if threads > 1 {
-            use rayon::prelude::*;
-            (0..threads).into_par_iter().for_each(run);
-        } else {
-            run(0);
-        }
-        if let Some(buf) = kept {
-            AP.with(|b| {
-                if let Ok(mut b) = b.try_borrow_mut() {
-                    *b = buf;
-                }
-            });
-        }
+        // SAFETY: A is m x k at these strides (the caller's contract).
+        unsafe { crate::small_m::with_packed_a(m, k, a, a_rs, a_cs, body) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -61,39 +61,34 @@ pub(crate) unsafe fn sgemm(
         if !takes(m, n, k, b_cs) || c_cs != 1 {
             return false;
         }
-        // A packed as `ap[l * MAX_M + i] = A[i][l]`: the `m` values a row of `B` meets.
-        let mut ap = vec![0.0f32; k * MAX_M];
-        for l in 0..k {
-            for i in 0..m {
-                // SAFETY: element (i, l) of A, valid by the caller's contract.
-                ap[l * MAX_M + i] = unsafe { *a.offset(i as isize * a_rs + l as isize * a_cs) };
+        let body = |ap: &[f32]| {
+            let threads = if threaded {
+                rayon::current_num_threads().max(1)
+            } else {
+                1
+            };
+            // Column blocks: at most NC wide, at least one per thread when there is work for
+            // them, multiples of 16 so that only the last block has a tail.
+            let per_thread = n.div_ceil(threads).div_ceil(16) * 16;
+            let nc = per_thread.clamp(16, NC);
+            let blocks = n.div_ceil(nc);
+            let ptrs = Ptrs { b, c };
+            let one = |blk: usize| {
+                let (b, c) = ptrs.get();
+                let (j0, j1) = (blk * nc, ((blk + 1) * nc).min(n));
+                // SAFETY: AVX2 and FMA were detected above; the block's columns lie inside B and
+                // C (the caller's contract), and blocks write disjoint columns of C.
+                unsafe { x86::block(m, k, ap.as_ptr(), b, b_rs, c, c_rs, j0, j1, n, wide) };
+            };
+            if blocks > 1 && threads > 1 {
+                use rayon::prelude::*;
+                (0..blocks).into_par_iter().for_each(one);
+            } else {
+                (0..blocks).for_each(one);
             }
-        }
-        let threads = if threaded {
-            rayon::current_num_threads().max(1)
-        } else {
-            1
         };
-        // Column blocks: at most NC wide, at least one per thread when there is work for
-        // them, multiples of 16 so that only the last block has a tail.
-        let per_thread = n.div_ceil(threads).div_ceil(16) * 16;
-        let nc = per_thread.clamp(16, NC);
-        let blocks = n.div_ceil(nc);
-        let ptrs = Ptrs { b, c };
-        let ap = &ap;
-        let one = |blk: usize| {
-            let (b, c) = ptrs.get();
-            let (j0, j1) = (blk * nc, ((blk + 1) * nc).min(n));
-            // SAFETY: AVX2 and FMA were detected above; the block's columns lie inside B and
-            // C (the caller's contract), and blocks write disjoint columns of C.
-            unsafe { x86::block(m, k, ap.as_ptr(), b, b_rs, c, c_rs, j0, j1, n, wide) };
-        };
-        if blocks > 1 && threads > 1 {
-            use rayon::prelude::*;
-            (0..blocks).into_par_iter().for_each(one);
-        } else {
-            (0..blocks).for_each(one);
-        }
+        // SAFETY: A is m x k at these strides (the caller's contract).
+        unsafe { with_packed_a(m, k, a, a_rs, a_cs, body) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -103,6 +98,50 @@ pub(crate) unsafe fn sgemm(
         );
         false
     }
+}
+
+thread_local! {
+    /// Each thread's buffer for `A` packed (`k * MAX_M` floats, grown as needed).
+    static AP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with `A` (`m x k` at these strides, `m <= MAX_M`) packed as
+/// `ap[l * MAX_M + i] = A[i][l]`, the `m` values a row of `B` meets; only rows `0..m` of
+/// each `l` are written (the kernels read no others). The buffer is this thread's, reused
+/// (a fresh one if a product on this thread holds it): a decoding step makes about 70
+/// products, and allocating and zeroing 32 KB for each showed in profiles.
+///
+/// # Safety
+/// For `i < m`, `l < k`, `a.offset(i * a_rs + l * a_cs)` must be valid for reads.
+pub(crate) unsafe fn with_packed_a<R>(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    let mut own = Vec::new();
+    let mut kept = AP.with(|b| b.try_borrow_mut().ok().map(|mut b| std::mem::take(&mut *b)));
+    let buf = kept.as_mut().unwrap_or(&mut own);
+    if buf.len() < k * MAX_M {
+        buf.resize(k * MAX_M, 0.0);
+    }
+    for i in 0..m {
+        for l in 0..k {
+            // SAFETY: element (i, l) of A (the caller's contract).
+            buf[l * MAX_M + i] = unsafe { *a.offset(i as isize * a_rs + l as isize * a_cs) };
+        }
+    }
+    let out = f(&buf[..k * MAX_M]);
+    if let Some(buf) = kept {
+        AP.with(|b| {
+            if let Ok(mut b) = b.try_borrow_mut() {
+                *b = buf;
+            }
+        });
+    }
+    out
 }
 
 /// Whether [`sgemm`] takes an `m x k · k x n` product whose `B` has column stride `b_cs`
