@@ -1087,8 +1087,13 @@ mod host {
     pub(super) fn exp_in_place(xs: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if vexp::matches_libm() {
-            // SAFETY: `matches_libm` is true only with AVX2 and FMA present.
-            unsafe { vexp::exp_avx2(xs) };
+            if vexp::wide_matches_libm() {
+                // SAFETY: `wide_matches_libm` is true only with AVX-512F present.
+                unsafe { vexp::exp_avx512(xs) };
+            } else {
+                // SAFETY: `matches_libm` is true only with AVX2 and FMA present.
+                unsafe { vexp::exp_avx2(xs) };
+            }
             return;
         }
         xs.iter_mut().for_each(|v| *v = v.exp());
@@ -1104,7 +1109,7 @@ mod host {
     }
 
     #[cfg(target_arch = "x86_64")]
-    mod vexp {
+    pub(crate) mod vexp {
         use core::arch::x86_64::*;
 
         /// glibc's `__exp2f_data.tab`: `bits(2^(i/32)) - (i << 47)` (correctly rounded
@@ -1175,11 +1180,93 @@ mod host {
             })
         }
 
+        /// Whether [`exp_avx512`] may stand in for `f32::exp` here: [`matches_libm`], the CPU
+        /// has AVX-512F (unless `PEFT_HOST_AVX512=off`), and the sweep of [`matches_libm`]
+        /// agrees bit for bit through it too.
+        pub(super) fn wide_matches_libm() -> bool {
+            static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *OK.get_or_init(|| {
+                if !matches_libm()
+                    || !std::is_x86_feature_detected!("avx512f")
+                    || std::env::var("PEFT_HOST_AVX512")
+                        .is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+                {
+                    return false;
+                }
+                let mut xs: Vec<f32> = (0..0x42b0_0000u32)
+                    .step_by(1 << 11)
+                    .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
+                    .collect();
+                let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
+                // SAFETY: AVX-512F, AVX2 and FMA are present (checked above).
+                unsafe { exp_avx512(&mut xs) };
+                xs.iter().map(|y| y.to_bits()).eq(want)
+            })
+        }
+
+        /// [`exp_avx2`] sixteen at a time in 512-bit registers (eight doubles each), the
+        /// table read by two two-register permutes instead of a gather; the same operations
+        /// per lane, so the same values. The last `len % 16` go through [`exp_avx2`].
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        pub(crate) fn exp_avx512(xs: &mut [f32]) {
+            // SAFETY: TAB is 32 u64, read as four vectors of eight.
+            let tab: [__m512i; 4] =
+                unsafe { [0, 8, 16, 24].map(|i| _mm512_loadu_si512(TAB.as_ptr().add(i).cast())) };
+            let mut lanes = xs.chunks_exact_mut(16);
+            for v in &mut lanes {
+                // SAFETY: `v` holds exactly 16 floats (unaligned loads and stores).
+                unsafe {
+                    let x = _mm512_loadu_ps(v.as_ptr());
+                    let top =
+                        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7ff0_0000));
+                    if _mm512_cmpgt_epi32_mask(top, _mm512_set1_epi32(0x42a0_0000)) != 0 {
+                        v.iter_mut().for_each(|v| *v = v.exp());
+                        continue;
+                    }
+                    let lo = exp8(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), &tab);
+                    let hi = exp8(
+                        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                            _mm512_castps_pd(x),
+                        ))),
+                        &tab,
+                    );
+                    let y = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                        _mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo))),
+                        _mm256_castps_pd(_mm512_cvtpd_ps(hi)),
+                    ));
+                    _mm512_storeu_ps(v.as_mut_ptr(), y);
+                }
+            }
+            exp_avx2(lanes.into_remainder());
+        }
+
+        /// [`exp4`] on eight lanes.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn exp8(x: __m512d, tab: &[__m512i; 4]) -> __m512d {
+            let inv = _mm512_set1_pd(INV_LN2_N);
+            let shift = _mm512_set1_pd(SHIFT);
+            let kd = _mm512_fmadd_pd(inv, x, shift);
+            let ki = _mm512_castpd_si512(kd);
+            let kd = _mm512_sub_pd(kd, shift);
+            let r = _mm512_fmsub_pd(inv, x, kd);
+            // Entries 0..16 and 16..32 by the index's low four bits, then bit 4 picks one.
+            let low = _mm512_permutex2var_epi64(tab[0], ki, tab[1]);
+            let high = _mm512_permutex2var_epi64(tab[2], ki, tab[3]);
+            let upper = _mm512_test_epi64_mask(ki, _mm512_set1_epi64(16));
+            let t = _mm512_mask_blend_epi64(upper, low, high);
+            let s = _mm512_castsi512_pd(_mm512_add_epi64(t, _mm512_slli_epi64::<47>(ki)));
+            let z = _mm512_fmadd_pd(_mm512_set1_pd(C[0]), r, _mm512_set1_pd(C[1]));
+            let r2 = _mm512_mul_pd(r, r);
+            let y = _mm512_fmadd_pd(_mm512_set1_pd(C[2]), r, _mm512_set1_pd(1.0));
+            let y = _mm512_fmadd_pd(z, r2, y);
+            _mm512_mul_pd(y, s)
+        }
+
         /// `exp` of every element; eight at a time where all eight are below 88 in
         /// magnitude (glibc's main path), `f32::exp` for the rest (overflow, underflow, NaN
         /// and infinities, which glibc treats apart).
         #[target_feature(enable = "avx2,fma")]
-        pub(super) fn exp_avx2(xs: &mut [f32]) {
+        pub(crate) fn exp_avx2(xs: &mut [f32]) {
             let mut lanes = xs.chunks_exact_mut(8);
             for v in &mut lanes {
                 // SAFETY: `v` holds exactly 8 floats (unaligned loads and stores).
@@ -2624,14 +2711,34 @@ mod tests {
             );
         }
         let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
+        let check = |got: &[f32], path: &str| {
+            for ((x, w), g) in xs.iter().zip(&want).zip(got) {
+                assert!(
+                    g.to_bits() == *w || (x.is_nan() && g.is_nan()),
+                    "{path}: exp({x}): {g} against {}",
+                    f32::from_bits(*w)
+                );
+            }
+        };
         let mut got = xs.clone();
         host::exp_in_place(&mut got);
-        for ((x, w), g) in xs.iter().zip(&want).zip(&got) {
-            assert!(
-                g.to_bits() == *w || (x.is_nan() && g.is_nan()),
-                "exp({x}): {g} against {}",
-                f32::from_bits(*w)
-            );
+        check(&got, "exp_in_place");
+        // Both vector paths, whichever `exp_in_place` takes here (an odd length, so that the
+        // 16-lane path hands a tail to the 8-lane one).
+        #[cfg(target_arch = "x86_64")]
+        if host::vector_exp() {
+            let mut got = xs.clone();
+            // SAFETY: `vector_exp` is true only with AVX2 and FMA present.
+            unsafe { host::vexp::exp_avx2(&mut got) };
+            check(&got, "exp_avx2");
+            if std::is_x86_feature_detected!("avx512f") {
+                let mut got = xs.clone();
+                got.push(1.5);
+                // SAFETY: AVX-512F, AVX2 and FMA are present.
+                unsafe { host::vexp::exp_avx512(&mut got) };
+                assert_eq!(got.pop().map(f32::to_bits), Some(1.5f32.exp().to_bits()));
+                check(&got, "exp_avx512");
+            }
         }
         let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
         let copy = row.clone();
