@@ -194,11 +194,12 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
         let decayed = if decay_rate == 0.0 {
             tensor
         } else {
-            tensor.mul_scalar(1.0 - decay_rate)
+            // `1 - lr * weight_decay` rounded to f32, as burn rounds an `f64` scalar.
+            tensor.mul_scalar(step.keep)
         };
         let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
         (
-            decayed - delta.mul_scalar(lr),
+            decayed - delta.mul_scalar(step.lr),
             Some(AdamWState { momentum }),
         )
     }
@@ -281,6 +282,43 @@ mod tests {
             }
             // The one-pass path ran: after the first step the moments are updated in place.
             assert!(addresses[1..].iter().all(|&x| x == addresses[1]));
+        }
+    }
+
+    /// The generic path (any backend but burn-ndarray's own; here `Autodiff<NdArray>`, which
+    /// the one-pass path declines) gives burn's `AdamW` bit for bit too, with and without
+    /// weight decay.
+    #[test]
+    fn generic_adamw_equals_burns_bit_for_bit() {
+        type Ad = burn::backend::Autodiff<Nd>;
+        let device = Default::default();
+        for weight_decay in [0.0f32, 0.01] {
+            let ours = super::AdamW {
+                beta_1: 0.9,
+                beta_2: 0.98,
+                epsilon: 1e-8,
+                weight_decay,
+            };
+            let theirs = BurnAdamWConfig::new()
+                .with_weight_decay(weight_decay)
+                .with_epsilon(1e-8)
+                .with_beta_2(0.98)
+                .build();
+            let mut p_ours =
+                Tensor::<Ad, 2>::random([40, 30], Distribution::Uniform(-1.0, 1.0), &device);
+            let mut p_theirs = p_ours.clone();
+            let (mut s_ours, mut s_theirs) = (None, None);
+            for step in 0..3 {
+                let g = Tensor::<Ad, 2>::random([40, 30], Distribution::Normal(0.0, 1.0), &device);
+                let lr = 3e-3 * (step + 1) as f64;
+                (p_ours, s_ours) =
+                    SimpleOptimizer::<Ad>::step(&ours, lr, p_ours, g.clone(), s_ours);
+                (p_theirs, s_theirs) = theirs.step(lr, p_theirs, g, s_theirs);
+                p_ours
+                    .clone()
+                    .into_data()
+                    .assert_eq(&p_theirs.clone().into_data(), true);
+            }
         }
     }
 }
