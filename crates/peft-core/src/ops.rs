@@ -1167,17 +1167,21 @@ mod host {
                 {
                     return false;
                 }
-                // Every 2^11-th bit pattern of each sign below 88.0, so every exponent and
-                // table entry is met.
-                let mut xs: Vec<f32> = (0..0x42b0_0000u32)
-                    .step_by(1 << 11)
-                    .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
-                    .collect();
-                let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
                 // SAFETY: AVX2 and FMA are present (checked above).
-                unsafe { exp_avx2(&mut xs) };
-                xs.iter().map(|y| y.to_bits()).eq(want)
+                sweep_matches(|xs| unsafe { exp_avx2(xs) })
             })
+        }
+
+        /// Whether `exp` gives `f32::exp`'s values on every 2^11-th bit pattern of each sign
+        /// below 88.0 (so every exponent and table entry is met).
+        fn sweep_matches(exp: impl FnOnce(&mut [f32])) -> bool {
+            let mut xs: Vec<f32> = (0..0x42b0_0000u32)
+                .step_by(1 << 11)
+                .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
+                .collect();
+            let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
+            exp(&mut xs);
+            xs.iter().map(|y| y.to_bits()).eq(want)
         }
 
         /// Whether [`exp_avx512`] may stand in for `f32::exp` here: [`matches_libm`], the CPU
@@ -1193,14 +1197,8 @@ mod host {
                 {
                     return false;
                 }
-                let mut xs: Vec<f32> = (0..0x42b0_0000u32)
-                    .step_by(1 << 11)
-                    .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
-                    .collect();
-                let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
                 // SAFETY: AVX-512F, AVX2 and FMA are present (checked above).
-                unsafe { exp_avx512(&mut xs) };
-                xs.iter().map(|y| y.to_bits()).eq(want)
+                sweep_matches(|xs| unsafe { exp_avx512(xs) })
             })
         }
 

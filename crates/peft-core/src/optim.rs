@@ -227,6 +227,26 @@ mod tests {
         }
     }
 
+    /// Ours and burn's AdamW with the same settings (epsilon 1e-8, beta_2 0.98).
+    fn both(weight_decay: f32) -> (super::AdamW, burn::optim::AdamW) {
+        let config = AdamWConfig::new()
+            .with_weight_decay(weight_decay)
+            .with_epsilon(1e-8)
+            .with_beta_2(0.98);
+        let ours = super::AdamW {
+            beta_1: config.beta_1,
+            beta_2: config.beta_2,
+            epsilon: config.epsilon,
+            weight_decay: config.weight_decay,
+        };
+        let theirs = BurnAdamWConfig::new()
+            .with_weight_decay(weight_decay)
+            .with_epsilon(1e-8)
+            .with_beta_2(0.98)
+            .build();
+        (ours, theirs)
+    }
+
     /// Four steps of the one-pass AdamW give burn's `AdamW` bit for bit: parameters and both
     /// moments, from the first step (no state) on, with and without weight decay, on a
     /// tensor large enough to be split across threads.
@@ -234,21 +254,7 @@ mod tests {
     fn host_adamw_equals_burns_bit_for_bit() {
         let device = Default::default();
         for weight_decay in [0.0f32, 0.01] {
-            let config = AdamWConfig::new()
-                .with_weight_decay(weight_decay)
-                .with_epsilon(1e-8)
-                .with_beta_2(0.98);
-            let ours = super::AdamW {
-                beta_1: config.beta_1,
-                beta_2: config.beta_2,
-                epsilon: config.epsilon,
-                weight_decay: config.weight_decay,
-            };
-            let theirs = BurnAdamWConfig::new()
-                .with_weight_decay(weight_decay)
-                .with_epsilon(1e-8)
-                .with_beta_2(0.98)
-                .build();
+            let (ours, theirs) = both(weight_decay);
             let mut p_ours =
                 Tensor::<Nd, 2>::random([300, 170], Distribution::Uniform(-1.0, 1.0), &device);
             let mut p_theirs = p_ours.clone();
@@ -293,17 +299,7 @@ mod tests {
         type Ad = burn::backend::Autodiff<Nd>;
         let device = Default::default();
         for weight_decay in [0.0f32, 0.01] {
-            let ours = super::AdamW {
-                beta_1: 0.9,
-                beta_2: 0.98,
-                epsilon: 1e-8,
-                weight_decay,
-            };
-            let theirs = BurnAdamWConfig::new()
-                .with_weight_decay(weight_decay)
-                .with_epsilon(1e-8)
-                .with_beta_2(0.98)
-                .build();
+            let (ours, theirs) = both(weight_decay);
             let mut p_ours =
                 Tensor::<Ad, 2>::random([40, 30], Distribution::Uniform(-1.0, 1.0), &device);
             let mut p_theirs = p_ours.clone();
