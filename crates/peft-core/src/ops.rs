@@ -2748,24 +2748,35 @@ mod tests {
     }
 
     /// Every one of the 2,237,661,184 `f32` inputs below 88 in magnitude (the copy of glibc's
-    /// main path) against `f32::exp`, bit for bit. About 20 s:
-    /// `cargo test -p peft-core --lib exp_equals_f32_exp_everywhere -- --ignored`.
+    /// main path) against `f32::exp`, bit for bit: through `exp_in_place` and, where the CPU
+    /// has them, the eight-lane path alone as well (the sixteen-lane one is `exp_in_place`'s
+    /// there). About 20 s a path:
+    /// `cargo test --release -p peft-core --lib exp_equals_f32_exp_everywhere -- --ignored`.
     #[test]
-    #[ignore = "exhaustive, about 20 s; run when the vector exp changes"]
+    #[ignore = "exhaustive, about 20 s a path; run when the vector exp changes"]
     fn exp_equals_f32_exp_everywhere() {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut paths: Vec<(&str, fn(&mut [f32]))> = vec![("exp_in_place", host::exp_in_place)];
+        #[cfg(target_arch = "x86_64")]
+        if host::vector_exp() {
+            // SAFETY: `vector_exp` is true only with AVX2 and FMA present.
+            paths.push(("exp_avx2", |xs| unsafe { host::vexp::exp_avx2(xs) }));
+        }
         let mut xs = vec![0.0f32; 1 << 20];
-        for sign in [0u32, 0x8000_0000] {
-            for start in (0..0x42b0_0000u32).step_by(1 << 20) {
-                for (i, x) in xs.iter_mut().enumerate() {
-                    *x = f32::from_bits((start + i as u32).min(0x42af_ffff) | sign);
+        for (path, exp) in paths {
+            for sign in [0u32, 0x8000_0000] {
+                for start in (0..0x42b0_0000u32).step_by(1 << 20) {
+                    for (i, x) in xs.iter_mut().enumerate() {
+                        *x = f32::from_bits((start + i as u32).min(0x42af_ffff) | sign);
+                    }
+                    let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
+                    exp(&mut xs);
+                    let same = xs.iter().zip(&want).all(|(g, w)| g.to_bits() == *w);
+                    assert!(
+                        same,
+                        "{path}: a difference among the inputs from bit pattern {start:#x}"
+                    );
                 }
-                let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();
-                host::exp_in_place(&mut xs);
-                let same = xs.iter().zip(&want).all(|(g, w)| g.to_bits() == *w);
-                assert!(
-                    same,
-                    "a difference among the inputs from bit pattern {start:#x}"
-                );
             }
         }
     }
