@@ -381,14 +381,19 @@ mod x86 {
                 p = p.add(PANEL);
                 a = a.add(MAX_M);
             }
-            let mask: __mmask16 = if cols >= PANEL {
-                0xffff
-            } else {
-                ((1u32 << cols) - 1) as __mmask16
-            };
+            let mask = cols_mask(cols);
             for (i, row) in acc.iter().enumerate() {
                 _mm512_mask_storeu_ps(c.offset(i as isize * c_rs), mask, *row);
             }
+        }
+    }
+
+    /// The store mask of a panel with `cols` valid columns (all 16 from `PANEL` on).
+    fn cols_mask(cols: usize) -> __mmask16 {
+        if cols >= PANEL {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
         }
     }
 
@@ -456,11 +461,7 @@ mod x86 {
                 q = q.add(PANEL);
                 a = a.add(MAX_M);
             }
-            let mask: __mmask16 = if cols >= PANEL {
-                0xffff
-            } else {
-                ((1u32 << cols) - 1) as __mmask16
-            };
+            let mask = cols_mask(cols);
             for i in 0..M {
                 let row = c.offset(i as isize * c_rs);
                 _mm512_storeu_ps(row, lo[i]);
