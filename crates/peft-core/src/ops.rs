@@ -2755,8 +2755,10 @@ mod tests {
     #[test]
     #[ignore = "exhaustive, about 20 s a path; run when the vector exp changes"]
     fn exp_equals_f32_exp_everywhere() {
+        /// A named way to take `exp` of a slice in place.
+        type ExpPath = (&'static str, fn(&mut [f32]));
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut paths: Vec<(&str, fn(&mut [f32]))> = vec![("exp_in_place", host::exp_in_place)];
+        let mut paths: Vec<ExpPath> = vec![("exp_in_place", host::exp_in_place)];
         #[cfg(target_arch = "x86_64")]
         if host::vector_exp() {
             // SAFETY: `vector_exp` is true only with AVX2 and FMA present.
