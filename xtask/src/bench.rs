@@ -57,7 +57,16 @@ struct Opts {
     /// `--workload lora-train-dp`: examples per optimizer step, split over the workers.
     global_batch: usize,
     steps_given: bool,
+    /// `--help`: print the usage and stop.
+    help: bool,
 }
+
+/// What `cargo xtask bench --help` prints, and an unknown option's error ends with.
+const USAGE: &str = "usage: cargo xtask bench [--workload NAME]... [--json] [--rounds N] \
+    [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] [--dtype f32|bf16] \
+    [--model-preset small|large] [--batch N] [--src-len N] [--no-torch] [--compare-kernels] \
+    [--compare-allocators] [--compare-host-ops] [--requests N --clients N --adapters N (serve)] \
+    [--global-batch N (lora-train-dp)]";
 
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
@@ -85,6 +94,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         },
         global_batch: 8,
         steps_given: false,
+        help: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -125,14 +135,8 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--clients" => o.serve.clients = val()?.parse()?,
             "--adapters" => o.serve.adapters = val()?.parse()?,
             "--global-batch" => o.global_batch = val()?.parse()?,
-            other => bail!(
-                "unknown option {other:?}; usage: cargo xtask bench [--workload NAME]... [--json] \
-                 [--rounds N] [--steps N] [--warmup N] [--threads N] [--device cpu|flex|cuda] \
-                 [--dtype f32|bf16] [--model-preset small|large] [--batch N] [--src-len N] \
-                 [--no-torch] [--compare-kernels] \
-                 [--compare-allocators] [--compare-host-ops] [--requests N --clients N --adapters N (serve)] \
-                 [--global-batch N (lora-train-dp)]"
-            ),
+            "-h" | "--help" => o.help = true,
+            other => bail!("unknown option {other:?}; {USAGE}"),
         }
     }
     if o.workloads.is_empty() {
@@ -218,6 +222,13 @@ pub(crate) fn release_dir(root: &Path) -> PathBuf {
 
 pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Result<()> {
     let o = parse(args)?;
+    if o.help {
+        println!(
+            "{USAGE}\n\nworkloads: {}, serve, lora-train-dp",
+            WORKLOADS.join(", ")
+        );
+        return Ok(());
+    }
     let features = match o.device.as_str() {
         "cpu" => None,
         "flex" => Some("flex"),
