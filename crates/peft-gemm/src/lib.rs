@@ -456,6 +456,57 @@ pub fn packed_matches_in_place(m: usize, n: usize, k: usize, b_cs: isize) -> boo
     !reference_kernel() && small_m::takes(m, n, k, b_cs)
 }
 
+/// How [`sgemm_strided`] sums each element of an `m x k · k x n` product of a row-major `A`
+/// and `B` into a row-major `C`: `Some(kc)` when every element is the sum of chains over
+/// consecutive blocks of `kc` depths (the last one shorter), each block one chain of fused
+/// multiply-adds in order from zero, the blocks' chains added in order (`((c1 + c2) + c3)`,
+/// one block when `kc >= k`); `None` where it takes a path that sums otherwise (matrixmultiply
+/// for tiny products, `gemm`'s matrix-vector and `k <= 2` paths, a CPU without FMA).
+///
+/// This lets a kernel that computes a product inside a larger pass (peft-core's unmerged
+/// LoRA adapter, `ops::lora_add`) give the values the product alone gives.
+/// The decoding kernel sums in one chain; `gemm` in blocks of the depth its
+/// `kernel_params` choose (`k.min(512)` for products of at most 64 x 64 outputs).
+pub fn depth_block(m: usize, n: usize, k: usize) -> Option<usize> {
+    if m == 0 || n == 0 || k == 0 || reference_kernel() {
+        return None;
+    }
+    if m <= NDARRAY_BLAS_CUTOFF && n <= NDARRAY_BLAS_CUTOFF && k <= NDARRAY_BLAS_CUTOFF {
+        return None;
+    }
+    if small_m::takes(m, n, k, 1) {
+        return Some(k);
+    }
+    // gemm computes a row-major `C = A B` as `Cᵀ = Bᵀ Aᵀ`: `n x m` outputs.
+    let (gm, gn) = (n, m);
+    if k <= 2 || gm <= 1 || gn <= 1 {
+        return None;
+    }
+    if gm <= 64 && gn <= 64 {
+        return Some(k.min(512));
+    }
+    let (mr, nr) = gemm_kernel_shape()?;
+    Some(gemm_common::cache::kernel_params(gm, gn, k, mr, nr, std::mem::size_of::<f32>()).kc)
+}
+
+/// The output tile (`MR x NR`) of the `f32` kernels `gemm` runs on this CPU: AVX-512 where
+/// built in and present, else AVX2 with FMA; `None` without FMA.
+fn gemm_kernel_shape() -> Option<(usize, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[cfg(feature = "avx512")]
+        if std::is_x86_feature_detected!("avx512f") {
+            use gemm_f32::microkernel::avx512f::f32 as k;
+            return Some((k::MR_DIV_N * 16, k::NR));
+        }
+        if std::is_x86_feature_detected!("fma") {
+            use gemm_f32::microkernel::fma::f32 as k;
+            return Some((k::MR_DIV_N * 8, k::NR));
+        }
+    }
+    None
+}
+
 /// `C := A B` in f32, for matrices given by a pointer to their element `(0, 0)` and the
 /// distance in elements between rows (`*_rs`) and between columns (`*_cs`): row-major,
 /// column-major and transposed views alike, with no leading-dimension rules and no copy of

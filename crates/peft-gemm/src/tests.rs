@@ -1219,3 +1219,67 @@ fn packed_products_equal_the_in_place_kernel() {
         );
     }
 }
+
+/// [`depth_block`] says how `sgemm_strided` sums: where it answers, chains of fused
+/// multiply-adds over its blocks, added in order, give the product bit for bit; decoding
+/// shapes (the decoding kernel), `gemm`'s small and large blocking, depths past one block.
+#[test]
+fn depth_block_predicts_the_sums_bit_for_bit() {
+    let mut rng = Rng(23);
+    let mut answered = 0;
+    for &m in &[1usize, 2, 5, 8, 16, 17, 40, 100] {
+        for &n in &[1usize, 3, 8, 16, 65, 384] {
+            for &k in &[3usize, 100, 512, 513, 700, 1024, 2048] {
+                let Some(kc) = depth_block(m, n, k) else {
+                    continue;
+                };
+                answered += 1;
+                assert!(kc >= 1, "{m}x{k}x{n}");
+                let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
+                let mut c = vec![f32::NAN; m * n];
+                unsafe {
+                    sgemm_strided(
+                        m,
+                        n,
+                        k,
+                        a.as_ptr(),
+                        k as isize,
+                        1,
+                        b.as_ptr(),
+                        n as isize,
+                        1,
+                        c.as_mut_ptr(),
+                        n as isize,
+                        1,
+                        true,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut sum = 0.0f32;
+                        for (block, l0) in (0..k).step_by(kc).enumerate() {
+                            let mut chain = 0.0f32;
+                            for l in l0..(l0 + kc).min(k) {
+                                chain = a[i * k + l].mul_add(b[l * n + j], chain);
+                            }
+                            sum = if block == 0 { chain } else { sum + chain };
+                        }
+                        assert_eq!(
+                            c[i * n + j].to_bits(),
+                            sum.to_bits(),
+                            "{m}x{k}x{n} (block {kc}): ({i}, {j})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if std::env::var_os("PEFT_GEMM_KERNEL").is_none() && cfg!(target_arch = "x86_64") {
+        assert!(answered > 100, "only {answered} shapes answered");
+    }
+    // Paths that sum otherwise.
+    assert_eq!(depth_block(1, 8, 512), None, "a matrix-vector product");
+    assert_eq!(depth_block(5, 7, 6), None, "matrixmultiply");
+    assert_eq!(depth_block(40, 384, 2), None, "depth 2");
+}
