@@ -1901,7 +1901,8 @@ mod host {
             v.ndim() == lora.x.ndim()
                 && v.shape()[..v.ndim() - 1] == lora.x.shape()[..v.ndim() - 1]
                 && v.shape()[v.ndim() - 1] == lora.n
-                && v.len() / lora.n.max(1) > super::lora_kernel::DECODE_ROWS
+                && super::lora_kernel::blocks(v.len() / lora.n.max(1), lora.k, lora.r, lora.n)
+                    .is_some()
         });
         let NdArrayTensor::F32(storage) = y else {
             return Err(back::<B, _>(y));
@@ -2454,9 +2455,10 @@ mod tests {
     /// The fused unmerged-LoRA pass equals burn's two products, bias, scaling and sum: on
     /// ranks that fill one, one and a half and several vectors (the last past the stack
     /// buffer), row counts that split into tasks with a tail, columns with a tail, with and
-    /// without a bias, and a transposed input. Bit for bit with more than 8 rows (the pass);
-    /// with fewer (burn's operations, through another route than the reference's) and for the
-    /// transposed input, to 1e-5; under autodiff it is burn's operations exactly.
+    /// without a bias, and a transposed input; decoding steps of 2-8 rows, and depths past
+    /// one of `gemm`'s blocks (`x A` summed in blocks). Bit for bit where the pass runs and
+    /// where it declines (one row: burn's operations, through the reference's route); for the
+    /// transposed input to 1e-5; under autodiff it is burn's operations exactly.
     #[test]
     fn lora_add_equals_burns_operations() {
         <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 11);
@@ -2480,6 +2482,15 @@ mod tests {
             (1, 1, 512, 8, 384, false),
             (1, 8, 17, 1, 5, true),
             (2, 64, 512, 8, 384, false),
+            (8, 1, 512, 8, 384, false),
+            (1, 8, 512, 16, 384, true),
+            (1, 2, 512, 8, 384, false),
+            (4, 2, 1024, 8, 1024, false),
+            (1, 5, 700, 8, 300, true),
+            (1, 20, 1024, 8, 300, false),
+            (1, 100, 2048, 8, 300, false),
+            (1, 8, 512, 64, 1024, false),
+            (1, 7, 8, 8, 8, false),
         ] {
             let y = random::<Nd, 3>([batch, rows, n]);
             let x = random::<Nd, 3>([batch, rows, k]);
@@ -2500,10 +2511,12 @@ mod tests {
                 g.iter::<f32>().all(f32::is_finite),
                 "{batch}x{rows}x{k} r {r} -> {n}: every element written"
             );
-            if batch * rows > 8 {
-                // gemm's kernel sums burn's two products in the same chains.
+            let pass = super::lora_kernel::blocks(batch * rows, k, r, n).is_some();
+            if pass {
+                // The pass sums burn's two products in the same chains.
                 g.assert_eq(&w, true);
             } else {
+                // burn's operations, through another route than the reference's.
                 g.assert_approx_eq::<f32>(&w, Tolerance::rel_abs(1e-5, 1e-5));
             }
             // A `y` no other tensor shares is written in place: the same values.
@@ -2514,8 +2527,9 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
-                && batch * rows > 8
+                && (batch * rows > 1 && r >= 2 && std::env::var_os("PEFT_GEMM_KERNEL").is_none())
             {
+                assert!(pass, "{batch}x{rows}x{k} r {r} -> {n}: the pass declined");
                 let prim = |t: &Tensor<Nd, 3>| t.clone().into_primitive().tensor();
                 let fused = host::lora_add::<Nd>(
                     prim(&y),
