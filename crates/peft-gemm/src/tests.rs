@@ -1114,25 +1114,7 @@ fn packed_products_equal_the_in_place_kernel() {
             }
         }
         if crate::packed_matches_in_place(m, n, k, 1) {
-            let mut in_place = vec![f32::NAN; m * n];
-            // SAFETY: row-major m x k, k x n and m x n.
-            unsafe {
-                sgemm_strided(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k as isize,
-                    1,
-                    b.as_ptr(),
-                    n as isize,
-                    1,
-                    in_place.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    true,
-                );
-            }
+            let in_place = row_major_product(m, n, k, &a, &b);
             assert!(
                 in_place
                     .iter()
@@ -1237,24 +1219,7 @@ fn depth_block_predicts_the_sums_bit_for_bit() {
                 assert!(kc >= 1, "{m}x{k}x{n}");
                 let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
                 let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
-                let mut c = vec![f32::NAN; m * n];
-                unsafe {
-                    sgemm_strided(
-                        m,
-                        n,
-                        k,
-                        a.as_ptr(),
-                        k as isize,
-                        1,
-                        b.as_ptr(),
-                        n as isize,
-                        1,
-                        c.as_mut_ptr(),
-                        n as isize,
-                        1,
-                        true,
-                    )
-                };
+                let c = row_major_product(m, n, k, &a, &b);
                 for i in 0..m {
                     for j in 0..n {
                         let mut sum = 0.0f32;
@@ -1282,4 +1247,30 @@ fn depth_block_predicts_the_sums_bit_for_bit() {
     assert_eq!(depth_block(1, 8, 512), None, "a matrix-vector product");
     assert_eq!(depth_block(5, 7, 6), None, "matrixmultiply");
     assert_eq!(depth_block(40, 384, 2), None, "depth 2");
+}
+
+/// `A B` through [`sgemm_strided`] (threaded), `A` (`m x k`), `B` (`k x n`) and the result
+/// row-major; the result starts as NaN, so an element left unwritten shows.
+fn row_major_product(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert!(a.len() == m * k && b.len() == k * n);
+    let mut c = vec![f32::NAN; m * n];
+    // SAFETY: row-major m x k, k x n and m x n (checked above).
+    unsafe {
+        sgemm_strided(
+            m,
+            n,
+            k,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+            true,
+        )
+    };
+    c
 }
