@@ -1895,21 +1895,22 @@ mod host {
         let Some(lora) = LoraOperands::new::<B>(x, a, b, bias) else {
             return Err(back::<B, _>(y));
         };
-        // The shapes agree, and there are rows enough for the pass (checked before `y` is
-        // touched, so that a declined call copies nothing).
-        let shape_ok = view(&y).is_some_and(|v| {
-            v.ndim() == lora.x.ndim()
+        // The shapes agree, and the pass gives burn's values for them: `x A`'s depth blocks
+        // (checked before `y` is touched, so that a declined call copies nothing).
+        let kc = view(&y).and_then(|v| {
+            let same = v.ndim() == lora.x.ndim()
                 && v.shape()[..v.ndim() - 1] == lora.x.shape()[..v.ndim() - 1]
-                && v.shape()[v.ndim() - 1] == lora.n
-                && super::lora_kernel::blocks(v.len() / lora.n.max(1), lora.k, lora.r, lora.n)
-                    .is_some()
+                && v.shape()[v.ndim() - 1] == lora.n;
+            same.then(|| {
+                super::lora_kernel::blocks(v.len() / lora.n.max(1), lora.k, lora.r, lora.n)
+            })?
         });
         let NdArrayTensor::F32(storage) = y else {
             return Err(back::<B, _>(y));
         };
-        if !shape_ok {
+        let Some(kc) = kc else {
             return Err(back::<B, _>(NdArrayTensor::F32(storage)));
-        }
+        };
         // Unique in standard layout (the base layer's fresh output): in place. Otherwise a
         // standard-layout copy of it.
         let mut ya = storage.into_shared();
@@ -1932,6 +1933,7 @@ mod host {
                 k: lora.k,
                 r: lora.r,
                 n: lora.n,
+                kc,
                 scale,
             })
         })();

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 32;
 
 /// The adapter and its input: `x` is `rows x k` (row-major), `a` is `k x r`, `b` is `r x n`,
-/// `bias` has `n` values.
+/// `bias` has `n` values; `x A` is summed in blocks of `kc` inputs (from [`blocks`]).
 pub(super) struct Lora<'a> {
     pub x: &'a [f32],
     pub a: &'a [f32],
@@ -34,6 +34,7 @@ pub(super) struct Lora<'a> {
     pub k: usize,
     pub r: usize,
     pub n: usize,
+    pub kc: usize,
     pub scale: f32,
 }
 
@@ -58,18 +59,20 @@ pub(super) fn blocks(rows: usize, k: usize, r: usize, n: usize) -> Option<usize>
 }
 
 /// `y += ((x A) B + bias) * scale` (each element `y + d * scale`, rounded as written) for `y`
-/// of `rows x n` (row-major), in place, rows on rayon's threads. `None`, with nothing
-/// written, where [`blocks`] declines or the operands' lengths disagree.
+/// of `rows x n` (row-major), in place, rows on rayon's threads; the caller asked [`blocks`]
+/// first. `None`, with nothing written, when the CPU lacks AVX2 or FMA or the operands'
+/// lengths disagree.
 pub(super) fn lora_add(y: &mut [f32], lora: &Lora<'_>) -> Option<()> {
     #[cfg(target_arch = "x86_64")]
     {
-        let (k, r, n) = (lora.k, lora.r, lora.n);
-        if k == 0 || r == 0 || n == 0 || !y.len().is_multiple_of(n) {
+        let (k, r, n, kc) = (lora.k, lora.r, lora.n, lora.kc);
+        if k == 0 || r == 0 || n == 0 || kc == 0 || !y.len().is_multiple_of(n) {
             return None;
         }
         let rows = y.len() / n;
-        let kc = blocks(rows, k, r, n)?;
-        if lora.x.len() != rows.checked_mul(k)?
+        if !std::is_x86_feature_detected!("avx2")
+            || !std::is_x86_feature_detected!("fma")
+            || lora.x.len() != rows.checked_mul(k)?
             || lora.a.len() != k.checked_mul(r)?
             || lora.b.len() != r.checked_mul(n)?
             || lora.bias.is_some_and(|b| b.len() != n)
