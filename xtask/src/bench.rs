@@ -68,6 +68,11 @@ const USAGE: &str = "usage: cargo xtask bench [--workload NAME]... [--json] [--r
     [--compare-allocators] [--compare-host-ops] [--requests N --clients N --adapters N (serve)] \
     [--global-batch N (lora-train-dp)]";
 
+/// Every workload `--workload` takes, comma-separated (the usage and its error list them).
+fn workload_names() -> String {
+    format!("{}, serve, lora-train-dp", WORKLOADS.join(", "))
+}
+
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
         workloads: Vec::new(),
@@ -107,10 +112,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--workload" => {
                 let w = val()?;
                 if !WORKLOADS.contains(&w.as_str()) && w != "serve" && w != "lora-train-dp" {
-                    bail!(
-                        "unknown workload {w:?} ({}, serve, lora-train-dp)",
-                        WORKLOADS.join(", ")
-                    );
+                    bail!("unknown workload {w:?} ({})", workload_names());
                 }
                 o.workloads.push(w);
             }
@@ -223,10 +225,7 @@ pub(crate) fn release_dir(root: &Path) -> PathBuf {
 pub fn bench(root: &Path, cargo: impl Fn() -> Command, args: &[String]) -> Result<()> {
     let o = parse(args)?;
     if o.help {
-        println!(
-            "{USAGE}\n\nworkloads: {}, serve, lora-train-dp",
-            WORKLOADS.join(", ")
-        );
+        println!("{USAGE}\n\nworkloads: {}", workload_names());
         return Ok(());
     }
     let features = match o.device.as_str() {

@@ -1901,9 +1901,10 @@ mod host {
             let same = v.ndim() == lora.x.ndim()
                 && v.shape()[..v.ndim() - 1] == lora.x.shape()[..v.ndim() - 1]
                 && v.shape()[v.ndim() - 1] == lora.n;
-            same.then(|| {
-                super::lora_kernel::blocks(v.len() / lora.n.max(1), lora.k, lora.r, lora.n)
-            })?
+            if !same {
+                return None;
+            }
+            super::lora_kernel::blocks(v.len() / lora.n.max(1), lora.k, lora.r, lora.n)
         });
         let NdArrayTensor::F32(storage) = y else {
             return Err(back::<B, _>(y));
