@@ -444,6 +444,37 @@ pub fn mul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> 
     lhs * rhs
 }
 
+/// `gelu_tanh(a) * c` element by element (the gated feed-forward's `gelu_new(x W0) * x W1`):
+/// [`mul`] of [`crate::nn::gelu_tanh`], with the same values. On burn-ndarray without
+/// autodiff, when both have the same shape, one pass on rayon's threads instead of two (the
+/// activation's output is never written out and read back). With autodiff, and on other
+/// backends, the two operations.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+///
+/// let device = Default::default();
+/// let a = Tensor::<NdArray, 2>::from_floats([[-1.0, 0.0, 2.0]], &device);
+/// let c = Tensor::<NdArray, 2>::from_floats([[3.0, 4.0, 0.5]], &device);
+/// let fused = peft_core::ops::gelu_tanh_mul(a.clone(), c.clone());
+/// let apart = peft_core::ops::mul(peft_core::nn::gelu_tanh(a), c);
+/// fused.into_data().assert_eq(&apart.into_data(), true);
+/// ```
+pub fn gelu_tanh_mul<B: Backend, const D: usize>(a: Tensor<B, D>, c: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    let (a, c) = if host::is_host::<B>() && a.shape() == c.shape() {
+        let (pa, pc) = (a.into_primitive().tensor(), c.into_primitive().tensor());
+        match host::gelu_tanh_mul::<B>(pa, pc) {
+            Ok(y) => return float(y),
+            Err([a, c]) => (float::<B, D>(a), float::<B, D>(c)),
+        }
+    } else {
+        (a, c)
+    };
+    mul(crate::nn::gelu_tanh(a), c)
+}
+
 /// T5's RMS norm over the last dimension, `x / sqrt(mean(x^2) + eps) * weight`: one pass per
 /// row on burn-ndarray (rows on rayon's threads), with the backward pass for `x` and `weight`.
 /// Elsewhere, the same formula in burn's operations.
@@ -1747,6 +1778,60 @@ mod host {
         .map_err(|[x]| x)
     }
 
+    /// [`super::gelu_tanh_mul`] on plain NdArray `f32` (no autodiff) of one shape: each
+    /// chunk's gelu as [`Pointwise::GeluTanh`] computes it, then times `c`'s elements, in the
+    /// same task. The inputs back elsewhere.
+    pub(super) fn gelu_tanh_mul<B: Backend>(
+        a: FloatTensor<B>,
+        c: FloatTensor<B>,
+    ) -> Result<FloatTensor<B>, [FloatTensor<B>; 2]> {
+        let a = match cast::<_, NdArrayTensor>(a) {
+            Ok(a) => a,
+            Err(a) => return Err([a, c]),
+        };
+        let c = match cast::<_, NdArrayTensor>(c) {
+            Ok(c) => c,
+            Err(c) => return Err([back::<B, _>(a), c]),
+        };
+        match nd_gelu_tanh_mul(&a, &c) {
+            Some(y) => Ok(back::<B, _>(y)),
+            None => Err([back::<B, _>(a), back::<B, _>(c)]),
+        }
+    }
+
+    /// `gelu_tanh(a) * c` into a new array of their (equal) shape; `None` unless both hold
+    /// `f32` in that shape.
+    fn nd_gelu_tanh_mul(a: &NdArrayTensor, c: &NdArrayTensor) -> Option<NdArrayTensor> {
+        let (av, cv) = (view(a)?, view(c)?);
+        if av.shape() != cv.shape() {
+            return None;
+        }
+        let shape = av.shape().to_vec();
+        let (av, cv) = (standard(&av), standard(&cv));
+        let (xs, ys) = (av.as_slice()?, cv.as_slice()?);
+        let n = xs.len();
+        let k = gelu_c();
+        let mut out = unwritten(n);
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
+            .for_each(|(o, (x, y))| {
+                with_avx2(|| {
+                    gelu_chunk(o, x, k);
+                    // SAFETY: `gelu_chunk` wrote every element of the chunk.
+                    let o = unsafe { written(o) };
+                    for (o, &y) in o.iter_mut().zip(y) {
+                        *o *= y;
+                    }
+                })
+            });
+        // SAFETY: every chunk was written above.
+        let out = unsafe { filled(out, n) };
+        Some(NdArrayTensor::from(
+            ArcArray::from_shape_vec(IxDyn(&shape), out).ok()?,
+        ))
+    }
+
     /// The element-wise binary operations of [`super::add`] and [`super::mul`].
     #[derive(Clone, Copy, Debug)]
     pub(crate) enum Elementwise {
@@ -2696,6 +2781,66 @@ mod tests {
         super::mul(a.clone(), row.clone())
             .into_data()
             .assert_eq(&(a * row).into_data(), true);
+    }
+
+    /// `gelu_tanh_mul` equals `mul(gelu_tanh(a), c)` bit for bit: one pass on operands
+    /// spanning several rayon tasks with a tail (plain and with a transposed `c`), values
+    /// from -12 to 12 and the scalar path's (`|x| >= 88`, infinities, NaN); under autodiff it
+    /// is the two operations, values and gradients.
+    #[test]
+    fn gelu_tanh_mul_equals_gelu_then_mul() {
+        <Nd as burn::tensor::backend::Backend>::seed(&Default::default(), 5);
+        let dev = Default::default();
+        let a = Tensor::<Nd, 3>::random([3, 129, 257], Distribution::Uniform(-12.0, 12.0), &dev);
+        let c = random::<Nd, 3>([3, 129, 257]);
+        let ct = random::<Nd, 3>([3, 257, 129]).swap_dims(1, 2);
+        let edges = Tensor::<Nd, 2>::from_floats(
+            [[
+                -100.0,
+                100.0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::NAN,
+                -0.0,
+                88.5,
+                -88.5,
+            ]],
+            &dev,
+        );
+        let edge_c =
+            Tensor::<Nd, 2>::from_floats([[2.0, -3.0, 1.0, 1.0, 1.0, 5.0, 0.5, 7.0]], &dev);
+        let apart = |a: Tensor<Nd, 3>, c: Tensor<Nd, 3>| super::mul(crate::nn::gelu_tanh(a), c);
+        for c in [c, ct] {
+            super::gelu_tanh_mul(a.clone(), c.clone())
+                .into_data()
+                .assert_eq(&apart(a.clone(), c).into_data(), true);
+        }
+        let fused = super::gelu_tanh_mul(edges.clone(), edge_c.clone()).into_data();
+        let want = super::mul(crate::nn::gelu_tanh(edges), edge_c).into_data();
+        let bits = |d: burn::tensor::TensorData| -> Vec<u32> {
+            d.to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(fused), bits(want));
+        let (a, c) = (random::<Ad, 2>([7, 300]), random::<Ad, 2>([7, 300]));
+        let run = |fused: bool| {
+            let (a, c) = (a.clone().require_grad(), c.clone().require_grad());
+            let y = if fused {
+                super::gelu_tanh_mul(a.clone(), c.clone())
+            } else {
+                super::mul(crate::nn::gelu_tanh(a.clone()), c.clone())
+            };
+            let grads = y.clone().sum().backward();
+            let (ga, gc) = (a.grad(&grads).unwrap(), c.grad(&grads).unwrap());
+            (y.into_data(), ga.into_data(), gc.into_data())
+        };
+        let (ours, theirs) = (run(true), run(false));
+        ours.0.assert_eq(&theirs.0, true);
+        ours.1.assert_eq(&theirs.1, true);
+        ours.2.assert_eq(&theirs.2, true);
     }
 
     /// The eight-lane `exp` (softmax, gelu) equals `f32::exp` bit for bit: on every 97th bit
