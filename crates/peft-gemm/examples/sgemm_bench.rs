@@ -20,6 +20,9 @@
 //! `layouts` times `sgemm_strided` on the products of an mT5-small LoRA step with `B` stored
 //! row-major (a forward product) and column-major (the backward's `dY · Wᵀ`, read in place).
 //!
+//! `split` compares `gemm`'s own threads with two single-threaded calls on column halves
+//! (`rayon::join`, from inside the pool) on the 128-row products of the bench's decoder.
+//!
 //! `threshold` compares one thread against all of rayon's on square products around
 //! `peft_gemm::PARALLEL_THRESHOLD`, calling `gemm` directly.
 
@@ -128,6 +131,152 @@ fn threshold() {
         let (all_med, all_best) = run(gemm::Parallelism::Rayon(threads));
         println!(
             "{s:>4}^3  1 thread {one_med:6.1} / {one_best:6.1}   rayon {all_med:6.1} / {all_best:6.1}"
+        );
+    }
+}
+
+/// `C[:, cols] := A B[:, cols]` with `gemm` on row-major tight matrices, `ldb`/`ldc` the
+/// full widths.
+///
+/// # Safety
+/// `a` is m x k (row stride k), `b` covers k rows of `ldb`, `c` covers m rows of `ldc`, and
+/// `cols` lies within both widths.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_cols(
+    m: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: std::ops::Range<usize>,
+    par: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            cols.len(),
+            k,
+            c.add(cols.start),
+            1,
+            ldc as isize,
+            false,
+            a,
+            1,
+            k as isize,
+            b.add(cols.start),
+            1,
+            ldb as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A raw pointer that may cross to another thread (the halves write disjoint columns).
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: used only for disjoint writes inside one `rayon::join`.
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// A method, so that closures capture the wrapper and not its raw-pointer field.
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+fn split() {
+    let threads = rayon::current_num_threads();
+    println!(
+        "m x k x n: GFLOP/s median / best; gemm Rayon({threads}) | two column halves, one thread each"
+    );
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("a pool");
+    for (m, k, n) in [
+        (128, 512, 384),
+        (128, 384, 512),
+        (128, 512, 1024),
+        (128, 1024, 512),
+        (128, 512, 32128),
+        (1024, 512, 384),
+    ] {
+        let a = data(m * k, 1);
+        let b = data(k * n, 2);
+        let mut c1 = vec![0.0f32; m * n];
+        let mut c2 = vec![f32::NAN; m * n];
+        let flops = 2.0 * (m * n * k) as f64;
+        let (ap, bp) = (
+            Shared(a.as_ptr() as *mut f32),
+            Shared(b.as_ptr() as *mut f32),
+        );
+        let whole = pool.install(|| {
+            gflops(flops, Duration::from_millis(600), || {
+                // SAFETY: tight row-major matrices of the shapes above.
+                unsafe {
+                    gemm_cols(
+                        m,
+                        k,
+                        ap.get(),
+                        bp.get(),
+                        n,
+                        c1.as_mut_ptr(),
+                        n,
+                        0..n,
+                        gemm::Parallelism::Rayon(threads),
+                    )
+                };
+                black_box(&mut c1);
+            })
+        });
+        let half = (n / 2).next_multiple_of(16).min(n);
+        let cp = Shared(c2.as_mut_ptr());
+        let halves = pool.install(|| {
+            gflops(flops, Duration::from_millis(600), || {
+                rayon::join(
+                    // SAFETY: as above; the halves write disjoint columns of C.
+                    || unsafe {
+                        gemm_cols(
+                            m,
+                            k,
+                            ap.get(),
+                            bp.get(),
+                            n,
+                            cp.get(),
+                            n,
+                            0..half,
+                            gemm::Parallelism::None,
+                        )
+                    },
+                    // SAFETY: as above.
+                    || unsafe {
+                        gemm_cols(
+                            m,
+                            k,
+                            ap.get(),
+                            bp.get(),
+                            n,
+                            cp.get(),
+                            n,
+                            half..n,
+                            gemm::Parallelism::None,
+                        )
+                    },
+                );
+                black_box(cp.get());
+            })
+        });
+        let same = c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
+        println!(
+            "{m:>5} x {k:>5} x {n:<6} {:6.1} / {:6.1} | {:6.1} / {:6.1}  bit-equal {same}",
+            whole.0, whole.1, halves.0, halves.1
         );
     }
 }
@@ -363,6 +512,10 @@ fn decode() {
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("threshold") {
         threshold();
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("split") {
+        split();
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("decode") {

@@ -41,7 +41,9 @@
 //! `rayon::current_num_threads()` threads, so `RAYON_NUM_THREADS` governs them, and a
 //! call made from inside a rayon pool uses that pool). Products under
 //! [`PARALLEL_THRESHOLD`] multiply-adds run on the calling thread, with no rayon
-//! hand-off at all.
+//! hand-off at all. [`sgemm_strided`] cuts a threaded product of at most [`SPLIT_MAX_M`] rows
+//! into one block of columns per thread, each a single-threaded `gemm` call, where that sums
+//! every element as the whole product would ([`column_split`]).
 //!
 //! Small-M products (decoding: `8 x 512 · 512 x 32128`) go to `gemm` as well. With a
 //! row-major `B` it streams `B` without packing it; with a transposed `B` it packs it
@@ -591,6 +593,77 @@ pub unsafe fn sgemm_strided(
     } else {
         Parallelism::None
     };
+    if let Parallelism::Rayon(threads) = parallelism
+        && let Some(part) = column_split(m, n, k, threads)
+    {
+        let ptrs = SplitPtrs { a, b, c };
+        use rayon::prelude::*;
+        (0..n.div_ceil(part)).into_par_iter().for_each(|i| {
+            let (a, b, c) = ptrs.get();
+            let start = i * part;
+            let cols = part.min(n - start);
+            // SAFETY: the caller's contract, on the columns `start..start + cols` of `B`
+            // and `C`; the parts write disjoint columns of `C`.
+            unsafe {
+                in_gemm(
+                    m,
+                    cols,
+                    k,
+                    a,
+                    a_rs,
+                    a_cs,
+                    b.offset(start as isize * b_cs),
+                    b_rs,
+                    b_cs,
+                    c.offset(start as isize * c_cs),
+                    c_rs,
+                    c_cs,
+                    Parallelism::None,
+                )
+            };
+        });
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        in_gemm(
+            m,
+            n,
+            k,
+            a,
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            b_cs,
+            c,
+            c_rs,
+            c_cs,
+            parallelism,
+        )
+    };
+}
+
+/// `C := A B` through `gemm` (writing `C` without reading it).
+///
+/// # Safety
+/// As [`sgemm_strided`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn in_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    c: *mut f32,
+    c_rs: isize,
+    c_cs: isize,
+    parallelism: Parallelism,
+) {
     // SAFETY: the caller's contract; with `read_dst == false` gemm writes dst without
     // reading it (its alpha is the factor on dst, its beta the one on the product).
     unsafe {
@@ -616,6 +689,56 @@ pub unsafe fn sgemm_strided(
             parallelism,
         );
     }
+}
+
+/// The operands of a column-split product, shared by its parts.
+#[derive(Clone, Copy)]
+struct SplitPtrs {
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+}
+// SAFETY: the parts only read `a` and `b` and write disjoint columns of `c`, all inside
+// the one `sgemm_strided` call that borrows them.
+unsafe impl Send for SplitPtrs {}
+// SAFETY: as above.
+unsafe impl Sync for SplitPtrs {}
+
+impl SplitPtrs {
+    /// A method, so that closures capture the `Sync` wrapper and not its fields.
+    fn get(&self) -> (*const f32, *const f32, *mut f32) {
+        (self.a, self.b, self.c)
+    }
+}
+
+/// Products of at most this many rows that `gemm` would run on several threads are cut into
+/// column blocks, one single-threaded `gemm` call per thread ([`column_split`]).
+pub const SPLIT_MAX_M: usize = 256;
+
+/// The width of the column blocks that [`sgemm_strided`] cuts an `m x k · k x n` product
+/// into for `threads` threads, or `None` to leave it to `gemm`'s own threads.
+///
+/// `gemm` threads a product of few rows (the decoder's 128 = 8 x 16 positions) with two
+/// barriers per depth block (packing, then the products), which cost a sizeable share of a
+/// 0.1 ms product; a block per thread needs one. The blocks are taken only where each sums
+/// every element as the whole product does (the same depth blocks, [`depth_block`]), so the
+/// values are the same bit for bit. `PEFT_GEMM_SPLIT=off` (read once) turns it off.
+pub fn column_split(m: usize, n: usize, k: usize, threads: usize) -> Option<usize> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        !std::env::var("PEFT_GEMM_SPLIT").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+    });
+    if !on || threads < 2 || m <= small_m::MAX_M || m > SPLIT_MAX_M || reference_kernel() {
+        return None;
+    }
+    let part = n.div_ceil(threads).next_multiple_of(16);
+    if part < 128 || part >= n {
+        return None;
+    }
+    let whole = depth_block(m, n, k)?;
+    let last = n - part * (n.div_ceil(part) - 1);
+    (depth_block(m, part, k) == Some(whole) && depth_block(m, last, k) == Some(whole))
+        .then_some(part)
 }
 
 /// The logical first element of a BLAS vector: with a negative increment the vector is

@@ -827,6 +827,9 @@ fn sgemm_strided_matches_reference_on_all_layouts() {
         ]);
     }
     shapes.push((8, 1000, 300));
+    // Products cut into column blocks, one per thread (`column_split`), with a short last
+    // block.
+    shapes.extend([(128, 300, 200), (129, 517, 77), (256, 1000, 40)]);
     for _ in 0..40 {
         shapes.push((1 + rng.below(40), 1 + rng.below(40), 1 + rng.below(40)));
     }
@@ -1209,8 +1212,8 @@ fn packed_products_equal_the_in_place_kernel() {
 fn depth_block_predicts_the_sums_bit_for_bit() {
     let mut rng = Rng(23);
     let mut answered = 0;
-    for &m in &[1usize, 2, 5, 8, 16, 17, 40, 100] {
-        for &n in &[1usize, 3, 8, 16, 65, 384] {
+    for &m in &[1usize, 2, 5, 8, 16, 17, 40, 100, 128] {
+        for &n in &[1usize, 3, 8, 16, 65, 384, 1000] {
             for &k in &[3usize, 100, 512, 513, 700, 1024, 2048] {
                 let Some(kc) = depth_block(m, n, k) else {
                     continue;
@@ -1247,6 +1250,100 @@ fn depth_block_predicts_the_sums_bit_for_bit() {
     assert_eq!(depth_block(1, 8, 512), None, "a matrix-vector product");
     assert_eq!(depth_block(5, 7, 6), None, "matrixmultiply");
     assert_eq!(depth_block(40, 384, 2), None, "depth 2");
+}
+
+/// A product cut into column blocks, one per thread ([`column_split`]), equals `gemm`'s own
+/// threaded product bit for bit, on every layout of `B` and `C` and with a short last block;
+/// and the cut applies to the decoder's shapes on two threads.
+#[test]
+fn column_split_products_equal_gemms_threaded_product() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a pool");
+    // Where `gemm`'s blocking is known (an FMA CPU) and nothing turned the cut off.
+    let applies =
+        std::env::var_os("PEFT_GEMM_SPLIT").is_none() && depth_block(128, 384, 512).is_some();
+    if applies {
+        for (m, n, k) in [(128, 384, 512), (128, 1024, 512), (128, 32128, 512)] {
+            assert!(column_split(m, n, k, 2).is_some(), "{m}x{k}x{n}");
+        }
+    }
+    assert_eq!(column_split(8, 1024, 512, 2), None, "decoding rows");
+    assert_eq!(column_split(1024, 1024, 512, 2), None, "many rows");
+    assert_eq!(column_split(128, 200, 512, 2), None, "narrow");
+    let mut rng = Rng(0x5eed_0031);
+    let mut cut = 0;
+    for (m, n, k) in [
+        (128, 384, 512),
+        (100, 530, 300),
+        (256, 700, 1100),
+        (40, 999, 64),
+    ] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32).collect();
+        for ((b_rs, b_cs), (c_rs, c_cs)) in [
+            ((n as isize, 1), (n as isize, 1)),
+            ((1, k as isize), (1, m as isize)),
+        ] {
+            let run = |split: bool| {
+                let mut c = vec![f32::NAN; m * n];
+                pool.install(|| {
+                    // SAFETY: the buffers hold the matrices the strides describe.
+                    unsafe {
+                        if split {
+                            sgemm_strided(
+                                m,
+                                n,
+                                k,
+                                a.as_ptr(),
+                                k as isize,
+                                1,
+                                b.as_ptr(),
+                                b_rs,
+                                b_cs,
+                                c.as_mut_ptr(),
+                                c_rs,
+                                c_cs,
+                                true,
+                            )
+                        } else {
+                            in_gemm(
+                                m,
+                                n,
+                                k,
+                                a.as_ptr(),
+                                k as isize,
+                                1,
+                                b.as_ptr(),
+                                b_rs,
+                                b_cs,
+                                c.as_mut_ptr(),
+                                c_rs,
+                                c_cs,
+                                Parallelism::Rayon(2),
+                            )
+                        }
+                    }
+                });
+                c
+            };
+            let (whole, parts) = (run(false), run(true));
+            if pool.install(|| column_split(m, n, k, 2)).is_some() {
+                cut += 1;
+            }
+            for (i, (x, y)) in whole.iter().zip(&parts).enumerate() {
+                assert_eq!(
+                    x.to_bits(),
+                    y.to_bits(),
+                    "{m}x{k}x{n} B ({b_rs}, {b_cs}): element {i}"
+                );
+            }
+        }
+    }
+    if applies {
+        assert!(cut >= 4, "only {cut} products were cut");
+    }
 }
 
 /// `A B` through [`sgemm_strided`] (threaded), `A` (`m x k`), `B` (`k x n`) and the result
