@@ -60,6 +60,12 @@ pub struct BenchArgs {
     /// `small` (mT5-small shape) or `large` (mt0-large shape).
     #[arg(long, default_value = "small")]
     pub model_preset: String,
+    /// infer-merged and infer-unmerged: time the bare base model too, one step of each in
+    /// turn, and report its median (`base_median_s`) and the median of the steps' paired
+    /// ratios (`vs_base`): the adapter's cost against the base with the machine's drift
+    /// between processes taken out.
+    #[arg(long)]
+    pub paired_base: bool,
 }
 
 /// The benchmark model's config.
@@ -178,6 +184,13 @@ pub fn run<B: AutodiffBackend>(
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if a.paired_base && !matches!(a.workload.as_str(), "infer-merged" | "infer-unmerged") {
+        bail!(
+            "--paired-base times an adapter against the bare base: it takes --workload \
+             infer-merged or infer-unmerged, not {:?}",
+            a.workload
+        );
+    }
     let config = bench_config(&a.model_preset)?;
     B::seed(device, a.seed);
     peft_core::dropout::seed(a.seed);
@@ -192,6 +205,8 @@ pub fn run<B: AutodiffBackend>(
     }
     let w = a.workload.as_str();
     let mut times = Vec::with_capacity(a.steps);
+    // With --paired-base: the bare base's step times, one after each adapter step.
+    let mut base_times = Vec::new();
     let (params, trainable);
     match w {
         "lora-train" | "full-train" => {
@@ -237,6 +252,8 @@ pub fn run<B: AutodiffBackend>(
             type I<B> = <B as AutodiffBackend>::InnerBackend;
             let inner = device.clone();
             let base = T5ForConditionalGeneration::<B>::new(&config, device)?.valid();
+            // The same weights (a module's clone shares its tensors; merging makes new ones).
+            let bare = a.paired_base.then(|| base.clone());
             let model: T5ForConditionalGeneration<I<B>> = match w {
                 "infer-base" => base,
                 _ => {
@@ -258,7 +275,7 @@ pub fn run<B: AutodiffBackend>(
             }
             let x = int2::<I<B>>(input, [a.batch, a.src_len], &inner);
             let d = int2::<I<B>>(dec, [a.batch, a.tgt_len], &inner);
-            for i in 0..a.warmup + a.steps {
+            let step = |model: &T5ForConditionalGeneration<I<B>>| -> Result<f64> {
                 let t0 = Instant::now();
                 if w == "generate" {
                     let out = model.generate_greedy(x.clone(), None, a.new_tokens);
@@ -271,13 +288,30 @@ pub fn run<B: AutodiffBackend>(
                     assert_eq!(logits.dims(), [a.batch, a.tgt_len, v]);
                 }
                 I::<B>::sync(&inner)?;
+                Ok(t0.elapsed().as_secs_f64())
+            };
+            for i in 0..a.warmup + a.steps {
+                // With --paired-base, the two in turn, which one first alternating.
+                let (t, tb) = match &bare {
+                    Some(bare) if i % 2 == 1 => {
+                        let tb = step(bare)?;
+                        (step(&model)?, Some(tb))
+                    }
+                    Some(bare) => {
+                        let t = step(&model)?;
+                        (t, Some(step(bare)?))
+                    }
+                    None => (step(&model)?, None),
+                };
                 if i >= a.warmup {
-                    times.push(t0.elapsed().as_secs_f64());
+                    times.push(t);
+                    base_times.extend(tb);
                 }
             }
         }
     }
     let step_s = times.clone();
+    let mut ratios: Vec<f64> = times.iter().zip(&base_times).map(|(t, b)| t / b).collect();
     let med = median(&mut times);
     let tokens = if w == "generate" {
         a.batch * a.new_tokens
@@ -289,7 +323,7 @@ pub fn run<B: AutodiffBackend>(
         .ok()
         .and_then(|t| t.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    Ok(json!({
+    let mut out = json!({
         "workload": w,
         "impl": "peft",
         "median_s": med,
@@ -312,7 +346,13 @@ pub fn run<B: AutodiffBackend>(
         "tgt_len": a.tgt_len,
         "new_tokens": (w == "generate").then_some(a.new_tokens),
         "versions": {"peft": env!("CARGO_PKG_VERSION"), "burn": "0.21.0"},
-    }))
+    });
+    if !base_times.is_empty() {
+        out["base_step_s"] = json!(base_times);
+        out["base_median_s"] = json!(median(&mut base_times));
+        out["vs_base"] = json!(median(&mut ratios));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -163,6 +163,42 @@ fn bench_prints_one_json_line_with_the_torch_scripts_fields() {
         let lora = if w == "infer-base" { 0 } else { 344_064 };
         assert_eq!(v["params"], 76_961_152 + lora, "{w}");
     }
+    // --paired-base: the bare base timed step for step beside the adapter.
+    let tiny = [
+        "--warmup",
+        "0",
+        "--steps",
+        "3",
+        "--batch",
+        "1",
+        "--src-len",
+        "4",
+        "--tgt-len",
+        "2",
+    ];
+    let mut args = vec!["bench", "--workload", "infer-merged", "--paired-base"];
+    args.extend(tiny);
+    let (ok, out, err) = peft(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (base, adapter) = (
+        v["base_step_s"].as_array().unwrap(),
+        v["step_s"].as_array().unwrap(),
+    );
+    assert_eq!((base.len(), adapter.len()), (3, 3), "{v}");
+    for k in ["base_median_s", "vs_base"] {
+        let x = v[k].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x > 0.0, "{k} in {v}");
+    }
+    // A merged adapter's model has the base's parameter count.
+    assert_eq!(v["params"], 76_961_152);
+    let mut args = vec!["bench", "--workload", "lora-train", "--paired-base"];
+    args.extend(tiny);
+    let (ok, _, err) = peft(&args);
+    assert!(
+        !ok && err.contains("--paired-base") && err.contains("lora-train"),
+        "{err}"
+    );
 }
 
 #[test]
