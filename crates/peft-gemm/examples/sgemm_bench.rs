@@ -99,31 +99,20 @@ fn threshold() {
         let flops = 2.0 * (s * s * s) as f64;
         let mut run = |par: gemm::Parallelism| {
             gflops(flops, Duration::from_millis(400), || {
-                let ld = s as isize;
                 // SAFETY: three tight row-major s x s matrices.
                 unsafe {
-                    gemm::gemm(
+                    gemm_cols(
                         s,
                         s,
+                        a.as_ptr(),
+                        b.as_ptr(),
                         s,
                         c.as_mut_ptr(),
-                        1,
-                        ld,
-                        false,
-                        a.as_ptr(),
-                        1,
-                        ld,
-                        b.as_ptr(),
-                        1,
-                        ld,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        s,
+                        0..s,
                         par,
-                    );
-                }
+                    )
+                };
                 black_box(&mut c);
             })
         };
