@@ -20,8 +20,9 @@
 //! `layouts` times `sgemm_strided` on the products of an mT5-small LoRA step with `B` stored
 //! row-major (a forward product) and column-major (the backward's `dY · Wᵀ`, read in place).
 //!
-//! `split` compares `gemm`'s own threads with two single-threaded calls on column halves
-//! (`rayon::join`, from inside the pool) on the 128-row products of the bench's decoder.
+//! `split` compares `gemm`'s own threads with `sgemm_strided`, which cuts a product of few
+//! rows into one single-threaded column block per thread (`peft_gemm::column_split`), from
+//! inside the pool, on the 128-row products of the bench's decoder (and one it leaves whole).
 //!
 //! `threshold` compares one thread against all of rayon's on square products around
 //! `peft_gemm::PARALLEL_THRESHOLD`, calling `gemm` directly.
@@ -168,25 +169,10 @@ unsafe fn gemm_cols(
     }
 }
 
-/// A raw pointer that may cross to another thread (the halves write disjoint columns).
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-// SAFETY: used only for disjoint writes inside one `rayon::join`.
-unsafe impl<T> Send for Shared<T> {}
-// SAFETY: as above.
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// A method, so that closures capture the wrapper and not its raw-pointer field.
-    fn get(&self) -> *mut T {
-        self.0
-    }
-}
-
 fn split() {
     let threads = rayon::current_num_threads();
     println!(
-        "m x k x n: GFLOP/s median / best; gemm Rayon({threads}) | two column halves, one thread each"
+        "m x k x n: GFLOP/s median / best; gemm Rayon({threads}) | sgemm_strided (cut: column blocks)"
     );
     let pool = rayon::ThreadPoolBuilder::new().build().expect("a pool");
     for (m, k, n) in [
@@ -202,10 +188,6 @@ fn split() {
         let mut c1 = vec![0.0f32; m * n];
         let mut c2 = vec![f32::NAN; m * n];
         let flops = 2.0 * (m * n * k) as f64;
-        let (ap, bp) = (
-            Shared(a.as_ptr() as *mut f32),
-            Shared(b.as_ptr() as *mut f32),
-        );
         let whole = pool.install(|| {
             gflops(flops, Duration::from_millis(600), || {
                 // SAFETY: tight row-major matrices of the shapes above.
@@ -213,8 +195,8 @@ fn split() {
                     gemm_cols(
                         m,
                         k,
-                        ap.get(),
-                        bp.get(),
+                        a.as_ptr(),
+                        b.as_ptr(),
                         n,
                         c1.as_mut_ptr(),
                         n,
@@ -225,47 +207,17 @@ fn split() {
                 black_box(&mut c1);
             })
         });
-        let half = (n / 2).next_multiple_of(16).min(n);
-        let cp = Shared(c2.as_mut_ptr());
-        let halves = pool.install(|| {
+        let cut = peft_gemm::column_split(m, n, k, threads).is_some();
+        let strided = pool.install(|| {
             gflops(flops, Duration::from_millis(600), || {
-                rayon::join(
-                    // SAFETY: as above; the halves write disjoint columns of C.
-                    || unsafe {
-                        gemm_cols(
-                            m,
-                            k,
-                            ap.get(),
-                            bp.get(),
-                            n,
-                            cp.get(),
-                            n,
-                            0..half,
-                            gemm::Parallelism::None,
-                        )
-                    },
-                    // SAFETY: as above.
-                    || unsafe {
-                        gemm_cols(
-                            m,
-                            k,
-                            ap.get(),
-                            bp.get(),
-                            n,
-                            cp.get(),
-                            n,
-                            half..n,
-                            gemm::Parallelism::None,
-                        )
-                    },
-                );
-                black_box(cp.get());
+                row_major(m, n, k, &a, &b, &mut c2);
+                black_box(&mut c2);
             })
         });
         let same = c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
         println!(
-            "{m:>5} x {k:>5} x {n:<6} {:6.1} / {:6.1} | {:6.1} / {:6.1}  bit-equal {same}",
-            whole.0, whole.1, halves.0, halves.1
+            "{m:>5} x {k:>5} x {n:<6} {:6.1} / {:6.1} | {:6.1} / {:6.1}  cut {cut}, bit-equal {same}",
+            whole.0, whole.1, strided.0, strided.1
         );
     }
 }

@@ -719,8 +719,9 @@ pub const SPLIT_MAX_M: usize = 256;
 /// into for `threads` threads, or `None` to leave it to `gemm`'s own threads.
 ///
 /// `gemm` threads a product of few rows (the decoder's 128 = 8 x 16 positions) with two
-/// barriers per depth block (packing, then the products), which cost a sizeable share of a
-/// 0.1 ms product; a block per thread needs one. The blocks are taken only where each sums
+/// parallel loops per depth block (packing, then the products), each waiting for every
+/// thread, on products of about 0.1 ms; a block per thread waits once (measured in the model:
+/// 1-2% of an inference step, BENCHMARKS.md). The blocks are taken only where each sums
 /// every element as the whole product does (the same depth blocks, [`depth_block`]), so the
 /// values are the same bit for bit. `PEFT_GEMM_SPLIT=off` (read once) turns it off.
 pub fn column_split(m: usize, n: usize, k: usize, threads: usize) -> Option<usize> {
